@@ -1,0 +1,3 @@
+"""bert4x: bert4keras's workflow on Keras 3."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""Backend-agnostic helpers built on `keras.ops` only (no `tf.*`), shared by layers and models."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+# A finite "minus infinity" for masked attention logits. Logits are masked in float32 (see `masked_softmax`),
+# where this is exact; it is never added in float16/bfloat16, so it cannot overflow to -inf and make NaNs.
+MASK_VALUE = -1e9
+
+
+@keras.saving.register_keras_serializable(package="bert4x")
+def gelu_erf(x):
+    """GELU with the exact erf form, as in Google's BERT and Hugging Face's `gelu`."""
+    return keras.activations.gelu(x, approximate=False)
+
+
+@keras.saving.register_keras_serializable(package="bert4x")
+def gelu_tanh(x):
+    """GELU with the tanh approximation (`gelu_new` in Hugging Face, `gelu_pytorch_tanh`, T5's `gelu`)."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+# Activation names used by Google, Hugging Face and bert4keras configs, mapped to one implementation each.
+ACTIVATIONS = {
+    "gelu": "gelu_erf",
+    "gelu_erf": "gelu_erf",
+    "gelu_new": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "swish": "silu",
+    "silu": "silu",
+    "tanh": "tanh",
+    "linear": "linear",
+    "softmax": "softmax",
+    "sigmoid": "sigmoid",
+}
+
+
+def canonical_activation(name: str | None) -> str:
+    """Returns the canonical name of an activation given any of its usual aliases; raises on an unknown one."""
+    if name is None:
+        return "linear"
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+def get_activation(name: str | None):
+    """Returns the callable for an activation name (any alias accepted by `canonical_activation`)."""
+    name = canonical_activation(name)
+    if name == "gelu_erf":
+        return gelu_erf
+    if name == "gelu_tanh":
+        return gelu_tanh
+    return keras.activations.get(name)
+
+
+def masked_softmax(logits, mask=None, axis: int = -1):
+    """Softmax in float32 over `logits` with positions where `mask` is False excluded.
+
+    The result is cast back to the dtype of `logits`, so mixed precision stays numerically safe.
+    """
+    dtype = logits.dtype
+    logits = ops.cast(logits, "float32")
+    if mask is not None:
+        logits = ops.where(mask, logits, MASK_VALUE)
+    return ops.cast(ops.softmax(logits, axis=axis), dtype)
+
+
+def padding_mask(token_ids, pad_id: int = 0):
+    """Boolean key mask `[batch, 1, 1, length]`: True where the token is not padding."""
+    return ops.expand_dims(ops.expand_dims(ops.not_equal(token_ids, pad_id), 1), 1)
+
+
+def causal_mask(query_length, key_length=None):
+    """Boolean `[1, 1, q, k]` mask letting query i see keys j <= i + (k - q) (the last q queries of k keys)."""
+    key_length = query_length if key_length is None else key_length
+    i = ops.expand_dims(ops.arange(query_length), 1) + (key_length - query_length)
+    j = ops.expand_dims(ops.arange(key_length), 0)
+    return ops.expand_dims(ops.expand_dims(ops.greater_equal(i, j), 0), 0)
+
+
+def unilm_mask(segment_ids):
+    """Boolean `[batch, 1, length, length]` UniLM mask: i sees j iff cumsum(segment)[j] <= cumsum(segment)[i].
+
+    Segment 0 (the source) is bidirectional; segment 1 (the target) sees the whole source and its own past.
+    """
+    c = ops.cumsum(ops.cast(segment_ids, "int32"), axis=1)
+    return ops.expand_dims(ops.less_equal(ops.expand_dims(c, 1), ops.expand_dims(c, 2)), 1)
+
+
+def sinusoidal_angles(positions, dim: int, base: float = 10000.0):
+    """Angles `positions[..., None] * base**(-2i/dim)` for i in [0, dim/2), shape `positions.shape + (dim/2,)`."""
+    if dim % 2:
+        raise ValueError(f"Rotary/sinusoidal dimension must be even, got {dim}.")
+    inv_freq = ops.power(base, -ops.arange(0, dim, 2, dtype="float32") / dim)
+    return ops.expand_dims(ops.cast(positions, "float32"), -1) * inv_freq
+
+
+def apply_rotary(x, cos, sin):
+    """Rotates adjacent pairs (x[2i], x[2i+1]) of the last axis by angles whose cos/sin are given.
+
+    This is the interleaved RoPE of RoFormer's checkpoints. `cos`/`sin` have `x.shape[-1] // 2` entries on their
+    last axis and broadcast against `x` on the others.
+    """
+    dtype = x.dtype
+    x = ops.cast(x, "float32")
+    shape = ops.shape(x)
+    pairs = ops.reshape(x, tuple(shape[:-1]) + (shape[-1] // 2, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = ops.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    return ops.cast(ops.reshape(rotated, shape), dtype)
+
+
+def attention_scale(head_size: int) -> float:
+    return 1.0 / math.sqrt(head_size)

@@ -1,0 +1,395 @@
+"""The building blocks of every bert4x model. Each one is a serializable `keras.layers.Layer` using `keras.ops` only."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from bert4x import backend
+
+__all__ = [
+    "Embedding",
+    "PositionEmbedding",
+    "MultiHeadAttention",
+    "FeedForward",
+    "BiasAdd",
+    "FirstToken",
+    "AttentionMask",
+]
+
+_PACKAGE = "bert4x"
+
+
+def _initializer(value):
+    return keras.initializers.get(value) if value is not None else keras.initializers.TruncatedNormal(stddev=0.02)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Embedding(keras.layers.Embedding):
+    """A token embedding that can also be called in reverse, as the tied output projection of an LM head.
+
+    `layer(ids)` looks rows up; `layer(hidden, mode="dense")` returns `hidden @ embeddings.T` (logits over the vocab).
+
+    Example:
+    >>> emb = Embedding(10, 4)
+    >>> emb(keras.ops.ones((2, 3), "int32")).shape, emb(keras.ops.ones((2, 3, 4)), mode="dense").shape
+    ((2, 3, 4), (2, 3, 10))
+    """
+
+    def call(self, inputs, mode: str = "embedding"):
+        if mode == "dense":
+            kernel = ops.cast(self.embeddings, self.compute_dtype)
+            return ops.matmul(inputs, ops.transpose(kernel))
+        if mode != "embedding":
+            raise ValueError(f"Embedding mode must be 'embedding' or 'dense', got {mode!r}.")
+        return super().call(inputs)
+
+    def compute_output_shape(self, input_shape, mode: str = "embedding"):
+        if mode == "dense":
+            return tuple(input_shape[:-1]) + (self.input_dim,)
+        return super().compute_output_shape(input_shape)
+
+    def compute_output_spec(self, inputs, mode: str = "embedding"):
+        shape = self.compute_output_shape(inputs.shape, mode=mode)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class PositionEmbedding(keras.layers.Layer):
+    """Learned absolute positions: adds `embeddings[:length]` to a `[batch, length, dim]` input.
+
+    Example:
+    >>> PositionEmbedding(512, 8)(keras.ops.zeros((2, 5, 8))).shape
+    (2, 5, 8)
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, embeddings_initializer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.embeddings_initializer = _initializer(embeddings_initializer)
+
+    def build(self, input_shape):
+        if input_shape[-1] is not None and input_shape[-1] != self.output_dim:
+            raise ValueError(f"{self.name}: input width {input_shape[-1]} != output_dim {self.output_dim}.")
+        if input_shape[1] is not None and input_shape[1] > self.input_dim:
+            raise ValueError(
+                f"{self.name}: sequence length {input_shape[1]} exceeds the {self.input_dim} learned positions "
+                "(max_position_embeddings); truncate the text (Tokenizer.encode(maxlen=...))."
+            )
+        self.embeddings = self.add_weight(
+            name="embeddings", shape=(self.input_dim, self.output_dim), initializer=self.embeddings_initializer
+        )
+
+    def call(self, inputs):
+        length = ops.shape(inputs)[1]
+        table = ops.cast(self.embeddings[:length], inputs.dtype)
+        return inputs + ops.expand_dims(table, 0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            input_dim=self.input_dim,
+            output_dim=self.output_dim,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MultiHeadAttention(keras.layers.Layer):
+    """Multi-head attention with fused projections, masks, additive biases, rotary positions and a KV cache.
+
+    Self-attention (`cross_attention=False`) projects q, k and v with one fused kernel `qkv`; cross-attention projects
+    the query with `q` and keys/values from `key_value` with one fused kernel `kv`. Scores go through
+    `keras.ops.dot_product_attention` (flash/cuDNN where the backend has it) unless attention dropout is active in
+    training, which needs the explicit softmax path.
+
+    Call arguments:
+        query: `[batch, q_len, dim]`.
+        key_value: `[batch, k_len, dim]` for cross-attention.
+        attention_mask: boolean, broadcastable to `[batch, heads, q_len, k_len]`; True = may attend.
+        attention_bias: float, broadcastable to `[batch, heads, q_len, k_len]` (e.g. T5's relative position bias).
+        rotary: `(cos, sin)`, each `[batch or 1, q_len, head_size // 2]`: RoPE applied to q and the new k.
+        cache: `[batch, 2, cache_len, heads, head_size]` keys/values. With `cache_update_index` the new k/v are
+            written at that index and attention runs over the whole cache; without it the cache is used as is
+            (precomputed cross-attention keys/values). The layer then returns `(output, cache)`.
+
+    Example:
+    >>> mha = MultiHeadAttention(heads=2, head_size=4)
+    >>> mha(keras.ops.ones((1, 3, 8))).shape
+    (1, 3, 8)
+    """
+
+    def __init__(
+        self,
+        heads: int,
+        head_size: int,
+        out_dim: int | None = None,
+        use_bias: bool = True,
+        scaled: bool = True,
+        attention_dropout: float = 0.0,
+        cross_attention: bool = False,
+        kernel_initializer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.heads = heads
+        self.head_size = head_size
+        self.out_dim = out_dim
+        self.use_bias = use_bias
+        self.scaled = scaled
+        self.attention_dropout = attention_dropout
+        self.cross_attention = cross_attention
+        self.kernel_initializer = _initializer(kernel_initializer)
+        inner = heads * head_size
+        dense = dict(use_bias=use_bias, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
+        if cross_attention:
+            self.q_dense = keras.layers.Dense(inner, name="q", **dense)
+            self.kv_dense = keras.layers.Dense(2 * inner, name="kv", **dense)
+        else:
+            self.qkv_dense = keras.layers.Dense(3 * inner, name="qkv", **dense)
+        self.dropout = keras.layers.Dropout(attention_dropout, dtype=self.dtype_policy)
+        self.output_dense = None  # needs the input width unless out_dim is given: made in build()
+
+    def build(self, query_shape, key_value_shape=None):
+        if self.cross_attention:
+            self.q_dense.build(query_shape)
+            self.kv_dense.build(key_value_shape if key_value_shape is not None else query_shape)
+        else:
+            self.qkv_dense.build(query_shape)
+        self.output_dense = keras.layers.Dense(
+            self.out_dim or query_shape[-1],
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="output",
+        )
+        self.output_dense.build(tuple(query_shape[:-1]) + (self.heads * self.head_size,))
+
+    def _split_heads(self, x, parts: int):
+        shape = ops.shape(x)
+        return ops.reshape(x, (shape[0], shape[1], parts, self.heads, self.head_size))
+
+    def call(
+        self,
+        query,
+        key_value=None,
+        attention_mask=None,
+        attention_bias=None,
+        rotary=None,
+        cache=None,
+        cache_update_index=None,
+        training=None,
+    ):
+        precomputed_kv = cache is not None and cache_update_index is None
+        if self.cross_attention:
+            q = self._split_heads(self.q_dense(query), 1)[:, :, 0]
+            if precomputed_kv:
+                k, v = cache[:, 0], cache[:, 1]
+            else:
+                kv = self._split_heads(self.kv_dense(query if key_value is None else key_value), 2)
+                k, v = kv[:, :, 0], kv[:, :, 1]
+        else:
+            qkv = self._split_heads(self.qkv_dense(query), 3)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if rotary is not None:
+            cos, sin = (ops.expand_dims(t, -2) for t in rotary)
+            q = backend.apply_rotary(q, cos, sin)
+            if not precomputed_kv:
+                k = backend.apply_rotary(k, cos, sin)
+        if cache is not None and cache_update_index is not None:
+            start = [0, 0, cache_update_index, 0, 0]
+            cache = ops.slice_update(cache, start, ops.stack([k, v], axis=1))
+            k, v = cache[:, 0], cache[:, 1]
+        elif cache is not None and not precomputed_kv:
+            cache = ops.stack([k, v], axis=1)
+        out = self._attend(q, k, v, attention_mask, attention_bias, training)
+        shape = ops.shape(out)
+        out = self.output_dense(ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size)))
+        return (out, cache) if cache is not None else out
+
+    def _attend(self, q, k, v, mask, bias, training):
+        scale = backend.attention_scale(self.head_size) if self.scaled else 1.0
+        if bias is not None:
+            bias = ops.cast(bias, q.dtype)
+        if not (training and self.attention_dropout > 0):
+            return ops.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+        logits = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(scale, q.dtype)
+        if bias is not None:
+            logits = logits + bias
+        probs = self.dropout(backend.masked_softmax(logits, mask), training=training)
+        return ops.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    def compute_output_shape(self, query_shape, key_value_shape=None):
+        return tuple(query_shape[:-1]) + (self.out_dim or query_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            heads=self.heads,
+            head_size=self.head_size,
+            out_dim=self.out_dim,
+            use_bias=self.use_bias,
+            scaled=self.scaled,
+            attention_dropout=self.attention_dropout,
+            cross_attention=self.cross_attention,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FeedForward(keras.layers.Layer):
+    """Position-wise feed-forward: `output(act(inner(x)))`, or gated `output(act(inner(x)) * gate(x))`.
+
+    The gated form is T5.1.1's gated-GELU (`wi_0` = inner, `wi_1` = gate, `wo` = output).
+
+    Example:
+    >>> FeedForward(16, activation="gelu")(keras.ops.ones((2, 3, 8))).shape
+    (2, 3, 8)
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation: str = "gelu",
+        gated: bool = False,
+        use_bias: bool = True,
+        dropout_rate: float = 0.0,
+        kernel_initializer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units = units
+        self.activation = backend.canonical_activation(activation)
+        self.gated = gated
+        self.use_bias = use_bias
+        self.dropout_rate = dropout_rate
+        self.kernel_initializer = _initializer(kernel_initializer)
+        dense = dict(use_bias=use_bias, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
+        self.inner_dense = keras.layers.Dense(units, name="inner", **dense)
+        self.gate_dense = keras.layers.Dense(units, name="gate", **dense) if gated else None
+        self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy)
+        self.output_dense = None  # its width is the input's: made in build()
+        self._act = backend.get_activation(self.activation)
+
+    def build(self, input_shape):
+        self.inner_dense.build(input_shape)
+        if self.gate_dense is not None:
+            self.gate_dense.build(input_shape)
+        self.output_dense = keras.layers.Dense(
+            input_shape[-1],
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="output",
+        )
+        self.output_dense.build(tuple(input_shape[:-1]) + (self.units,))
+
+    def call(self, inputs, training=None):
+        x = self._act(self.inner_dense(inputs))
+        if self.gate_dense is not None:
+            x = x * self.gate_dense(inputs)
+        return self.output_dense(self.dropout(x, training=training))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            units=self.units,
+            activation=self.activation,
+            gated=self.gated,
+            use_bias=self.use_bias,
+            dropout_rate=self.dropout_rate,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class BiasAdd(keras.layers.Layer):
+    """Adds a learned bias over the last axis (the MLM output bias).
+
+    Example:
+    >>> BiasAdd()(keras.ops.zeros((2, 5))).shape
+    (2, 5)
+    """
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(name="bias", shape=(input_shape[-1],), initializer="zeros")
+
+    def call(self, inputs):
+        return inputs + ops.cast(self.bias, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FirstToken(keras.layers.Layer):
+    """Takes the hidden state of the first ([CLS]) token: `[batch, length, dim] -> [batch, dim]`.
+
+    Example:
+    >>> FirstToken()(keras.ops.ones((2, 5, 8))).shape
+    (2, 8)
+    """
+
+    def call(self, inputs):
+        return inputs[:, 0]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AttentionMask(keras.layers.Layer):
+    """Builds the boolean attention mask of an application from token (and segment) ids.
+
+    Modes: 'encoder' (bidirectional; padding keys hidden, `[batch, 1, 1, len]`), 'lm' (causal, `[batch, 1, len, len]`)
+    and 'unilm' (UniLM seq2seq: with c = cumsum(segment_ids), i sees j iff c[j] <= c[i]). Token id `pad_id` is padding.
+
+    Example:
+    >>> ids = keras.ops.convert_to_tensor([[5, 6, 7, 0]])
+    >>> AttentionMask("lm")(ids).shape
+    (1, 1, 4, 4)
+    """
+
+    MODES = ("encoder", "lm", "unilm")
+
+    def __init__(self, mode: str = "encoder", pad_id: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"AttentionMask mode must be one of {self.MODES}, got {mode!r}.")
+        self.mode = mode
+        self.pad_id = pad_id
+
+    def call(self, token_ids, segment_ids=None):
+        mask = backend.padding_mask(token_ids, self.pad_id)
+        if self.mode == "lm":
+            length = ops.shape(token_ids)[1]
+            mask = ops.logical_and(mask, backend.causal_mask(length))
+        elif self.mode == "unilm":
+            if segment_ids is None:
+                raise ValueError("AttentionMask('unilm') needs segment_ids: 0 for the source, 1 for the target.")
+            mask = ops.logical_and(mask, backend.unilm_mask(segment_ids))
+        if self.mode != "encoder":
+            # A left-padded row would see no key at all (NaN on some backends); let it see itself. Real rows are unchanged.
+            length = ops.shape(token_ids)[1]
+            mask = ops.logical_or(mask, ops.expand_dims(ops.expand_dims(ops.eye(length, dtype="bool"), 0), 0))
+        return mask
+
+    def compute_output_spec(self, token_ids, segment_ids=None):
+        batch, length = token_ids.shape[0], token_ids.shape[1]
+        query = 1 if self.mode == "encoder" else length
+        return keras.KerasTensor((batch, 1, query, length), dtype="bool")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mode=self.mode, pad_id=self.pad_id)
+        return config

@@ -1,0 +1,481 @@
+"""The `Transformer` template, the model registry, config reading and strict checkpoint loading/saving.
+
+A model is a `Transformer` subclass that overrides hooks:
+
+- `get_inputs()`                 -> the Keras inputs
+- `apply_embeddings(inputs)`     -> hidden states entering the first layer
+- `apply_main_layers(x, index)`  -> one Transformer layer
+- `apply_final_layers(x)`        -> the outputs (heads)
+- `variable_mapping(fmt)`        -> a table {Keras weight path: checkpoint source} for one checkpoint format
+
+Checkpoint loading is generic: it walks the table, so a new model adds a table, not a code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Iterable
+
+import keras
+import numpy as np
+
+from bert4x.checkpoints import open_checkpoint, write_google_checkpoint, write_safetensors
+
+logger = logging.getLogger("bert4x")
+
+MODELS: dict[str, type["Transformer"]] = {}
+
+
+def register_model(*names: str) -> Callable[[type], type]:
+    """Class decorator: makes a `Transformer` subclass buildable as `build_transformer_model(model=name)`."""
+
+    def decorate(cls):
+        for name in names:
+            MODELS[name] = cls
+        return cls
+
+    return decorate
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one Keras weight comes from in a checkpoint.
+
+    names: checkpoint variables, concatenated along the last axis when there are several (fused q|k|v kernels).
+    transpose: each variable is stored `[out, in]` (PyTorch Linear) and is transposed to Keras' `[in, out]`.
+    vocab: the first axis indexes the vocabulary, so `keep_tokens` / `compound_tokens` apply to it.
+    """
+
+    names: tuple[str, ...]
+    transpose: bool = False
+    vocab: bool = False
+
+
+def src(*names: str, transpose: bool = False, vocab: bool = False) -> Source:
+    return Source(tuple(names), transpose, vocab)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: lists every offending variable."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a checkpoint load did: `loaded` Keras weights, and what was `missing`, `mismatched`, `unexpected`, `ignored`."""
+
+    checkpoint: str
+    loaded: list[str]
+    missing: list[str]
+    mismatched: list[str]
+    unexpected: list[str]
+    ignored: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.mismatched or self.unexpected)
+
+    def describe(self) -> str:
+        lines = [f"checkpoint {self.checkpoint}: loaded {len(self.loaded)} weights"]
+        for title, items in (
+            ("model weights with no source in the checkpoint", self.missing),
+            ("shape mismatches", self.mismatched),
+            ("checkpoint variables that match no model weight", self.unexpected),
+        ):
+            if items:
+                lines.append(f"{len(items)} {title}:")
+                lines.extend(f"  - {item}" for item in items)
+        return "\n".join(lines)
+
+
+# Variables that training leaves in checkpoints and that no model weight corresponds to.
+_IGNORED_PATTERNS = {
+    "google": [r"(^|/)adam_[mv]$", r"^global_step$", r"(^|/)(bad_steps|good_steps|loss_scale)$", r"/Momentum$"],
+    "huggingface": [r"(^|\.)position_ids$"],
+}
+
+# Keys of Hugging Face / Google configs that carry no architecture information (or that a model validates itself).
+COMMON_IGNORED_CONFIG_KEYS = {
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "gradient_checkpointing", "use_cache", "classifier_dropout", "id2label", "label2id", "num_labels",
+    "problem_type", "output_attentions", "output_hidden_states", "return_dict", "is_decoder",
+    "add_cross_attention", "tie_word_embeddings", "chunk_size_feed_forward", "finetuning_task", "tokenizer_class",
+    "prefix", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "initializer_range", "directionality", "pooler_fc_size", "pooler_num_attention_heads",
+    "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type", "torchscript", "pruned_heads",
+    "use_bfloat16", "is_encoder_decoder", "task_specific_params", "_attn_implementation_autoset",
+}
+
+
+def read_config(config_path: str) -> dict:
+    """Reads a JSON config file; FileNotFoundError / ValueError name the file."""
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"Config file not found: {config_path}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Config file {config_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"Config file {config_path} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+class Transformer:
+    """The template every bert4x model subclasses.
+
+    Subclasses set the class attributes below and override the hooks. Constructor arguments are the canonical
+    (bert4keras) names; `from_config` translates Google/Hugging Face config keys into them.
+    """
+
+    # Canonical argument -> the config keys that may carry it (Google and Hugging Face spellings).
+    config_aliases: dict[str, tuple[str, ...]] = {}
+    # Canonical arguments that a config must provide.
+    required_config: tuple[str, ...] = ()
+    # Hugging Face `model_type` values this class accepts.
+    model_types: tuple[str, ...] = ()
+    # Config keys this model reads no architecture from.
+    ignored_config_keys: frozenset[str] = frozenset()
+    # Prefix of the body's variables in Hugging Face task checkpoints (e.g. 'bert.').
+    hf_prefix: str = ""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_hidden_layers: int,
+        num_attention_heads: int,
+        intermediate_size: int,
+        hidden_act: str = "gelu",
+        dropout_rate: float = 0.0,
+        attention_dropout_rate: float = 0.0,
+        sequence_length: int | None = None,
+        keep_tokens: Iterable[int] | None = None,
+        compound_tokens: Iterable[Iterable[int]] | None = None,
+        application: str = "encoder",
+        layer_norm_eps: float = 1e-12,
+        initializer_range: float = 0.02,
+        name: str | None = None,
+    ):
+        if application not in self.applications():
+            raise ValueError(
+                f"application={application!r} is not supported by {type(self).__name__}; "
+                f"choose one of {self.applications()}."
+            )
+        for arg, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                           ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
+                           ("intermediate_size", intermediate_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{arg} must be a positive integer, got {value!r}.")
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})."
+            )
+        self.checkpoint_vocab_size = vocab_size
+        self.keep_tokens = None if keep_tokens is None else [int(i) for i in keep_tokens]
+        self.compound_tokens = None if compound_tokens is None else [[int(i) for i in c] for c in compound_tokens]
+        if self.keep_tokens is not None:
+            bad = [i for i in self.keep_tokens if not 0 <= i < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"keep_tokens has {len(bad)} ids outside the checkpoint vocabulary [0, {vocab_size}): {bad[:10]}"
+                )
+            vocab_size = len(self.keep_tokens)
+        if self.compound_tokens is not None:
+            for c in self.compound_tokens:
+                if not c or not all(0 <= i < vocab_size for i in c):
+                    raise ValueError(
+                        f"compound_tokens entry {c} must be a non-empty list of ids in [0, {vocab_size})."
+                    )
+            vocab_size += len(self.compound_tokens)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.attention_head_size = hidden_size // num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.dropout_rate = dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.sequence_length = sequence_length
+        self.application = application
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.name = name
+        self.model: keras.Model | None = None
+
+    # ----------------------------------------------------------------- construction from configs
+    @classmethod
+    def applications(cls) -> tuple[str, ...]:
+        return ("encoder",)
+
+    @classmethod
+    def from_config(cls, config: dict, config_path: str = "<config>", **kwargs) -> "Transformer":
+        """Builds the template from a Google or Hugging Face config dict, with `kwargs` overriding it."""
+        model_type = config.get("model_type")
+        if model_type is not None and cls.model_types and model_type not in cls.model_types:
+            raise ValueError(
+                f"Config {config_path} is for model_type={model_type!r}, but {cls.__name__} reads "
+                f"{list(cls.model_types)}; pass the matching `model=` to build_transformer_model."
+            )
+        cls.validate_config(config, config_path)
+        args: dict[str, Any] = {}
+        known = set(cls.ignored_config_keys) | COMMON_IGNORED_CONFIG_KEYS
+        for canonical, keys in cls.config_aliases.items():
+            known.update(keys)
+            for key in keys:
+                if key in config:
+                    args[canonical] = config[key]
+                    break
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"Config {config_path} has keys that {cls.__name__} does not understand: {unknown}. "
+                "Building anyway could give a silently different model; remove them or use the matching model."
+            )
+        args.update(kwargs)
+        missing = [k for k in cls.required_config if k not in args]
+        if missing:
+            raise ValueError(f"Config {config_path} lacks required keys for {cls.__name__}: {missing}.")
+        try:
+            return cls(**args)
+        except TypeError as e:
+            raise TypeError(f"build_transformer_model: {e}") from e
+
+    @classmethod
+    def validate_config(cls, config: dict, config_path: str) -> None:
+        """Hook: raise if the config asks for something this model does not implement."""
+
+    # ----------------------------------------------------------------- hooks
+    def get_inputs(self) -> list:
+        raise NotImplementedError
+
+    def apply_embeddings(self, inputs: list):
+        raise NotImplementedError
+
+    def apply_main_layers(self, x, index: int):
+        raise NotImplementedError
+
+    def apply_final_layers(self, x):
+        raise NotImplementedError
+
+    def variable_mapping(self, fmt: str) -> dict[str, Source | str]:
+        """{Keras weight path: checkpoint source} for format 'google' or 'huggingface', covering every optional head."""
+        raise NotImplementedError
+
+    def tied_variables(self, fmt: str) -> dict[str, str]:
+        """{checkpoint name: name it must equal}: copies that checkpoints store for tied weights."""
+        return {}
+
+    def export_config(self, fmt: str) -> tuple[str, dict]:
+        """(file name, config dict) written next to a saved checkpoint so that it loads back."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- building
+    def initializer(self):
+        return keras.initializers.TruncatedNormal(stddev=self.initializer_range)
+
+    def build(self) -> keras.Model:
+        inputs = self.get_inputs()
+        x = self.apply_embeddings(inputs)
+        for index in range(self.num_hidden_layers):
+            x = self.apply_main_layers(x, index)
+        outputs = self.apply_final_layers(x)
+        self.model = keras.Model(inputs, outputs, name=self.name)
+        return self.model
+
+    # ----------------------------------------------------------------- checkpoints
+    def _resolve_table(self, fmt: str) -> dict[str, Source]:
+        table = self.variable_mapping(fmt)
+        return {path: (s if isinstance(s, Source) else src(s)) for path, s in table.items()}
+
+    def _checkpoint_name(self, reader, name: str, fmt: str) -> str | None:
+        """Finds `name` in the checkpoint, allowing the Hugging Face body prefix and old LayerNorm names."""
+        candidates = [name]
+        if fmt == "huggingface":
+            bare = name[len(self.hf_prefix):] if self.hf_prefix and name.startswith(self.hf_prefix) else None
+            if bare is not None:
+                candidates.append(bare)
+            for c in list(candidates):
+                if ".LayerNorm." in c:
+                    candidates.append(c.replace(".weight", ".gamma").replace(".bias", ".beta"))
+        for c in candidates:
+            if c in reader:
+                return c
+        return None
+
+    def _vocab_rows(self, value: np.ndarray) -> np.ndarray:
+        if self.keep_tokens is not None:
+            value = value[self.keep_tokens]
+        if self.compound_tokens is not None:
+            value = np.concatenate([value, np.stack([value[c].mean(axis=0) for c in self.compound_tokens])], axis=0)
+        return value
+
+    def load_weights_from_checkpoint(self, checkpoint_path: str, strict: bool = True) -> LoadReport:
+        """Loads a Google TF or Hugging Face checkpoint into the built model.
+
+        Strict by default: any model weight with no source, any shape mismatch, and any checkpoint variable that
+        should have mapped but did not raise one `CheckpointError` naming every offender. Optimizer slots and
+        step counters are ignored. With `strict=False` the load is partial and the returned report (also logged as
+        a warning) says what was skipped.
+        """
+        if self.model is None:
+            raise RuntimeError("Build the model before loading weights.")
+        reader = open_checkpoint(checkpoint_path)
+        fmt = reader.format
+        table = self._resolve_table(fmt)
+        weights = {w.path: w for w in self.model.weights}
+        loaded, missing, mismatched, used = [], [], [], set()
+        assignments = []
+        for path, variable in weights.items():
+            source = table.get(path)
+            if source is None:
+                missing.append(f"{path} (no entry in {type(self).__name__}'s {fmt} table)")
+                continue
+            names = [self._checkpoint_name(reader, n, fmt) for n in source.names]
+            absent = [n for n, found in zip(source.names, names) if found is None]
+            if absent:
+                missing.append(f"{path} <- {', '.join(absent)}")
+                continue
+            parts = [reader.get(n) for n in names]
+            used.update(names)
+            if source.transpose:
+                parts = [np.transpose(p) for p in parts]
+            value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+            if source.vocab:
+                if value.shape[0] != self.checkpoint_vocab_size:
+                    mismatched.append(
+                        f"{path} <- {names[0]}: checkpoint vocabulary has {value.shape[0]} rows, "
+                        f"config says vocab_size={self.checkpoint_vocab_size}"
+                    )
+                    continue
+                value = self._vocab_rows(value)
+            if tuple(value.shape) != tuple(variable.shape):
+                mismatched.append(
+                    f"{path} {tuple(variable.shape)} <- {', '.join(names)} {tuple(value.shape)}"
+                )
+                continue
+            assignments.append((variable, value))
+            loaded.append(path)
+        # Copies of tied weights must really be copies, or the model would be silently different.
+        for copy, original in self.tied_variables(fmt).items():
+            copy_name = self._checkpoint_name(reader, copy, fmt)
+            original_name = self._checkpoint_name(reader, original, fmt)
+            if copy_name is None:
+                continue
+            used.add(copy_name)
+            if original_name is not None and not np.array_equal(reader.get(copy_name), reader.get(original_name)):
+                mismatched.append(
+                    f"{copy_name} differs from {original_name}: this checkpoint unties weights that "
+                    f"{type(self).__name__} ties"
+                )
+        ignore = [re.compile(p) for p in _IGNORED_PATTERNS.get(fmt, [])]
+        head_names = {self._checkpoint_name(reader, n, fmt) for s in table.values() for n in s.names}
+        unexpected, ignored = [], []
+        for key in reader.keys():
+            if key in used:
+                continue
+            if any(p.search(key) for p in ignore):
+                ignored.append(key)
+            elif key in head_names:
+                ignored.append(key)  # a known variable of a head this model was not built with
+            else:
+                unexpected.append(f"{key} {tuple(reader.shape(key))}")
+        report = LoadReport(checkpoint_path, loaded, missing, mismatched, unexpected, ignored)
+        if not report.ok:
+            if not loaded and strict:
+                raise CheckpointError(
+                    f"{checkpoint_path} does not look like a {type(self).__name__} checkpoint in {fmt} format: "
+                    f"no model weight found its source.\n{report.describe()}"
+                )
+            if strict:
+                raise CheckpointError(
+                    f"Strict load failed; pass strict=False to load partially.\n{report.describe()}"
+                )
+            logger.warning("Partial load (strict=False):\n%s", report.describe())
+        for variable, value in assignments:
+            variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+        return report
+
+    def checkpoint_tensors(self, fmt: str) -> dict[str, np.ndarray]:
+        """The model's weights under their checkpoint names in format `fmt` (inverse of loading)."""
+        if self.model is None:
+            raise RuntimeError("Build the model before saving weights.")
+        table = self._resolve_table(fmt)
+        tensors = {}
+        for w in self.model.weights:
+            source = table.get(w.path)
+            if source is None:
+                raise CheckpointError(f"{w.path} has no entry in {type(self).__name__}'s {fmt} table.")
+            value = np.asarray(keras.ops.convert_to_numpy(w.value), dtype=np.float32)
+            parts = np.split(value, len(source.names), axis=-1) if len(source.names) > 1 else [value]
+            for name, part in zip(source.names, parts):
+                tensors[name] = np.ascontiguousarray(np.transpose(part) if source.transpose else part)
+        for copy, original in self.tied_variables(fmt).items():
+            if original in tensors:
+                tensors[copy] = tensors[original]
+        return tensors
+
+    def save_weights_as_checkpoint(self, path: str, format: str = "google") -> str:
+        """Saves the weights as a Google TF checkpoint (`path` is the prefix, e.g. '.../bert_model.ckpt') or as a
+        Hugging Face folder (`path` is a folder: model.safetensors + config.json). A config file is written beside."""
+        if format == "google":
+            prefix = write_google_checkpoint(self.checkpoint_tensors("google"), path)
+            folder = os.path.dirname(os.path.abspath(prefix))
+        elif format == "huggingface":
+            os.makedirs(path, exist_ok=True)
+            write_safetensors(self.checkpoint_tensors("huggingface"), os.path.join(path, "model.safetensors"))
+            prefix, folder = path, path
+        else:
+            raise ValueError(f"format must be 'google' or 'huggingface', got {format!r}.")
+        config_name, config = self.export_config(format)
+        with open(os.path.join(folder, config_name), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        return prefix
+
+
+def build_transformer_model(
+    config_path: str | dict | None = None,
+    checkpoint_path: str | None = None,
+    model: str = "bert",
+    application: str = "encoder",
+    return_keras_model: bool = True,
+    strict: bool = True,
+    **kwargs,
+) -> keras.Model | Transformer:
+    """Builds a model from a config (Google `bert_config.json`, Hugging Face `config.json`, or a dict) and, when
+    `checkpoint_path` is given, loads its weights strictly.
+
+    Returns the `keras.Model`, or with `return_keras_model=False` the `Transformer` (its `.model` is the Keras model;
+    it also saves checkpoints). kwargs override config entries and set options such as `with_pool`, `with_nsp`,
+    `with_mlm`, `keep_tokens`, `sequence_length`, `dropout_rate` and `name`.
+
+    Example:
+    >>> bert = build_transformer_model({"vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1,
+    ...     "num_attention_heads": 2, "intermediate_size": 16}, with_pool=True)
+    >>> bert.output.shape
+    (None, 8)
+    """
+    # Importing the package registers every model.
+    import bert4x.models  # noqa: F401
+
+    key = model.lower() if isinstance(model, str) else model
+    if key not in MODELS:
+        raise ValueError(f"Unknown model {model!r}; registered models: {sorted(MODELS)}.")
+    cls = MODELS[key]
+    if isinstance(config_path, dict):
+        config, source = dict(config_path), "<dict>"
+    elif config_path is None:
+        config, source = {}, "<kwargs>"
+    else:
+        config, source = read_config(config_path), config_path
+    transformer = cls.from_config(config, source, application=application, **kwargs)
+    transformer.build()
+    if checkpoint_path is not None:
+        transformer.load_weights_from_checkpoint(checkpoint_path, strict=strict)
+    if return_keras_model:
+        return transformer.model
+    return transformer

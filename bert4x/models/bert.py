@@ -1,0 +1,296 @@
+"""BERT (and its aliases RoBERTa-wwm and WoBERT): a post-LayerNorm Transformer encoder with learned positions."""
+
+from __future__ import annotations
+
+import keras
+
+from bert4x.layers import AttentionMask, BiasAdd, Embedding, FeedForward, FirstToken, MultiHeadAttention, PositionEmbedding
+from bert4x.models.base import Transformer, register_model, src
+
+# Google's BERT variable names, per layer and for the heads.
+_GOOGLE_LAYER = "bert/encoder/layer_{i}/"
+_HF_LAYER = "bert.encoder.layer.{i}."
+
+
+def _google_layer_table(i: int, attention: str) -> dict:
+    p = _GOOGLE_LAYER.format(i=i)
+    return {
+        f"{attention}/qkv/kernel": src(*(p + f"attention/self/{n}/kernel" for n in ("query", "key", "value"))),
+        f"{attention}/qkv/bias": src(*(p + f"attention/self/{n}/bias" for n in ("query", "key", "value"))),
+        f"{attention}/output/kernel": p + "attention/output/dense/kernel",
+        f"{attention}/output/bias": p + "attention/output/dense/bias",
+        f"{attention}-Norm/gamma": p + "attention/output/LayerNorm/gamma",
+        f"{attention}-Norm/beta": p + "attention/output/LayerNorm/beta",
+        f"Transformer-{i}-FeedForward/inner/kernel": p + "intermediate/dense/kernel",
+        f"Transformer-{i}-FeedForward/inner/bias": p + "intermediate/dense/bias",
+        f"Transformer-{i}-FeedForward/output/kernel": p + "output/dense/kernel",
+        f"Transformer-{i}-FeedForward/output/bias": p + "output/dense/bias",
+        f"Transformer-{i}-FeedForward-Norm/gamma": p + "output/LayerNorm/gamma",
+        f"Transformer-{i}-FeedForward-Norm/beta": p + "output/LayerNorm/beta",
+    }
+
+
+def _hf_layer_table(i: int, attention: str) -> dict:
+    p = _HF_LAYER.format(i=i)
+    qkv = ("query", "key", "value")
+    return {
+        f"{attention}/qkv/kernel": src(*(p + f"attention.self.{n}.weight" for n in qkv), transpose=True),
+        f"{attention}/qkv/bias": src(*(p + f"attention.self.{n}.bias" for n in qkv)),
+        f"{attention}/output/kernel": src(p + "attention.output.dense.weight", transpose=True),
+        f"{attention}/output/bias": p + "attention.output.dense.bias",
+        f"{attention}-Norm/gamma": p + "attention.output.LayerNorm.weight",
+        f"{attention}-Norm/beta": p + "attention.output.LayerNorm.bias",
+        f"Transformer-{i}-FeedForward/inner/kernel": src(p + "intermediate.dense.weight", transpose=True),
+        f"Transformer-{i}-FeedForward/inner/bias": p + "intermediate.dense.bias",
+        f"Transformer-{i}-FeedForward/output/kernel": src(p + "output.dense.weight", transpose=True),
+        f"Transformer-{i}-FeedForward/output/bias": p + "output.dense.bias",
+        f"Transformer-{i}-FeedForward-Norm/gamma": p + "output.LayerNorm.weight",
+        f"Transformer-{i}-FeedForward-Norm/beta": p + "output.LayerNorm.bias",
+    }
+
+
+GOOGLE_TABLE = {
+    "Embedding-Token/embeddings": src("bert/embeddings/word_embeddings", vocab=True),
+    "Embedding-Segment/embeddings": "bert/embeddings/token_type_embeddings",
+    "Embedding-Position/embeddings": "bert/embeddings/position_embeddings",
+    "Embedding-Norm/gamma": "bert/embeddings/LayerNorm/gamma",
+    "Embedding-Norm/beta": "bert/embeddings/LayerNorm/beta",
+    "Pooler-Dense/kernel": "bert/pooler/dense/kernel",
+    "Pooler-Dense/bias": "bert/pooler/dense/bias",
+    "NSP-Proba/kernel": src("cls/seq_relationship/output_weights", transpose=True),
+    "NSP-Proba/bias": "cls/seq_relationship/output_bias",
+    "MLM-Dense/kernel": "cls/predictions/transform/dense/kernel",
+    "MLM-Dense/bias": "cls/predictions/transform/dense/bias",
+    "MLM-Norm/gamma": "cls/predictions/transform/LayerNorm/gamma",
+    "MLM-Norm/beta": "cls/predictions/transform/LayerNorm/beta",
+    "MLM-Bias/bias": src("cls/predictions/output_bias", vocab=True),
+}
+
+HF_TABLE = {
+    "Embedding-Token/embeddings": src("bert.embeddings.word_embeddings.weight", vocab=True),
+    "Embedding-Segment/embeddings": "bert.embeddings.token_type_embeddings.weight",
+    "Embedding-Position/embeddings": "bert.embeddings.position_embeddings.weight",
+    "Embedding-Norm/gamma": "bert.embeddings.LayerNorm.weight",
+    "Embedding-Norm/beta": "bert.embeddings.LayerNorm.bias",
+    "Pooler-Dense/kernel": src("bert.pooler.dense.weight", transpose=True),
+    "Pooler-Dense/bias": "bert.pooler.dense.bias",
+    "NSP-Proba/kernel": src("cls.seq_relationship.weight", transpose=True),
+    "NSP-Proba/bias": "cls.seq_relationship.bias",
+    "MLM-Dense/kernel": src("cls.predictions.transform.dense.weight", transpose=True),
+    "MLM-Dense/bias": "cls.predictions.transform.dense.bias",
+    "MLM-Norm/gamma": "cls.predictions.transform.LayerNorm.weight",
+    "MLM-Norm/beta": "cls.predictions.transform.LayerNorm.bias",
+    "MLM-Bias/bias": src("cls.predictions.bias", vocab=True),
+}
+
+
+def _head_activation(option, default: str):
+    """bert4keras's head options: True -> the default activation, a string -> that activation."""
+    return default if option is True else option
+
+
+@register_model("bert", "roberta")
+class BERT(Transformer):
+    """BERT as Google released it (and Chinese RoBERTa-wwm, which uses BERT's architecture and names).
+
+    Inputs are `[token_ids, segment_ids]` (id 0 is padding). Outputs follow bert4keras: the sequence output with no
+    head, otherwise `[pooled or nsp, mlm]` (or the single head). `with_mlm=True` gives probabilities and
+    `with_mlm='linear'` logits.
+
+    Example:
+    >>> from bert4x.models import build_transformer_model
+    >>> model = build_transformer_model({"vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 2,
+    ...     "num_attention_heads": 2, "intermediate_size": 16}, with_mlm="linear")
+    >>> model.output.shape
+    (None, None, 50)
+    """
+
+    config_aliases = {
+        "vocab_size": ("vocab_size",),
+        "hidden_size": ("hidden_size",),
+        "num_hidden_layers": ("num_hidden_layers",),
+        "num_attention_heads": ("num_attention_heads",),
+        "intermediate_size": ("intermediate_size",),
+        "hidden_act": ("hidden_act",),
+        "dropout_rate": ("hidden_dropout_prob", "dropout_rate"),
+        "attention_dropout_rate": ("attention_probs_dropout_prob", "attention_dropout_rate"),
+        "max_position": ("max_position_embeddings", "max_position"),
+        "segment_vocab_size": ("type_vocab_size", "segment_vocab_size"),
+        "layer_norm_eps": ("layer_norm_eps",),
+        "initializer_range": ("initializer_range",),
+    }
+    required_config = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    model_types = ("bert",)
+    ignored_config_keys = frozenset({"position_embedding_type"})
+    hf_prefix = "bert."
+
+    def __init__(
+        self,
+        max_position: int = 512,
+        segment_vocab_size: int = 2,
+        with_pool: bool | str = False,
+        with_nsp: bool | str = False,
+        with_mlm: bool | str = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.max_position = max_position
+        self.segment_vocab_size = segment_vocab_size
+        self.with_pool = with_pool or bool(with_nsp)
+        self.with_nsp = with_nsp
+        self.with_mlm = with_mlm
+
+    @classmethod
+    def applications(cls):
+        return ("encoder", "lm", "unilm")
+
+    @classmethod
+    def validate_config(cls, config, config_path):
+        kind = config.get("position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise ValueError(
+                f"Config {config_path} asks for position_embedding_type={kind!r}; bert4x's BERT implements "
+                "'absolute' only (use model='roformer' for rotary positions)."
+            )
+
+    # ----------------------------------------------------------------- hooks
+    def get_inputs(self):
+        token = keras.Input((self.sequence_length,), dtype="int32", name="Input-Token")
+        inputs = [token]
+        if self.segment_vocab_size > 0:
+            inputs.append(keras.Input((self.sequence_length,), dtype="int32", name="Input-Segment"))
+        return inputs
+
+    def apply_embeddings(self, inputs):
+        token_ids = inputs[0]
+        segment_ids = inputs[1] if len(inputs) > 1 else None
+        self.token_embedding = Embedding(
+            self.vocab_size, self.hidden_size, embeddings_initializer=self.initializer(), name="Embedding-Token"
+        )
+        x = self.token_embedding(token_ids)
+        if segment_ids is not None:
+            s = keras.layers.Embedding(
+                self.segment_vocab_size, self.hidden_size, embeddings_initializer=self.initializer(),
+                name="Embedding-Segment",
+            )(segment_ids)
+            x = keras.layers.Add(name="Embedding-Token-Segment")([x, s])
+        x = self.apply_position_embedding(x)
+        x = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="Embedding-Norm")(x)
+        x = keras.layers.Dropout(self.dropout_rate, name="Embedding-Dropout")(x)
+        self.attention_mask = AttentionMask(
+            {"encoder": "encoder", "lm": "lm", "unilm": "unilm"}[self.application], name="Attention-Mask"
+        )(token_ids, segment_ids)
+        return x
+
+    def apply_position_embedding(self, x):
+        return PositionEmbedding(
+            self.max_position, self.hidden_size, embeddings_initializer=self.initializer(), name="Embedding-Position"
+        )(x)
+
+    def attention_kwargs(self) -> dict:
+        """Extra call arguments of every self-attention (RoFormer adds rotary positions here)."""
+        return {}
+
+    def apply_main_layers(self, x, index):
+        attention = f"Transformer-{index}-MultiHeadSelfAttention"
+        feed_forward = f"Transformer-{index}-FeedForward"
+        y = MultiHeadAttention(
+            self.num_attention_heads, self.attention_head_size, attention_dropout=self.attention_dropout_rate,
+            kernel_initializer=self.initializer(), name=attention,
+        )(x, attention_mask=self.attention_mask, **self.attention_kwargs())
+        y = keras.layers.Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
+        x = keras.layers.Add(name=f"{attention}-Add")([x, y])
+        x = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name=f"{attention}-Norm")(x)
+        y = FeedForward(
+            self.intermediate_size, activation=self.hidden_act, kernel_initializer=self.initializer(), name=feed_forward
+        )(x)
+        y = keras.layers.Dropout(self.dropout_rate, name=f"{feed_forward}-Dropout")(y)
+        x = keras.layers.Add(name=f"{feed_forward}-Add")([x, y])
+        return keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name=f"{feed_forward}-Norm")(x)
+
+    def apply_final_layers(self, x):
+        outputs = []
+        if self.with_pool:
+            pooled = FirstToken(name="Pooler")(x)
+            pooled = keras.layers.Dense(
+                self.hidden_size, activation=_head_activation(self.with_pool, "tanh"),
+                kernel_initializer=self.initializer(), name="Pooler-Dense",
+            )(pooled)
+            if self.with_nsp:
+                pooled = keras.layers.Dense(
+                    2, activation=_head_activation(self.with_nsp, "softmax"), kernel_initializer=self.initializer(),
+                    dtype=_output_dtype(), name="NSP-Proba",
+                )(pooled)
+            outputs.append(pooled)
+        if self.with_mlm:
+            y = keras.layers.Dense(
+                self.hidden_size, activation=_keras_activation(self.hidden_act),
+                kernel_initializer=self.initializer(), name="MLM-Dense",
+            )(x)
+            y = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="MLM-Norm")(y)
+            y = self.token_embedding(y, mode="dense")
+            y = BiasAdd(name="MLM-Bias")(y)
+            y = keras.layers.Activation(
+                _head_activation(self.with_mlm, "softmax"), dtype=_output_dtype(), name="MLM-Activation"
+            )(y)
+            outputs.append(y)
+        if not outputs:
+            return x
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    # ----------------------------------------------------------------- checkpoints
+    def variable_mapping(self, fmt):
+        if fmt == "google":
+            table, layer = dict(GOOGLE_TABLE), _google_layer_table
+        elif fmt == "huggingface":
+            table, layer = dict(HF_TABLE), _hf_layer_table
+        else:
+            raise ValueError(f"Unknown checkpoint format {fmt!r}.")
+        for i in range(self.num_hidden_layers):
+            table.update(layer(i, f"Transformer-{i}-MultiHeadSelfAttention"))
+        return table
+
+    def tied_variables(self, fmt):
+        if fmt == "huggingface":
+            return {
+                "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                "cls.predictions.decoder.bias": "cls.predictions.bias",
+            }
+        return {}
+
+    def export_config(self, fmt):
+        config = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": self.dropout_rate,
+            "attention_probs_dropout_prob": self.attention_dropout_rate,
+            "max_position_embeddings": self.max_position,
+            "type_vocab_size": self.segment_vocab_size,
+            "initializer_range": self.initializer_range,
+        }
+        if fmt == "google":
+            return "bert_config.json", config
+        config.update(model_type="bert", layer_norm_eps=self.layer_norm_eps, architectures=["BertForPreTraining"])
+        return "config.json", config
+
+
+@register_model("wobert")
+class WoBERT(BERT):
+    """WoBERT: BERT's architecture with a word-level (jieba) vocabulary; pair it with
+    `Tokenizer(vocab, pre_tokenize=lambda s: jieba.cut(s, HMM=False))`."""
+
+
+def _output_dtype():
+    # Heads that produce probabilities return float32 even under mixed precision.
+    policy = keras.config.dtype_policy()
+    return "float32" if policy.compute_dtype != "float32" else None
+
+
+def _keras_activation(name):
+    from bert4x.backend import get_activation
+
+    return get_activation(name)

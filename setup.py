@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bert4x",
+    version="0.1.0",
+    description="bert4keras's workflow on Keras 3: BERT, WoBERT, RoFormer, mT5 for Chinese NLP.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["bert4x", "bert4x.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.10",
+        "tensorflow>=2.18",
+        "numpy",
+        "jieba",
+        "sentencepiece",
+        "safetensors",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "jax",
+            "torch==2.13.0",
+            "transformers",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "bert4x-convert=weights_converters.convert:main",
+            "bert4x-ls=weights_converters.list_variables:main",
+        ],
+    },
+)

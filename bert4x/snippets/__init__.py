@@ -1,0 +1,3 @@
+"""Everyday helpers, as in bert4keras.snippets: padding, data generators, decoders."""
+
+from bert4x.snippets.data import *  # noqa: F401,F403

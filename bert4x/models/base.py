@@ -314,6 +314,34 @@ class Transformer:
             value = np.concatenate([value, np.stack([value[c].mean(axis=0) for c in self.compound_tokens])], axis=0)
         return value
 
+    def _read_source(self, reader, source: Source, fmt: str, apply_vocab: bool = True):
+        """Reads one table entry in Keras layout: `(value, checkpoint names, problem)`; `problem` is None when fine."""
+        names = [self._checkpoint_name(reader, n, fmt) for n in source.names]
+        absent = [n for n, found in zip(source.names, names) if found is None]
+        if absent:
+            return None, [], ", ".join(absent)
+        parts = [reader.get(n) for n in names]
+        if source.transpose:
+            parts = [np.transpose(p) for p in parts]
+        value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+        if source.vocab and apply_vocab:
+            if value.shape[0] != self.checkpoint_vocab_size:
+                return value, names, (
+                    f"{names[0]}: checkpoint vocabulary has {value.shape[0]} rows, "
+                    f"config says vocab_size={self.checkpoint_vocab_size}"
+                )
+            value = self._vocab_rows(value)
+        return value, names, None
+
+    @staticmethod
+    def _write_source(source: Source, value: np.ndarray) -> dict[str, np.ndarray]:
+        """Inverse of `_read_source`: one Keras-layout value -> {checkpoint name: tensor}."""
+        parts = np.split(value, len(source.names), axis=-1) if len(source.names) > 1 else [value]
+        return {
+            name: np.ascontiguousarray(np.transpose(part) if source.transpose else part)
+            for name, part in zip(source.names, parts)
+        }
+
     def load_weights_from_checkpoint(self, checkpoint_path: str, strict: bool = True) -> LoadReport:
         """Loads a Google TF or Hugging Face checkpoint into the built model.
 
@@ -335,28 +363,13 @@ class Transformer:
             if source is None:
                 missing.append(f"{path} (no entry in {type(self).__name__}'s {fmt} table)")
                 continue
-            names = [self._checkpoint_name(reader, n, fmt) for n in source.names]
-            absent = [n for n, found in zip(source.names, names) if found is None]
-            if absent:
-                missing.append(f"{path} <- {', '.join(absent)}")
+            value, names, problem = self._read_source(reader, source, fmt)
+            if problem:
+                (missing if value is None and not names else mismatched).append(f"{path} <- {problem}")
                 continue
-            parts = [reader.get(n) for n in names]
             used.update(names)
-            if source.transpose:
-                parts = [np.transpose(p) for p in parts]
-            value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-            if source.vocab:
-                if value.shape[0] != self.checkpoint_vocab_size:
-                    mismatched.append(
-                        f"{path} <- {names[0]}: checkpoint vocabulary has {value.shape[0]} rows, "
-                        f"config says vocab_size={self.checkpoint_vocab_size}"
-                    )
-                    continue
-                value = self._vocab_rows(value)
             if tuple(value.shape) != tuple(variable.shape):
-                mismatched.append(
-                    f"{path} {tuple(variable.shape)} <- {', '.join(names)} {tuple(value.shape)}"
-                )
+                mismatched.append(f"{path} {tuple(variable.shape)} <- {', '.join(names)} {tuple(value.shape)}")
                 continue
             assignments.append((variable, value))
             loaded.append(path)
@@ -410,11 +423,38 @@ class Transformer:
             source = table.get(w.path)
             if source is None:
                 raise CheckpointError(f"{w.path} has no entry in {type(self).__name__}'s {fmt} table.")
-            value = np.asarray(keras.ops.convert_to_numpy(w.value), dtype=np.float32)
-            parts = np.split(value, len(source.names), axis=-1) if len(source.names) > 1 else [value]
-            for name, part in zip(source.names, parts):
-                tensors[name] = np.ascontiguousarray(np.transpose(part) if source.transpose else part)
+            tensors.update(self._write_source(source, np.asarray(keras.ops.convert_to_numpy(w.value), np.float32)))
         for copy, original in self.tied_variables(fmt).items():
+            if original in tensors:
+                tensors[copy] = tensors[original]
+        return tensors
+
+    def convert_checkpoint(self, source_path: str, target_format: str) -> dict[str, np.ndarray]:
+        """Translates a checkpoint into `target_format` names without building a model, entry by entry of the two
+        tables. Every checkpoint variable must map (optimizer slots are dropped), or a `CheckpointError` lists the rest.
+        """
+        reader = open_checkpoint(source_path)
+        src_table, dst_table = self._resolve_table(reader.format), self._resolve_table(target_format)
+        tensors, used = {}, set()
+        for path, source in src_table.items():
+            value, names, problem = self._read_source(reader, source, reader.format, apply_vocab=False)
+            if value is None:
+                continue  # a head this checkpoint does not have
+            if problem:
+                raise CheckpointError(f"{path}: {problem}")
+            used.update(names)
+            tensors.update(self._write_source(dst_table[path], value))
+        for copy, original in self.tied_variables(reader.format).items():
+            name = self._checkpoint_name(reader, copy, reader.format)
+            if name is not None:
+                used.add(name)
+        ignore = [re.compile(p) for p in _IGNORED_PATTERNS.get(reader.format, [])]
+        left = [k for k in reader.keys() if k not in used and not any(p.search(k) for p in ignore)]
+        if left:
+            raise CheckpointError(
+                f"{len(left)} variables of {source_path} match no {type(self).__name__} weight: {left[:20]}"
+            )
+        for copy, original in self.tied_variables(target_format).items():
             if original in tensors:
                 tensors[copy] = tensors[original]
         return tensors

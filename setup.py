@@ -6,7 +6,7 @@ setup(
     description="bert4keras's workflow on Keras 3: BERT, WoBERT, RoFormer, mT5 for Chinese NLP.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["bert4x", "bert4x.*"]),
+    packages=find_packages(include=["bert4x", "bert4x.*", "weights_converters"]),
     python_requires=">=3.10",
     install_requires=[
         "keras>=3.10",

@@ -47,16 +47,18 @@ class Source:
 
     names: checkpoint variables, concatenated along the last axis when there are several (fused q|k|v kernels).
     transpose: each variable is stored `[out, in]` (PyTorch Linear) and is transposed to Keras' `[in, out]`.
-    vocab: the first axis indexes the vocabulary, so `keep_tokens` / `compound_tokens` apply to it.
+    vocab: one axis indexes the vocabulary, so `keep_tokens` / `compound_tokens` apply to it.
+    vocab_axis: which axis that is, in Keras layout (0 for embeddings; -1 for an untied LM head's `[dim, vocab]` kernel).
     """
 
     names: tuple[str, ...]
     transpose: bool = False
     vocab: bool = False
+    vocab_axis: int = 0
 
 
-def src(*names: str, transpose: bool = False, vocab: bool = False) -> Source:
-    return Source(tuple(names), transpose, vocab)
+def src(*names: str, transpose: bool = False, vocab: bool = False, vocab_axis: int = 0) -> Source:
+    return Source(tuple(names), transpose, vocab, vocab_axis)
 
 
 class CheckpointError(ValueError):
@@ -93,7 +95,9 @@ class LoadReport:
 
 # Variables that training leaves in checkpoints and that no model weight corresponds to.
 _IGNORED_PATTERNS = {
-    "google": [r"(^|/)adam_[mv]$", r"^global_step$", r"(^|/)(bad_steps|good_steps|loss_scale)$", r"/Momentum$"],
+    "google": [r"(^|/)adam_[mv]$", r"^global_step$", r"(^|/)(bad_steps|good_steps|loss_scale)$", r"/Momentum$",
+               r"_slot_\w+$"],  # Adafactor slots of T5/mT5 checkpoints: '<name>_slot_vc', '_slot_vr', '_slot_v'
+
     "huggingface": [r"(^|\.)position_ids$"],
 }
 
@@ -141,6 +145,8 @@ class Transformer:
     ignored_config_keys: frozenset[str] = frozenset()
     # Prefix of the body's variables in Hugging Face task checkpoints (e.g. 'bert.').
     hf_prefix: str = ""
+    # Per format, regexes of checkpoint variables that this model knowingly does not use (beyond optimizer slots).
+    ignored_checkpoint_variables: dict[str, tuple[str, ...]] = {}
 
     def __init__(
         self,
@@ -159,6 +165,7 @@ class Transformer:
         layer_norm_eps: float = 1e-12,
         initializer_range: float = 0.02,
         name: str | None = None,
+        attention_head_size: int | None = None,
     ):
         if application not in self.applications():
             raise ValueError(
@@ -170,7 +177,7 @@ class Transformer:
                            ("intermediate_size", intermediate_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{arg} must be a positive integer, got {value!r}.")
-        if hidden_size % num_attention_heads:
+        if attention_head_size is None and hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})."
             )
@@ -195,7 +202,8 @@ class Transformer:
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
-        self.attention_head_size = hidden_size // num_attention_heads
+        # T5-style models set the head size explicitly (mT5-small: 6 heads of 64 in a 512 model).
+        self.attention_head_size = attention_head_size or hidden_size // num_attention_heads
         self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
         self.dropout_rate = dropout_rate
@@ -307,6 +315,10 @@ class Transformer:
                 return c
         return None
 
+    def _ignore_patterns(self, fmt: str) -> list[re.Pattern]:
+        patterns = _IGNORED_PATTERNS.get(fmt, []) + list(self.ignored_checkpoint_variables.get(fmt, ()))
+        return [re.compile(p) for p in patterns]
+
     def _vocab_rows(self, value: np.ndarray) -> np.ndarray:
         if self.keep_tokens is not None:
             value = value[self.keep_tokens]
@@ -325,12 +337,13 @@ class Transformer:
             parts = [np.transpose(p) for p in parts]
         value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
         if source.vocab and apply_vocab:
-            if value.shape[0] != self.checkpoint_vocab_size:
+            axis = source.vocab_axis
+            if value.shape[axis] != self.checkpoint_vocab_size:
                 return value, names, (
-                    f"{names[0]}: checkpoint vocabulary has {value.shape[0]} rows, "
+                    f"{names[0]}: checkpoint vocabulary has {value.shape[axis]} rows, "
                     f"config says vocab_size={self.checkpoint_vocab_size}"
                 )
-            value = self._vocab_rows(value)
+            value = np.moveaxis(self._vocab_rows(np.moveaxis(value, axis, 0)), 0, axis)
         return value, names, None
 
     @staticmethod
@@ -385,7 +398,7 @@ class Transformer:
                     f"{copy_name} differs from {original_name}: this checkpoint unties weights that "
                     f"{type(self).__name__} ties"
                 )
-        ignore = [re.compile(p) for p in _IGNORED_PATTERNS.get(fmt, [])]
+        ignore = self._ignore_patterns(fmt)
         head_names = {self._checkpoint_name(reader, n, fmt) for s in table.values() for n in s.names}
         unexpected, ignored = [], []
         for key in reader.keys():
@@ -448,7 +461,7 @@ class Transformer:
             name = self._checkpoint_name(reader, copy, reader.format)
             if name is not None:
                 used.add(name)
-        ignore = [re.compile(p) for p in _IGNORED_PATTERNS.get(reader.format, [])]
+        ignore = self._ignore_patterns(reader.format)
         left = [k for k in reader.keys() if k not in used and not any(p.search(k) for p in ignore)]
         if left:
             raise CheckpointError(

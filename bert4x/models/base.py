@@ -97,7 +97,6 @@ class LoadReport:
 _IGNORED_PATTERNS = {
     "google": [r"(^|/)adam_[mv]$", r"^global_step$", r"(^|/)(bad_steps|good_steps|loss_scale)$", r"/Momentum$",
                r"_slot_\w+$"],  # Adafactor slots of T5/mT5 checkpoints: '<name>_slot_vc', '_slot_vr', '_slot_v'
-
     "huggingface": [r"(^|\.)position_ids$"],
 }
 

@@ -1,0 +1,318 @@
+"""Data helpers with bert4keras's semantics: padding, truncation and a batch
+generator that Keras 3's ``model.fit`` accepts directly."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Iterable, Iterator, Sequence
+
+import keras
+import numpy as np
+
+__all__ = ["sequence_padding", "truncate_sequences", "DataGenerator"]
+
+
+def sequence_padding(
+    inputs: Sequence[Any],
+    length: int | Sequence[int] | None = None,
+    value: Any = 0,
+    seq_dims: int = 1,
+    mode: str = "post",
+) -> np.ndarray:
+    """Pad a batch of sequences to one length and stack them into an array.
+
+    Args:
+        inputs: sequences (lists or arrays) with at least ``seq_dims`` dims and
+            equal shapes beyond them.
+        length: target length of the first ``seq_dims`` dims: an int (used for
+            all of them), a list with one int per dim, or None for the longest.
+            Longer sequences are cut to ``length`` (their first items are kept,
+            whatever ``mode`` is), as in bert4keras.
+        value: the padding value.
+        seq_dims: how many leading dims to pad (2 for e.g. [n, n] label grids).
+        mode: 'post' pads at the end, 'pre' at the start.
+
+    Example:
+        >>> sequence_padding([[1, 2, 3], [4]])
+        array([[1, 2, 3],
+               [4, 0, 0]])
+        >>> sequence_padding([[1, 2, 3], [4]], length=2, mode="pre", value=-1)
+        array([[ 1,  2],
+               [-1,  4]])
+    """
+    if mode not in ("post", "pre"):
+        raise ValueError(f'sequence_padding: mode must be "post" or "pre", got {mode!r}')
+    if not isinstance(seq_dims, int) or seq_dims < 1:
+        raise ValueError(f"sequence_padding: seq_dims must be a positive int, got {seq_dims!r}")
+    if len(inputs) == 0:
+        raise ValueError("sequence_padding: inputs is empty")
+
+    arrays = []
+    for i, x in enumerate(inputs):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # e.g. a ragged nested list
+            raise ValueError(f"sequence_padding: inputs[{i}] is ragged below seq_dims={seq_dims}: {error}") from None
+        if x.ndim < seq_dims or x.dtype == object:
+            raise ValueError(
+                f"sequence_padding: inputs[{i}] has shape {x.shape}, it needs {seq_dims} "
+                f"sequence dim(s) and a regular shape beyond them"
+            )
+        if arrays and x.shape[seq_dims:] != arrays[0].shape[seq_dims:]:
+            raise ValueError(
+                f"sequence_padding: inputs[{i}] has shape {x.shape}, inputs[0] has "
+                f"{arrays[0].shape}; they must agree beyond the first {seq_dims} dim(s)"
+            )
+        arrays.append(x)
+
+    if length is None:
+        lengths = np.max([x.shape[:seq_dims] for x in arrays], axis=0).tolist()
+    elif isinstance(length, (int, np.integer)):
+        lengths = [int(length)] * seq_dims
+    else:
+        lengths = [int(n) for n in length]
+        if len(lengths) != seq_dims:
+            raise ValueError(f"sequence_padding: length has {len(lengths)} entries, seq_dims={seq_dims}")
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"sequence_padding: length must be >= 0, got {length!r}")
+
+    cut = tuple(slice(0, n) for n in lengths)
+    outputs = []
+    for x in arrays:
+        x = x[cut]
+        pad_width = [(0, 0)] * x.ndim
+        for d, n in enumerate(lengths):
+            missing = n - x.shape[d]
+            pad_width[d] = (0, missing) if mode == "post" else (missing, 0)
+        outputs.append(np.pad(x, pad_width, mode="constant", constant_values=value))
+    return np.array(outputs)
+
+
+def truncate_sequences(
+    maxlen: int, indices: int | Sequence[int], *sequences: list | None
+) -> list[list]:
+    """Shorten lists in place until their total length is at most ``maxlen``.
+
+    Each step pops one item from the currently longest list (the first one on
+    ties), at position ``indices`` (one index for all, or one per sequence;
+    e.g. -2 keeps a trailing [SEP]). ``None`` sequences are skipped. Returns the
+    (non-None) lists.
+
+    Example:
+        >>> a, b = [1, 2, 3, 4, 5, 9], [6, 7, 9]
+        >>> truncate_sequences(6, -2, a, b)
+        [[1, 2, 9], [6, 7, 9]]
+    """
+    if isinstance(indices, (int, np.integer)):
+        indices = [int(indices)] * len(sequences)
+    elif len(indices) != len(sequences):
+        raise ValueError(
+            f"truncate_sequences: {len(indices)} indices for {len(sequences)} sequences"
+        )
+    pairs = [(s, i) for s, i in zip(sequences, indices) if s is not None]
+    while sum(len(s) for s, _ in pairs) > maxlen:
+        longest, index = max(pairs, key=lambda pair: len(pair[0]))
+        if not -len(longest) <= index < len(longest):
+            raise ValueError(
+                f"truncate_sequences: cannot pop index {index} from a sequence of "
+                f"length {len(longest)}; maxlen={maxlen} is too small"
+            )
+        longest.pop(index)
+    return [s for s, _ in pairs]
+
+
+_END = object()
+
+
+class DataGenerator(keras.utils.PyDataset):
+    """bert4keras's batch generator, as a Keras ``PyDataset``.
+
+    Subclass it and override ``__iter__(self, random=False)``: iterate
+    ``self.sample(random)``, which yields ``(is_end, item)``, and yield a batch
+    whenever ``batch_size`` items are collected or ``is_end`` is true (so the
+    last batch is smaller, never dropped or padded). Then either
+
+    * ``model.fit(generator, epochs=...)``: each epoch runs
+      ``__iter__(random=self.random)`` once, i.e. every sample exactly once,
+      shuffled afresh; ``len(generator)`` is ``ceil(len(data) / batch_size)``
+      (or ``self.steps`` if you set it) and ``__iter__`` must yield exactly that
+      many batches (RuntimeError otherwise); or
+    * ``model.fit(generator.forfit(), steps_per_epoch=len(generator), ...)`` as
+      in bert4keras.
+
+    How Keras reads it: Keras asks for ``generator[i]`` len() times per epoch,
+    in a shuffled order by default (``fit(shuffle=True)``). Since the batches
+    are made by iterating ``__iter__`` (which already shuffles samples), the
+    n-th request of an epoch gets the n-th batch whatever ``i`` is. Hence one
+    reader at a time: ``workers > 1`` / ``use_multiprocessing`` need a
+    ``__getitem__`` of your own, and ``on_epoch_begin``/``on_epoch_end``
+    overrides must call ``super()``. Pass ``random=False`` for
+    ``model.predict(generator)`` to keep the data order.
+
+    Plain PyDataset style also works: override ``__getitem__(index)`` (and
+    ``__len__`` if needed) instead of ``__iter__``.
+
+    Data without ``len()`` (a stream) makes an endless dataset: ``len()``
+    raises TypeError, and ``fit`` needs ``steps_per_epoch``.
+
+    Args:
+        data: the samples (anything iterable; indexable with ``len()`` for
+            shuffling by permutation, else a ``buffer_size`` shuffle buffer).
+        batch_size: samples per batch.
+        buffer_size: shuffle buffer for data without ``len()``
+            (default ``batch_size * 1000``).
+        random: whether Keras's reads shuffle (passed to ``__iter__``).
+        **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` for
+            ``keras.utils.PyDataset``.
+
+    Example:
+        >>> class Batches(DataGenerator):
+        ...     def __iter__(self, random=False):
+        ...         xs, ys = [], []
+        ...         for is_end, (x, y) in self.sample(random):
+        ...             xs.append(x)
+        ...             ys.append(y)
+        ...             if len(xs) == self.batch_size or is_end:
+        ...                 yield np.array(xs), np.array(ys)
+        ...                 xs, ys = [], []
+        >>> batches = Batches([([i], i % 2) for i in range(5)], batch_size=2)
+        >>> len(batches), [len(x) for x, _ in batches]
+        (3, [2, 2, 1])
+    """
+
+    def __init__(
+        self,
+        data: Iterable[Any],
+        batch_size: int = 32,
+        buffer_size: int | None = None,
+        random: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"DataGenerator: batch_size must be a positive int, got {batch_size!r}")
+        self.data = data
+        self.batch_size = batch_size
+        self.steps = math.ceil(len(data) / batch_size) if hasattr(data, "__len__") else None
+        self.buffer_size = buffer_size or batch_size * 1000
+        self.random = random
+        self._batches: Iterator | None = None  # the stream Keras is reading
+        self._served = 0
+
+    # -- size ------------------------------------------------------------------
+    def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError(
+                f"{type(self).__name__} has no len(): its data has no len(); set "
+                "self.steps, or pass steps_per_epoch to fit()"
+            )
+        return self.steps
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch for Keras; None (endless) when the data has no len()."""
+        return self.steps
+
+    # -- bert4keras interface ------------------------------------------------------
+    def sample(self, random: bool = False) -> Iterator[tuple[bool, Any]]:
+        """Yield ``(is_end, item)`` for every item, ``is_end`` True for the last;
+        shuffled when ``random`` (by permutation if the data has len(), else
+        through a ``buffer_size`` buffer)."""
+        if not random:
+            items = iter(self.data)
+        elif hasattr(self.data, "__len__"):
+            items = (self.data[i] for i in np.random.permutation(len(self.data)))
+        else:
+            items = self._buffer_shuffled()
+        current = next(items, _END)
+        if current is _END:
+            return
+        for item in items:
+            yield False, current
+            current = item
+        yield True, current
+
+    def _buffer_shuffled(self) -> Iterator[Any]:
+        buffer = []
+        for item in self.data:
+            buffer.append(item)
+            if len(buffer) > self.buffer_size:
+                yield buffer.pop(np.random.randint(len(buffer)))
+        while buffer:
+            yield buffer.pop(np.random.randint(len(buffer)))
+
+    def __iter__(self, random: bool = False) -> Iterator[Any]:
+        """Yield batches. Override this (bert4keras style) or ``__getitem__``."""
+        if type(self).__getitem__ is DataGenerator.__getitem__:
+            raise NotImplementedError(
+                f"{type(self).__name__} must override __iter__(self, random=False) "
+                "(bert4keras style) or __getitem__(self, index) (PyDataset style)"
+            )
+        order = np.random.permutation(len(self)) if random else range(len(self))
+        return (self[int(i)] for i in order)
+
+    def forfit(self, random: bool = True) -> Iterator[Any]:
+        """Endless batches (epoch after epoch), for ``fit(..., steps_per_epoch=len(gen))``."""
+        while True:
+            empty = True
+            for batch in self.__iter__(random):
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError(f"{type(self).__name__}.__iter__ yielded no batches")
+
+    def fortest(self, random: bool = False) -> Iterator[Any]:
+        """Endless batches' inputs only (``batch[0]``), for ``predict``."""
+        for batch in self.forfit(random):
+            yield batch[0]
+
+    # -- PyDataset interface ---------------------------------------------------
+    def __getitem__(self, index: int) -> Any:
+        """The next batch of the current epoch (see the class docstring)."""
+        if self.workers > 1 or self.use_multiprocessing:
+            raise RuntimeError(
+                f"{type(self).__name__} makes batches by iterating __iter__, which cannot "
+                "be shared by several workers: use workers=1, or override __getitem__"
+            )
+        index = operator.index(index)
+        if self.steps is not None and not 0 <= index < self.steps:
+            raise IndexError(f"batch index {index} out of range for {self.steps} batches")
+        if self.steps is None:  # endless: keep reading across epochs, as forfit()
+            if self._batches is None:
+                self._batches = self.forfit(self.random)
+            return next(self._batches)
+
+        if self._batches is None:
+            self._batches = iter(self.__iter__(self.random))
+            self._served = 0
+        batch = next(self._batches, _END)
+        if batch is _END:
+            self._batches = None
+            raise RuntimeError(
+                f"{type(self).__name__}.__iter__ yielded {self._served} batches but "
+                f"len() is {self.steps}: it must yield exactly len() batches per pass "
+                "(set self.steps if the batching differs from ceil(len(data) / batch_size))"
+            )
+        self._served += 1
+        if self._served == self.steps:  # epoch complete: check and start afresh next time
+            extra = next(self._batches, _END)
+            self._batches = None
+            if extra is not _END:
+                raise RuntimeError(
+                    f"{type(self).__name__}.__iter__ yielded more than len() = {self.steps} "
+                    "batches (set self.steps to the real number of batches)"
+                )
+        return batch
+
+    def on_epoch_begin(self) -> None:
+        self._restart_epoch()
+
+    def on_epoch_end(self) -> None:
+        self._restart_epoch()
+
+    def _restart_epoch(self) -> None:
+        # Batches read outside an epoch (before fit, Keras reads two to infer
+        # shapes) must not eat into the next one. Endless data just goes on.
+        if self.steps is not None:
+            self._batches = None

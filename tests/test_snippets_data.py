@@ -1,0 +1,275 @@
+"""sequence_padding, truncate_sequences and DataGenerator (with a real model.fit)."""
+
+import keras
+import numpy as np
+import pytest
+
+from bert4x.snippets.data import DataGenerator, sequence_padding, truncate_sequences
+
+# --------------------------------------------------------------------------
+# sequence_padding
+# --------------------------------------------------------------------------
+
+
+def test_sequence_padding_post_and_pre():
+    np.testing.assert_array_equal(sequence_padding([[1, 2, 3], [4]]), [[1, 2, 3], [4, 0, 0]])
+    np.testing.assert_array_equal(
+        sequence_padding([[1, 2, 3], [4]], mode="pre", value=-1), [[1, 2, 3], [-1, -1, 4]]
+    )
+    np.testing.assert_array_equal(sequence_padding([[1], [2, 3]], length=4), [[1, 0, 0, 0], [2, 3, 0, 0]])
+
+
+def test_sequence_padding_truncates_to_length_keeping_the_start():
+    np.testing.assert_array_equal(sequence_padding([[1, 2, 3, 4], [5]], length=2), [[1, 2], [5, 0]])
+    np.testing.assert_array_equal(sequence_padding([[1, 2, 3, 4], [5]], length=2, mode="pre"), [[1, 2], [0, 5]])
+    assert sequence_padding([[1, 2], [3]], length=0).shape == (2, 0)
+
+
+def test_sequence_padding_trailing_dims_and_seq_dims_2():
+    # Items of shape (len, 3): only the first dim is padded.
+    out = sequence_padding([np.ones((2, 3)), np.ones((1, 3))])
+    assert out.shape == (2, 2, 3)
+    np.testing.assert_array_equal(out[1], [[1, 1, 1], [0, 0, 0]])
+    # [n, n] grids (e.g. GlobalPointer labels) padded in both dims.
+    grids = [np.ones((2, 2), int), np.ones((3, 3), int)]
+    out = sequence_padding(grids, seq_dims=2)
+    assert out.shape == (2, 3, 3) and out[0].sum() == 4 and out[1].sum() == 9
+    out = sequence_padding(grids, length=[2, 4], seq_dims=2, value=7)
+    assert out.shape == (2, 2, 4)
+    np.testing.assert_array_equal(out[1], [[1, 1, 1, 7], [1, 1, 1, 7]])
+    assert sequence_padding(grids, length=5, seq_dims=2).shape == (2, 5, 5)
+
+
+def test_sequence_padding_keeps_dtype():
+    assert sequence_padding([np.array([1.5]), np.array([2.5, 3.5])]).dtype == np.float64
+    assert sequence_padding([np.array([1], np.int32), np.array([2, 3], np.int32)]).dtype == np.int32
+
+
+def test_sequence_padding_errors():
+    with pytest.raises(ValueError, match="mode"):
+        sequence_padding([[1]], mode="middle")
+    with pytest.raises(ValueError, match="empty"):
+        sequence_padding([])
+    with pytest.raises(ValueError, match=r"inputs\[1\]"):
+        sequence_padding([[[1, 2]], [[1, 2], [3]]])  # ragged below the padded dim
+    with pytest.raises(ValueError, match=r"inputs\[1\]"):
+        sequence_padding([np.ones((2, 3)), np.ones((2, 4))])  # trailing shapes differ
+    with pytest.raises(ValueError, match="sequence dim"):
+        sequence_padding([[1, 2], [3]], seq_dims=2)  # not deep enough
+    with pytest.raises(ValueError, match="length has 1 entries"):
+        sequence_padding([np.ones((2, 2))], length=[2], seq_dims=2)
+
+
+# --------------------------------------------------------------------------
+# truncate_sequences
+# --------------------------------------------------------------------------
+
+
+def test_truncate_sequences_pops_from_the_longest():
+    a, b = [1, 2, 3, 4, 5, "SEP"], [6, 7, "SEP"]
+    result = truncate_sequences(6, -2, a, b)
+    assert a == [1, 2, "SEP"] and b == [6, 7, "SEP"]  # in place, [SEP] kept
+    assert result[0] is a and result[1] is b
+    # Ties go to the first sequence; one index per sequence.
+    a, b = ["CLS", 1, 2], ["CLS", 3, 4]
+    assert truncate_sequences(4, [1, -1], a, b) == [["CLS", 2], ["CLS", 3]]
+    # None is skipped; short enough input is left alone.
+    a = [1, 2]
+    assert truncate_sequences(5, -1, a, None) == [[1, 2]]
+
+
+def test_truncate_sequences_errors():
+    with pytest.raises(ValueError, match="too small"):
+        truncate_sequences(0, -2, ["only"])
+    with pytest.raises(ValueError, match="indices"):
+        truncate_sequences(1, [0], [1], [2])
+
+
+# --------------------------------------------------------------------------
+# DataGenerator
+# --------------------------------------------------------------------------
+
+
+class PairBatches(DataGenerator):
+    """bert4keras-style: yields (x, y) with x = [[sample_id, feature]]."""
+
+    def __iter__(self, random=False):
+        xs, ys = [], []
+        for is_end, sample_id in self.sample(random):
+            xs.append([sample_id, sample_id / 10.0])
+            ys.append([sample_id % 2])
+            if len(xs) == self.batch_size or is_end:
+                yield np.array(xs, "float32"), np.array(ys, "float32")
+                xs, ys = [], []
+
+
+def test_sample_flags_the_last_item_and_shuffles():
+    generator = PairBatches(list(range(7)), batch_size=3)
+    assert list(generator.sample()) == [(False, i) for i in range(6)] + [(True, 6)]
+    np.random.seed(0)
+    shuffled = [item for _, item in generator.sample(random=True)]
+    assert sorted(shuffled) == list(range(7)) and shuffled != list(range(7))
+    assert list(PairBatches([], batch_size=3).sample()) == []
+
+
+def test_len_and_batches():
+    generator = PairBatches(list(range(10)), batch_size=4)
+    assert len(generator) == 3 and generator.num_batches == 3
+    batches = list(generator)  # iter() = __iter__(random=False)
+    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    assert np.concatenate([x[:, 0] for x, _ in batches]).tolist() == list(range(10))
+    # Keras-style indexing gives each epoch's batches in turn.
+    assert [len(generator[i][0]) for i in range(3)] == [4, 4, 2]
+    assert [len(generator[i][0]) for i in range(3)] == [4, 4, 2]
+    with pytest.raises(IndexError, match="out of range"):
+        generator[3]
+
+
+def test_batches_read_before_an_epoch_do_not_shorten_it():
+    generator = PairBatches(list(range(10)), batch_size=4)
+    generator[0], generator[1]  # what Keras's TF backend does to infer shapes
+    generator.on_epoch_begin()
+    epoch = [generator[i] for i in (2, 0, 1)]  # any index order
+    assert sorted(np.concatenate([x[:, 0] for x, _ in epoch]).tolist()) == list(range(10))
+
+
+def test_unsized_data_is_an_endless_dataset():
+    generator = PairBatches(iter(range(10)), batch_size=4, buffer_size=3)
+    assert generator.num_batches is None
+    with pytest.raises(TypeError, match="no len"):
+        len(generator)
+    seen = [sample for x, _ in generator.__iter__(random=True) for sample in x[:, 0].tolist()]
+    assert sorted(seen) == list(range(10))  # the shuffle buffer loses nothing
+
+
+def test_forfit_and_fortest():
+    generator = PairBatches(list(range(5)), batch_size=2)
+    stream = generator.forfit()
+    two_passes = [next(stream) for _ in range(2 * len(generator))]
+    for epoch in (two_passes[:3], two_passes[3:]):
+        assert sorted(np.concatenate([x[:, 0] for x, _ in epoch]).tolist()) == list(range(5))
+        assert sorted(len(x) for x, _ in epoch) == [1, 2, 2]
+    inputs = next(generator.fortest())
+    assert inputs.shape == (2, 2) and inputs[:, 0].tolist() == [0, 1]
+
+
+def test_wrong_number_of_batches_is_reported():
+    class DropsLastBatch(DataGenerator):
+        def __iter__(self, random=False):
+            batch = []
+            for _, item in self.sample(random):
+                batch.append(item)
+                if len(batch) == self.batch_size:  # forgets is_end
+                    yield np.array(batch)
+                    batch = []
+
+    generator = DropsLastBatch(list(range(5)), batch_size=2)
+    generator[0], generator[1]
+    with pytest.raises(RuntimeError, match="yielded 2 batches but len\\(\\) is 3"):
+        generator[2]
+
+    class OneSamplePerBatch(DataGenerator):
+        def __iter__(self, random=False):
+            for _, item in self.sample(random):
+                yield np.array([item])
+
+    generator = OneSamplePerBatch(list(range(4)), batch_size=2)
+    generator[0]
+    with pytest.raises(RuntimeError, match="more than len\\(\\) = 2"):
+        generator[1]
+
+
+def test_errors_for_unusable_setups():
+    with pytest.raises(NotImplementedError, match="__iter__"):
+        iter(DataGenerator([1, 2, 3]))
+    with pytest.raises(ValueError, match="batch_size"):
+        PairBatches([1], batch_size=0)
+    with pytest.raises(RuntimeError, match="workers=1"):
+        PairBatches(list(range(4)), batch_size=2, workers=2)[0]
+
+
+def tiny_model(seen):
+    """Dense model on [id, feature] inputs; records the ids of every batch it trains on."""
+
+    class Recorder(keras.layers.Layer):
+        def call(self, x):
+            try:  # real batches (run_eagerly=True); skip symbolic traces
+                ids = keras.ops.convert_to_numpy(x[:, 0])
+            except Exception:
+                return x
+            seen.append(ids.astype(int).tolist())
+            return x
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+    inputs = keras.Input((2,))
+    outputs = keras.layers.Dense(1, activation="sigmoid")(Recorder()(inputs))
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss="binary_crossentropy", run_eagerly=True)
+    return model
+
+
+def epochs_of(seen):
+    epochs, current = [], None
+    for entry in seen:
+        if entry == "epoch":
+            current = []
+            epochs.append(current)
+        else:
+            current.append(entry)
+    return epochs
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_model_fit_sees_every_sample_once_per_epoch(shuffle):
+    np.random.seed(1)
+    seen = []
+    model = tiny_model(seen)
+    mark_epoch = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: seen.append("epoch"))
+    generator = PairBatches(list(range(23)), batch_size=5)
+    history = model.fit(generator, epochs=3, shuffle=shuffle, callbacks=[mark_epoch], verbose=0)
+    assert len(history.history["loss"]) == 3
+
+    epochs = epochs_of(seen)
+    assert len(epochs) == 3
+    for batches in epochs:
+        assert sorted(len(b) for b in batches) == [3, 5, 5, 5, 5]  # last batch: 23 - 4 * 5
+        ids = [i for b in batches for i in b]
+        assert sorted(ids) == list(range(23))  # every sample exactly once
+    orders = [tuple(i for b in batches for i in b) for batches in epochs]
+    assert len(set(orders)) == 3  # reshuffled every epoch
+
+
+def test_model_fit_with_forfit_as_in_bert4keras():
+    seen = []
+    model = tiny_model(seen)
+    mark_epoch = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: seen.append("epoch"))
+    generator = PairBatches(list(range(10)), batch_size=4)
+    model.fit(generator.forfit(), steps_per_epoch=len(generator), epochs=2, callbacks=[mark_epoch], verbose=0)
+    for batches in epochs_of(seen):
+        assert sorted(i for b in batches for i in b) == list(range(10))
+
+
+def test_model_predict_in_order_with_random_false():
+    seen = []
+    model = tiny_model(seen)
+    predictions = model.predict(PairBatches(list(range(11)), batch_size=4, random=False), verbose=0)
+    assert predictions.shape == (11, 1)
+    assert [i for b in seen for i in b] == list(range(11))
+
+
+def test_pydataset_style_subclass():
+    class Indexed(DataGenerator):
+        def __getitem__(self, index):
+            ids = self.data[index * self.batch_size : (index + 1) * self.batch_size]
+            x = np.array([[i, i / 10.0] for i in ids], "float32")
+            return x, np.array([[i % 2] for i in ids], "float32")
+
+    generator = Indexed(list(range(9)), batch_size=4)
+    assert [len(x) for x, _ in generator] == [4, 4, 1]
+    shuffled = [x[0, 0] for x, _ in generator.__iter__(random=True)]
+    assert sorted(shuffled) == [0, 4, 8]
+    seen = []
+    tiny_model(seen).fit(generator, epochs=1, verbose=0)
+    assert sorted(i for b in seen for i in b) == list(range(9))

@@ -134,9 +134,21 @@ class MultiHeadAttention(keras.layers.Layer):
         attention_dropout: float = 0.0,
         cross_attention: bool = False,
         kernel_initializer=None,
+        attention_type: str = "softmax",
+        performer_features: int | None = None,
+        performer_seed: int = 0,
+        keynorm_scale: float = 1.0,
+        keynorm_learnable_scale: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # attention_type: 'softmax' | 'linear' | 'performer' | 'keynorm' (see bert4x.layers.attention_variants).
+        _check_attention_type(attention_type, attention_dropout)
+        self.attention_type = attention_type
+        self.performer_features = performer_features
+        self.performer_seed = performer_seed
+        self.keynorm_scale = keynorm_scale
+        self.keynorm_learnable_scale = keynorm_learnable_scale
         self.heads = heads
         self.head_size = head_size
         self.out_dim = out_dim
@@ -169,6 +181,22 @@ class MultiHeadAttention(keras.layers.Layer):
             name="output",
         )
         self.output_dense.build(tuple(query_shape[:-1]) + (self.heads * self.head_size,))
+        self._build_attention_variant()
+
+    def _build_attention_variant(self):
+        if self.attention_type == "performer":
+            from bert4x.layers import attention_variants as av
+
+            features = self.performer_features or av.default_performer_features(self.head_size)
+            self.performer_projection = self.add_weight(
+                name="performer_projection", shape=(features, self.head_size),
+                initializer=av.OrthogonalRandomFeatures(self.performer_seed), trainable=False,
+            )
+        elif self.attention_type == "keynorm" and self.keynorm_learnable_scale:
+            self.keynorm_scale_weight = self.add_weight(
+                name="keynorm_scale", shape=(self.heads, 1),
+                initializer=keras.initializers.Constant(self.keynorm_scale),
+            )
 
     def _split_heads(self, x, parts: int):
         shape = ops.shape(x)
@@ -214,6 +242,10 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def _attend(self, q, k, v, mask, bias, training):
         scale = backend.attention_scale(self.head_size) if self.scaled else 1.0
+        if self.attention_type != "softmax":
+            q, k, scale, out = self._attend_variant(q, k, v, mask, bias)
+            if out is not None:
+                return out
         if bias is not None:
             bias = ops.cast(bias, q.dtype)
         if not (training and self.attention_dropout > 0):
@@ -223,6 +255,24 @@ class MultiHeadAttention(keras.layers.Layer):
             logits = logits + bias
         probs = self.dropout(backend.masked_softmax(logits, mask), training=training)
         return ops.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    def _attend_variant(self, q, k, v, mask, bias):
+        """Linear/Performer attention -> (q, k, scale, output); KeyNorm -> (q * scale, k / |k|, 1, None)."""
+        from bert4x.layers import attention_variants as av
+
+        if self.attention_type == "keynorm":
+            scale = self.keynorm_scale_weight if self.keynorm_learnable_scale else self.keynorm_scale
+            return (*av.keynorm_inputs(q, k, scale), None)
+        if bias is not None:
+            raise ValueError(
+                f"{self.name}: attention_type={self.attention_type!r} has no attention logits to add an "
+                "attention_bias to; use 'softmax' or 'keynorm' attention with relative position biases."
+            )
+        if self.attention_type == "linear":
+            out = av.linear_attention(q, k, v, mask=mask)
+        else:
+            out = av.performer_attention(q, k, v, self.performer_projection, mask=mask)
+        return q, k, 1.0, out
 
     def compute_output_shape(self, query_shape, key_value_shape=None):
         return tuple(query_shape[:-1]) + (self.out_dim or query_shape[-1],)
@@ -239,7 +289,28 @@ class MultiHeadAttention(keras.layers.Layer):
             cross_attention=self.cross_attention,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
+        if self.attention_type != "softmax":
+            config.update(
+                attention_type=self.attention_type,
+                performer_features=self.performer_features,
+                performer_seed=self.performer_seed,
+                keynorm_scale=self.keynorm_scale,
+                keynorm_learnable_scale=self.keynorm_learnable_scale,
+            )
         return config
+
+
+ATTENTION_TYPES = ("softmax", "linear", "performer", "keynorm")
+
+
+def _check_attention_type(attention_type: str, attention_dropout: float) -> None:
+    if attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}.")
+    if attention_type in ("linear", "performer") and attention_dropout:
+        raise ValueError(
+            f"attention_type={attention_type!r} forms no attention probabilities to drop out; "
+            f"set attention_dropout (attention_dropout_rate / attention_probs_dropout_prob) to 0, got {attention_dropout}."
+        )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

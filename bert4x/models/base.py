@@ -55,6 +55,9 @@ class Source:
     transpose: bool = False
     vocab: bool = False
     vocab_axis: int = 0
+    # optional: a bert4x-only weight (attention variants, conditional LayerNorm) that keeps its initial value when
+    # the checkpoint lacks it (an original checkpoint) and is read back when present (one bert4x saved).
+    optional: bool = False
 
 
 def src(*names: str, transpose: bool = False, vocab: bool = False, vocab_axis: int = 0) -> Source:
@@ -75,6 +78,7 @@ class LoadReport:
     mismatched: list[str]
     unexpected: list[str]
     ignored: list[str]
+    initialized: list[str] = dataclasses.field(default_factory=list)  # optional weights absent from the checkpoint
 
     @property
     def ok(self) -> bool:
@@ -165,6 +169,8 @@ class Transformer:
         initializer_range: float = 0.02,
         name: str | None = None,
         attention_head_size: int | None = None,
+        attention_type: str = "softmax",
+        attention_options: dict | None = None,
     ):
         if application not in self.applications():
             raise ValueError(
@@ -213,6 +219,7 @@ class Transformer:
         self.initializer_range = initializer_range
         self.name = name
         self.model: keras.Model | None = None
+        self.attention_type, self.attention_options = _check_attention_options(attention_type, attention_options)
 
     # ----------------------------------------------------------------- construction from configs
     @classmethod
@@ -295,9 +302,23 @@ class Transformer:
         return self.model
 
     # ----------------------------------------------------------------- checkpoints
+    def attention_variant_kwargs(self) -> dict:
+        """MultiHeadAttention arguments of the chosen `attention_type` ({} for standard softmax attention)."""
+        if self.attention_type == "softmax":
+            return {}
+        return {"attention_type": self.attention_type, **self.attention_options}
+
+    # Keras weight paths that exist only in bert4x models (attention variants, conditional LayerNorm).
+    extension_weight_patterns = (r"/performer_projection$", r"/keynorm_scale$", r"-Norm/(beta|gamma|hidden)_dense/")
+
     def _resolve_table(self, fmt: str) -> dict[str, Source]:
         table = self.variable_mapping(fmt)
-        return {path: (s if isinstance(s, Source) else src(s)) for path, s in table.items()}
+        table = {path: (s if isinstance(s, Source) else src(s)) for path, s in table.items()}
+        # bert4x-only weights go to checkpoints as 'bert4x/<path>' and load back when present.
+        for w in self.model.weights if self.model is not None else ():
+            if w.path not in table and any(re.search(p, w.path) for p in self.extension_weight_patterns):
+                table[w.path] = Source(("bert4x/" + w.path,), optional=True)
+        return table
 
     def _checkpoint_name(self, reader, name: str, fmt: str) -> str | None:
         """Finds `name` in the checkpoint, allowing the Hugging Face body prefix and old LayerNorm names."""
@@ -368,7 +389,7 @@ class Transformer:
         fmt = reader.format
         table = self._resolve_table(fmt)
         weights = {w.path: w for w in self.model.weights}
-        loaded, missing, mismatched, used = [], [], [], set()
+        loaded, missing, mismatched, used, initialized = [], [], [], set(), []
         assignments = []
         for path, variable in weights.items():
             source = table.get(path)
@@ -376,6 +397,9 @@ class Transformer:
                 missing.append(f"{path} (no entry in {type(self).__name__}'s {fmt} table)")
                 continue
             value, names, problem = self._read_source(reader, source, fmt)
+            if problem and source.optional and value is None:
+                initialized.append(path)
+                continue
             if problem:
                 (missing if value is None and not names else mismatched).append(f"{path} <- {problem}")
                 continue
@@ -409,7 +433,10 @@ class Transformer:
                 ignored.append(key)  # a known variable of a head this model was not built with
             else:
                 unexpected.append(f"{key} {tuple(reader.shape(key))}")
-        report = LoadReport(checkpoint_path, loaded, missing, mismatched, unexpected, ignored)
+        report = LoadReport(checkpoint_path, loaded, missing, mismatched, unexpected, ignored, initialized)
+        if initialized:
+            logger.info("%d bert4x-only weights are not in %s and keep their initial values: %s",
+                        len(initialized), checkpoint_path, initialized)
         if not report.ok:
             if not loaded and strict:
                 raise CheckpointError(
@@ -487,6 +514,22 @@ class Transformer:
         with open(os.path.join(folder, config_name), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
         return prefix
+
+
+def _check_attention_options(attention_type: str, options: dict | None) -> tuple[str, dict]:
+    from bert4x.layers.core import ATTENTION_TYPES
+
+    if attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}.")
+    allowed = {"softmax": (), "linear": (), "performer": ("performer_features", "performer_seed"),
+               "keynorm": ("keynorm_scale", "keynorm_learnable_scale")}[attention_type]
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"attention_options {unknown} do not apply to attention_type={attention_type!r}; allowed: {list(allowed)}."
+        )
+    return attention_type, options
 
 
 def build_transformer_model(

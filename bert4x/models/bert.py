@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from bert4x.layers import AttentionMask, BiasAdd, Embedding, FeedForward, FirstToken, MultiHeadAttention, PositionEmbedding
+from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import Transformer, register_model, src
 
 # Google's BERT variable names, per layer and for the heads.
@@ -131,9 +132,21 @@ class BERT(Transformer):
         with_pool: bool | str = False,
         with_nsp: bool | str = False,
         with_mlm: bool | str = False,
+        layer_norm_cond=None,
+        layer_norm_cond_hidden_size: int | None = None,
+        layer_norm_cond_hidden_act: str | None = None,
+        additional_input_layers=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # bert4keras's conditional LayerNorm: every LayerNorm becomes ConditionalLayerNormalization([x, condition]).
+        # layer_norm_cond: an int (a new 'Input-LayerNorm-Condition' input of that width) or a Keras tensor (an Input,
+        # or a tensor computed from the Inputs listed in additional_input_layers).
+        self.layer_norm_cond = layer_norm_cond
+        self.layer_norm_cond_hidden_size = layer_norm_cond_hidden_size
+        self.layer_norm_cond_hidden_act = layer_norm_cond_hidden_act or "linear"
+        self.additional_input_layers = additional_input_layers
+        self.condition = None
         self.max_position = max_position
         self.segment_vocab_size = segment_vocab_size
         self.with_pool = with_pool or bool(with_nsp)
@@ -159,11 +172,37 @@ class BERT(Transformer):
         inputs = [token]
         if self.segment_vocab_size > 0:
             inputs.append(keras.Input((self.sequence_length,), dtype="int32", name="Input-Segment"))
-        return inputs
+        return inputs + self.condition_inputs()
+
+    def condition_inputs(self) -> list:
+        """Sets `self.condition` from `layer_norm_cond` and returns the extra model inputs it needs."""
+        cond = self.layer_norm_cond
+        extra = self.additional_input_layers
+        extra = [] if extra is None else list(extra) if isinstance(extra, (list, tuple)) else [extra]
+        if cond is None:
+            return extra
+        if isinstance(cond, int):
+            cond = keras.Input((cond,), name="Input-LayerNorm-Condition")
+        history = getattr(cond, "_keras_history", None)
+        if history is None:
+            raise TypeError(f"layer_norm_cond must be an int or a Keras tensor, got {type(cond).__name__}.")
+        if isinstance(history.operation, keras.layers.InputLayer) and not any(cond is t for t in extra):
+            extra.append(cond)
+        self.condition = cond
+        return extra
+
+    def apply_layer_norm(self, x, name: str):
+        """LayerNorm named `name`, conditional on `self.condition` when `layer_norm_cond` is set."""
+        if self.condition is None:
+            return keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name=name)(x)
+        return ConditionalLayerNormalization(
+            epsilon=self.layer_norm_eps, hidden_units=self.layer_norm_cond_hidden_size,
+            hidden_activation=self.layer_norm_cond_hidden_act, hidden_initializer=self.initializer(), name=name,
+        )([x, self.condition])
 
     def apply_embeddings(self, inputs):
         token_ids = inputs[0]
-        segment_ids = inputs[1] if len(inputs) > 1 else None
+        segment_ids = inputs[1] if self.segment_vocab_size > 0 else None
         self.token_embedding = Embedding(
             self.vocab_size, self.hidden_size, embeddings_initializer=self.initializer(), name="Embedding-Token"
         )
@@ -175,7 +214,7 @@ class BERT(Transformer):
             )(segment_ids)
             x = keras.layers.Add(name="Embedding-Token-Segment")([x, s])
         x = self.apply_position_embedding(x)
-        x = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="Embedding-Norm")(x)
+        x = self.apply_layer_norm(x, "Embedding-Norm")
         x = keras.layers.Dropout(self.dropout_rate, name="Embedding-Dropout")(x)
         self.attention_mask = AttentionMask(
             {"encoder": "encoder", "lm": "lm", "unilm": "unilm"}[self.application], name="Attention-Mask"
@@ -196,17 +235,17 @@ class BERT(Transformer):
         feed_forward = f"Transformer-{index}-FeedForward"
         y = MultiHeadAttention(
             self.num_attention_heads, self.attention_head_size, attention_dropout=self.attention_dropout_rate,
-            kernel_initializer=self.initializer(), name=attention,
+            kernel_initializer=self.initializer(), name=attention, **self.attention_variant_kwargs(),
         )(x, attention_mask=self.attention_mask, **self.attention_kwargs())
         y = keras.layers.Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
         x = keras.layers.Add(name=f"{attention}-Add")([x, y])
-        x = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name=f"{attention}-Norm")(x)
+        x = self.apply_layer_norm(x, f"{attention}-Norm")
         y = FeedForward(
             self.intermediate_size, activation=self.hidden_act, kernel_initializer=self.initializer(), name=feed_forward
         )(x)
         y = keras.layers.Dropout(self.dropout_rate, name=f"{feed_forward}-Dropout")(y)
         x = keras.layers.Add(name=f"{feed_forward}-Add")([x, y])
-        return keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name=f"{feed_forward}-Norm")(x)
+        return self.apply_layer_norm(x, f"{feed_forward}-Norm")
 
     def apply_final_layers(self, x):
         outputs = []
@@ -227,7 +266,7 @@ class BERT(Transformer):
                 self.hidden_size, activation=_keras_activation(self.hidden_act),
                 kernel_initializer=self.initializer(), name="MLM-Dense",
             )(x)
-            y = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="MLM-Norm")(y)
+            y = self.apply_layer_norm(y, "MLM-Norm")
             y = self.token_embedding(y, mode="dense")
             y = BiasAdd(name="MLM-Bias")(y)
             y = keras.layers.Activation(

@@ -281,7 +281,7 @@ class DataGenerator(keras.utils.PyDataset):
         if self.steps is None:  # endless: keep reading across epochs, as forfit()
             if self._batches is None:
                 self._batches = self.forfit(self.random)
-            return next(self._batches)
+            return _as_keras_batch(next(self._batches))
 
         if self._batches is None:
             self._batches = iter(self.__iter__(self.random))
@@ -303,7 +303,7 @@ class DataGenerator(keras.utils.PyDataset):
                     f"{type(self).__name__}.__iter__ yielded more than len() = {self.steps} "
                     "batches (set self.steps to the real number of batches)"
                 )
-        return batch
+        return _as_keras_batch(batch)
 
     def on_epoch_begin(self) -> None:
         self._restart_epoch()
@@ -316,3 +316,11 @@ class DataGenerator(keras.utils.PyDataset):
         # shapes) must not eat into the next one. Endless data just goes on.
         if self.steps is not None:
             self._batches = None
+
+
+def _as_keras_batch(batch: Any) -> Any:
+    """bert4keras batches are `[inputs...], labels`; Keras' data adapters want tuples for multi-input structures
+    (the TensorFlow one rejects lists), so lists become tuples at the top two levels."""
+    if isinstance(batch, (list, tuple)):
+        return tuple(tuple(part) if isinstance(part, list) else part for part in batch)
+    return batch

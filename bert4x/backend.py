@@ -111,11 +111,45 @@ def apply_rotary(x, cos, sin):
     """
     dtype = x.dtype
     x = ops.cast(x, "float32")
+    cos, sin = ops.cast(cos, "float32"), ops.cast(sin, "float32")  # layers may have autocast them to bfloat16
     shape = ops.shape(x)
     pairs = ops.reshape(x, tuple(shape[:-1]) + (shape[-1] // 2, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = ops.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
     return ops.cast(ops.reshape(rotated, shape), dtype)
+
+
+def rotary_cos_sin(positions, dim: int, base: float = 10000.0):
+    """1-D RoPE: `(cos, sin)` of the angles m·θ_i, θ_i = base**(-2i/dim), for the positions m given.
+
+    Each has shape `positions.shape + (dim // 2,)`; pass them to `apply_rotary` (or to MultiHeadAttention's `rotary=`).
+
+    Example:
+    >>> cos, sin = rotary_cos_sin(keras.ops.arange(5)[None], 8)
+    >>> cos.shape
+    (1, 5, 4)
+    """
+    angles = sinusoidal_angles(positions, dim, base)
+    return ops.cos(angles), ops.sin(angles)
+
+
+def rotary_cos_sin_2d(x_positions, y_positions, dim: int, base: float = 10000.0):
+    """2-D RoPE for points (x, y), e.g. image patches: the first half of the `dim` dimensions is rotated by the 1-D
+    rule (over dim/2 dimensions) at position x, the second half at position y.
+
+    `x_positions` and `y_positions` have the same shape; the result has `shape + (dim // 2,)` like `rotary_cos_sin`.
+
+    Example:
+    >>> rows, cols = keras.ops.meshgrid(keras.ops.arange(2), keras.ops.arange(3), indexing="ij")
+    >>> cos, sin = rotary_cos_sin_2d(keras.ops.reshape(rows, (1, 6)), keras.ops.reshape(cols, (1, 6)), 8)
+    >>> cos.shape
+    (1, 6, 4)
+    """
+    if dim % 4:
+        raise ValueError(f"2-D rotary dimension must be a multiple of 4 (two halves of rotated pairs), got {dim}.")
+    cos_x, sin_x = rotary_cos_sin(x_positions, dim // 2, base)
+    cos_y, sin_y = rotary_cos_sin(y_positions, dim // 2, base)
+    return ops.concatenate([cos_x, cos_y], axis=-1), ops.concatenate([sin_x, sin_y], axis=-1)
 
 
 def attention_scale(head_size: int) -> float:

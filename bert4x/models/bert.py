@@ -151,7 +151,8 @@ class BERT(Transformer):
         self.segment_vocab_size = segment_vocab_size
         self.with_pool = with_pool or bool(with_nsp)
         self.with_nsp = with_nsp
-        self.with_mlm = with_mlm
+        # As in bert4keras, 'lm' and 'unilm' output the MLM head (the next-token distribution) unless told otherwise.
+        self.with_mlm = with_mlm or (self.application in ("lm", "unilm"))
 
     @classmethod
     def applications(cls):

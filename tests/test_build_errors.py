@@ -137,3 +137,20 @@ def test_untied_decoder_copy_is_refused(tmp_path):
     path = write_safetensors(tensors, str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match="unties weights"):
         build_transformer_model(TINY, path, with_mlm=True)
+
+
+def test_wobert_end_to_end_with_jieba():
+    import jieba
+
+    from bert4x.tokenizers import Tokenizer
+
+    config = shared_path("vocab", "wobert", "wobert_chinese_base.config.json")
+    vocab = shared_path("vocab", "wobert", "wobert_chinese_base.vocab.txt")
+    tokenizer = Tokenizer(str(vocab), do_lower_case=True, pre_tokenize=lambda s: jieba.cut(s, HMM=False))
+    model = build_transformer_model(str(config), model="wobert", with_mlm=True, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64)
+    token_ids, segment_ids = tokenizer.encode("今天天气不错，我们去公园散步吧")
+    assert len(token_ids) - 2 < len("今天天气不错，我们去公园散步吧")  # words, not characters
+    probs = model.predict([np.array([token_ids]), np.array([segment_ids])], verbose=0)
+    assert probs.shape == (1, len(token_ids), 33586)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)

@@ -249,6 +249,10 @@ class MultiHeadAttention(keras.layers.Layer):
         if bias is not None:
             bias = ops.cast(bias, q.dtype)
         if not (training and self.attention_dropout > 0):
+            if bias is None and isinstance(scale, float):
+                out = _fused_key_padding_attention(q, k, v, mask, scale)
+                if out is not None:
+                    return out
             return ops.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
         logits = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(scale, q.dtype)
         if bias is not None:
@@ -311,6 +315,41 @@ def _check_attention_type(attention_type: str, attention_dropout: float) -> None
             f"attention_type={attention_type!r} forms no attention probabilities to drop out; "
             f"set attention_dropout (attention_dropout_rate / attention_probs_dropout_prob) to 0, got {attention_dropout}."
         )
+
+
+def _fused_key_padding_attention(q, k, v, mask, scale: float, implementation: str = "cudnn"):
+    """cuDNN flash attention on jax GPUs for masks that only hide keys (`[batch or 1, 1, 1, k_len]`, i.e. padding).
+
+    `keras.ops.dot_product_attention` turns such a mask into an additive bias, which cuDNN rejects (it wants one
+    bias row per query), so jax falls back to unfused XLA attention. cuDNN's padding mode takes a count of valid keys
+    per row instead. Kept keys are moved to the front (stable sort) before counting, which is exact for any key mask,
+    not only right padding, since attention does not depend on the order of keys. Returns None where this does not
+    apply (another backend, no GPU, float32, other masks, a shape cuDNN does not take): the caller falls back.
+    `implementation="xla"` runs the same reordering through XLA (tests check it on CPU).
+    """
+    if keras.backend.backend() != "jax" or keras.backend.standardize_dtype(q.dtype) not in ("bfloat16", "float16"):
+        return None
+    if mask is not None and (len(mask.shape) != 4 or mask.shape[1] != 1 or mask.shape[2] != 1):
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        return None
+    try:
+        if mask is None:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+        keep = jnp.broadcast_to(mask[:, 0, 0, :], k.shape[:2])
+        order = jnp.argsort(jnp.logical_not(keep), axis=-1, stable=True)[:, :, None, None]
+        k = jnp.take_along_axis(k, order, axis=1)
+        v = jnp.take_along_axis(v, order, axis=1)
+        # A row with no visible key attends to its first key rather than dividing by zero.
+        lengths = jnp.maximum(jnp.sum(keep, axis=-1, dtype=jnp.int32), 1)
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=implementation
+        )
+    except Exception:  # noqa: BLE001 - cuDNN missing or refusing these shapes: the general path handles them
+        return None
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -2,3 +2,4 @@
 
 from bert4x.layers.core import *  # noqa: F401,F403
 from bert4x.layers.heads import *  # noqa: F401,F403
+from bert4x.layers.t5 import *  # noqa: F401,F403

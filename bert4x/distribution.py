@@ -4,7 +4,10 @@
   `data_parallel()` returns the right one for the current backend and `scope(strategy)` enters it. Build the model
   (checkpoint included: `build_transformer_model(..., checkpoint_path=...)`), compile and fit inside the scope. The
   batch size given to `fit` (or yielded by a dataset) is the GLOBAL batch: each of the N devices gets 1/N of it, so
-  scale it with `global_batch_size(per_device, strategy)`.
+  scale it with `global_batch_size(per_device, strategy)`. On jax the loss is computed over the whole global batch,
+  so training matches one device on the same batch. On tensorflow each replica computes the loss of its share and
+  the gradients are averaged; for a loss averaged over weighted tokens (MLM, reduction 'mean_with_sample_weight')
+  that equals the global average only when the replicas hold equally many weighted tokens (nearly so in practice).
 * Model parallel (jax): `model_parallel(model_size)` shards every attention and feed-forward kernel of any bert4x
   model (Megatron style: the first projection column-wise, the second row-wise) and the token embedding over the
   'model' axis of a (batch, model) device mesh; `layout_map()` is the recipe by itself.

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4, help="loader threads")
     p.add_argument("--formats", default="keras,google,huggingface")
     p.add_argument("--work-dir", default="/tmp/bert4x_pretrain")
+    p.add_argument("--corpus-cache", help="folder of the packed corpus (default: --work-dir); prepare it once with "
+                   "--prepare-only and reuse it on another machine")
+    p.add_argument("--prepare-only", action="store_true", help="pack the corpus, then exit")
     p.add_argument("--rebuild", action="store_true", help="re-tokenize the corpus even if it is on disk")
     p.add_argument("--convert-to-google", metavar="CHECKPOINT_DIR",
                    help="only convert CHECKPOINT_DIR/huggingface to CHECKPOINT_DIR/google, then exit")
@@ -81,7 +84,7 @@ def prepare_corpus(args, tokenizer):
 
     from bert4x.pretraining import PackedCorpus, iter_corpus_sentences, preprocess_corpus
 
-    prefix = os.path.join(args.work_dir, f"corpus-{args.seq_len}" + (f"-{args.max_sentences}" if args.max_sentences else ""))
+    prefix = os.path.join(args.corpus_cache or args.work_dir, f"corpus-{args.seq_len}" + (f"-{args.max_sentences}" if args.max_sentences else ""))
     if os.path.exists(prefix + ".json") and not args.rebuild:
         logging.info("reusing the packed corpus at %s", prefix)
         return PackedCorpus.open(prefix)
@@ -127,6 +130,9 @@ def main(argv=None) -> dict:
 
     tokenizer = Tokenizer(args.vocab, do_lower_case=True)
     corpus = prepare_corpus(args, tokenizer)
+    if args.prepare_only:
+        print(json.dumps({k: v for k, v in corpus.meta.items() if k != "special_ids"}, indent=2))
+        return {}
     train_rows, held_rows = split_rows(len(corpus), args.held_out, seed=args.seed)
 
     strategy = data_parallel() if args.data_parallel else None

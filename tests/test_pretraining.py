@@ -296,7 +296,7 @@ def test_tiny_pretraining_lowers_mlm_loss_and_checkpoints_reload(corpus, tmp_pat
     assert len(rows) >= 8 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert rows[-1]["held_out_accuracy"] != "" and float(rows[-1]["held_out_accuracy"]) > 0.2
 
-    paths = save_checkpoints(transformer, tmp_path / "ckpt")
+    paths = save_checkpoints(transformer, tmp_path / "ckpt", ["keras", "keras_model", "google", "huggingface"])
     inputs, _, _ = held_out[0]
     expected = _predict(model, inputs)
     for fmt, config_name in (("google", "bert_config.json"), ("huggingface", "config.json")):
@@ -306,6 +306,7 @@ def test_tiny_pretraining_lowers_mlm_loss_and_checkpoints_reload(corpus, tmp_pat
     reloaded = build_pretraining_model(config).model
     reloaded.load_weights(paths["keras"])
     np.testing.assert_array_equal(_predict(reloaded, inputs), expected)
+    np.testing.assert_array_equal(_predict(keras.saving.load_model(paths["keras_model"]), inputs), expected)
 
 
 def test_lm_and_unilm_objectives_train(corpus):

@@ -27,7 +27,8 @@ __all__ = [
 
 # Objective -> the model application whose attention mask it needs.
 APPLICATIONS = {"mlm": "encoder", "lm": "lm", "unilm": "unilm"}
-CHECKPOINT_FORMATS = ("keras", "google", "huggingface")
+CHECKPOINT_FORMATS = ("keras", "keras_model", "google", "huggingface")
+DEFAULT_FORMATS = ("keras", "google", "huggingface")
 
 
 def build_pretraining_model(
@@ -100,11 +101,12 @@ class _WarmupLinear(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def save_checkpoints(
-    transformer: Transformer, directory: str | os.PathLike, formats: Iterable[str] = CHECKPOINT_FORMATS
+    transformer: Transformer, directory: str | os.PathLike, formats: Iterable[str] = DEFAULT_FORMATS
 ) -> dict[str, str]:
     """Saves the model in each of `formats` under `directory` and returns {format: path}:
 
-    'keras': `model.weights.h5` (bert4x's own: load with `model.load_weights`), 'google':
+    'keras': `model.weights.h5` (bert4x's own: load with `model.load_weights`), 'keras_model': `model.keras`
+    (architecture, weights and optimizer state: `keras.saving.load_model`), 'google':
     `google/bert_model.ckpt` + `bert_config.json` (needs tensorflow to write; read back by bert4x without it),
     'huggingface': `huggingface/model.safetensors` + `config.json`. Both checkpoint formats load back through
     `build_transformer_model(config, checkpoint)` with the same model and application.
@@ -116,6 +118,9 @@ def save_checkpoints(
         if fmt == "keras":
             path = os.path.join(directory, "model.weights.h5")
             transformer.model.save_weights(path)
+        elif fmt == "keras_model":
+            path = os.path.join(directory, "model.keras")
+            transformer.model.save(path)
         elif fmt == "google":
             folder = os.path.join(directory, "google")
             os.makedirs(folder, exist_ok=True)
@@ -211,7 +216,7 @@ class CheckpointSaver(keras.callbacks.Callback):
     """Saves `transformer` in `formats` under `directory` every `every_epochs` epochs (if set) and when training
     ends (see `save_checkpoints`). `paths` holds the last saved {format: path}."""
 
-    def __init__(self, transformer: Transformer, directory: str | os.PathLike, formats: Iterable[str] = CHECKPOINT_FORMATS,
+    def __init__(self, transformer: Transformer, directory: str | os.PathLike, formats: Iterable[str] = DEFAULT_FORMATS,
                  every_epochs: int | None = None):
         super().__init__()
         self.transformer = transformer

@@ -258,20 +258,28 @@ class ConditionalRandomField(keras.layers.Layer):
         y_pred = ops.cast(y_pred, "float32")
         mask = self._mask(y_pred) if mask is None else ops.cast(mask, "bool")
         trans = ops.expand_dims(self.trans, 0)
-        alpha0 = ops.where(mask[:, :1], y_pred[:, 0], 0.0)
-        started0 = mask[:, 0]
+        alpha = ops.where(mask[:, :1], y_pred[:, 0], 0.0)
+        started = mask[:, 0]
 
-        def step(carry, inputs):
-            alpha, started = carry
-            emission, valid = inputs
+        def step(alpha, started, emission, valid):
             moved = ops.logsumexp(ops.expand_dims(alpha, 2) + trans, axis=1) + emission
             new = ops.where(ops.expand_dims(started, 1), moved, emission)  # the first valid step has no transition
             alpha = ops.where(ops.expand_dims(valid, 1), new, alpha)
-            return (alpha, ops.logical_or(started, valid)), None
+            return alpha, ops.logical_or(started, valid)
 
-        emissions = ops.transpose(y_pred[:, 1:], (1, 0, 2))
-        valid = ops.transpose(mask[:, 1:], (1, 0))
-        (alpha, started), _ = ops.scan(step, (alpha0, started0), (emissions, valid))
+        length = ops.shape(y_pred)[1]
+        if keras.backend.backend() == "tensorflow":
+            # tf.while_loop is differentiable under XLA (jit_compile) only with maximum_iterations, which scan lacks.
+            def body(t, alpha, started):
+                return (t + 1, *step(alpha, started, y_pred[:, t], mask[:, t]))
+
+            _, alpha, started = ops.while_loop(
+                lambda t, *_: t < length, body, (1, alpha, started), maximum_iterations=length - 1
+            )
+        else:  # jax's while_loop has no reverse-mode gradient; its scan has
+            emissions = ops.transpose(y_pred[:, 1:], (1, 0, 2))
+            valid = ops.transpose(mask[:, 1:], (1, 0))
+            (alpha, started), _ = ops.scan(lambda c, x: (step(*c, *x), None), (alpha, started), (emissions, valid))
         return ops.where(started, ops.logsumexp(alpha, axis=-1), 0.0)
 
     def sparse_loss(self, y_true, y_pred):
@@ -448,7 +456,7 @@ class PromptEmbedding(Embedding):
             raise ValueError(f"PromptEmbedding: prompt_ids {bad} are outside the vocabulary [0, {input_dim}).")
 
     def _masked_table(self):
-        table = self.embeddings
+        table = ops.convert_to_tensor(self.embeddings)
         is_prompt = ops.zeros((self.input_dim,), "bool")
         if self.prompt_ids:
             is_prompt = ops.any(ops.equal(ops.arange(self.input_dim)[:, None], ops.array(self.prompt_ids)[None]), axis=1)

@@ -100,9 +100,10 @@ def whole_word_mask(
         return token_ids.copy(), chosen
     if not starts[0]:
         raise ValueError("word_starts[0] must be True: a sequence cannot begin inside a word.")
-    bounds = np.append(np.flatnonzero(starts), len(token_ids))
+    # Plain Python ints in the loop: it runs once per sequence of every batch, numpy scalars would dominate.
+    bounds = np.flatnonzero(starts).tolist() + [len(token_ids)]
     budget = max(1, int(round(mask_rate * len(token_ids))))
-    for w in rng.permutation(len(bounds) - 1):
+    for w in rng.permutation(len(bounds) - 1).tolist():
         begin, end = bounds[w], bounds[w + 1]
         if end - begin <= budget:
             chosen[begin:end] = True

@@ -99,9 +99,13 @@ def run_keras(args) -> dict:
         compile_kwargs["metrics"] = None  # keras-hub tasks add accuracy on "auto"; bert4x's run has no metric
     model.compile(**compile_kwargs)
 
+    # keras-hub's Task.fit turns arrays into a grain or tf.data pipeline (neither is on the GPU machine) even without
+    # a preprocessor; keras.Model.fit runs the same Keras training loop as bert4x's on the arrays directly.
+    fit_method = keras.Model.fit if args.peer == "keras_hub" else type(model).fit
+
     def fit(start, count):
         begin = time.perf_counter()
-        history = model.fit(slice_rows(x, start * batch, (start + count) * batch),
+        history = fit_method(model, slice_rows(x, start * batch, (start + count) * batch),
                             y[start * batch:(start + count) * batch], batch_size=batch, epochs=1,
                             shuffle=False, verbose=0)
         loss = float(history.history["loss"][-1])  # forces the device to finish
@@ -148,26 +152,47 @@ _FUSED_ATTENTION_KERNELS = ("fmha", "flash", "sdpa", "attention", "fprop_kernel"
 def _hlo_op_names(dump_dir: str | None) -> dict[tuple[str, str], str]:
     """{(HLO module, instruction name): op_name metadata} from the optimized HLO text that XLA dumped.
 
-    Dump files are named `module_NNNN.<module>.<...>after_optimizations.txt`; a later dump of a module replaces an
-    earlier one (the profiled steps run the last compilation)."""
+    A fusion without metadata of its own takes the first op_name found in the computation it calls. Dump files are
+    named `module_NNNN.<module>.<...>after_optimizations.txt`; a later dump of a module replaces an earlier one (the
+    profiled steps run the last compilation)."""
     import glob
     import re
 
     names: dict[tuple[str, str], str] = {}
     if not dump_dir:
         return names
-    pattern = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?op_name="([^"]*)"')
+    instruction = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+    computation = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$")
+    op_name = re.compile(r'op_name="([^"]*)"')
+    calls = re.compile(r"calls=%?([\w.\-]+)")
     for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))):
         module = os.path.basename(path).split(".")[1]
         if "train" not in module:
             continue
-        found = {}
+        own, callee, first_in = {}, {}, {}
+        current = None
         with open(path, errors="replace") as f:
             for line in f:
-                m = pattern.match(line)
-                if m:
-                    found.setdefault((module, m.group(1)), m.group(2))
-        names.update(found)
+                m = computation.match(line)
+                if m and " = " not in line:
+                    current = m.group(1)
+                    continue
+                m = instruction.match(line)
+                if not m:
+                    continue
+                name = m.group(1)
+                found = op_name.search(line)
+                if found:
+                    own[name] = found.group(1)
+                    if current is not None:
+                        first_in.setdefault(current, found.group(1))
+                called = calls.search(line)
+                if called:
+                    callee[name] = called.group(1)
+        for name in set(own) | set(callee):
+            value = own.get(name) or first_in.get(callee.get(name, ""), "")
+            if value:
+                names[(module, name)] = value
     return names
 
 
@@ -339,6 +364,7 @@ def _throughput(cfg: dict, batch: int, seq: int, steps: int, elapsed: float) -> 
 
 def worker(args) -> None:
     base = dict(bench="finetune", config=args.config, shape=args.shape, steps_per_execution=args.steps_per_execution,
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
                 versions=common.versions(), hardware=common.hardware(), commit=common.git_commit())
     run = run_torch if args.peer.startswith("hf_") else run_keras
     common.emit(dict(base, **run(args)))
@@ -346,14 +372,15 @@ def worker(args) -> None:
 
 def summary_table(records: list[dict]) -> str:
     ok = [r for r in records if "tokens_per_s" in r and not r.get("profile_run")]
-    lines = [f"{'shape':>8} {'peer':>16} {'spe':>4} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>8} {'vs best peer':>12}"]
+    lines = [f"{'shape':>8} {'peer':>26} {'spe':>4} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>8} {'vs best peer':>12}"]
     for shape in dict.fromkeys(r["shape"] for r in ok):
         rows = [r for r in ok if r["shape"] == shape]
         peers = [r["tokens_per_s"] for r in rows if not r["peer"].startswith("bert4x")]
         best = max(peers) if peers else None
         for r in rows:
             ratio = f"{r['tokens_per_s'] / best:.2f}x" if best else "-"
-            lines.append(f"{shape:>8} {r['peer']:>16} {r.get('steps_per_execution', 1):>4} {r['tokens_per_s']:>10} "
+            name = r["peer"] + ("+xla_flags" if r.get("xla_flags") else "")
+            lines.append(f"{shape:>8} {name:>26} {r.get('steps_per_execution', 1):>4} {r['tokens_per_s']:>10} "
                          f"{100 * r['mfu']:>5.1f}% {r.get('peak_device_mem_gib', '-'):>8} {ratio:>12}")
     for r in records:
         p = r.get("profile")
@@ -379,6 +406,7 @@ def main(argv=None) -> None:
                         help="also run --profile-peers at --profile-shape under the jax profiler and summarise them")
     parser.add_argument("--profile-peers", default="bert4x,bert4x_fast,keras_hub")
     parser.add_argument("--profile-shape", default="32x128")
+    parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for the jax workers (e.g. to compare settings)")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -402,6 +430,8 @@ def main(argv=None) -> None:
                  "--steps", str(args.steps if profile_dir is None else min(args.steps, 10)),
                  "--warmup-steps", str(args.warmup_steps), "--steps-per-execution", str(args.steps_per_execution)]
         env = {"KERAS_BACKEND": "jax"}
+        if args.xla_flags and not peer.startswith("hf_"):
+            env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
         if profile_dir is not None:
             if peer.startswith("hf_"):
                 parser.error("--profile-peers takes keras peers only (the summariser reads jax traces)")
@@ -410,7 +440,8 @@ def main(argv=None) -> None:
             env["BENCH_HLO_DUMP"] = os.path.join(trace_dir, "hlo")
             # A separate run: dump the optimized HLO (to name each kernel's op) and launch kernels one by one rather
             # than as CUDA graphs, so that the trace attributes every kernel. Its own timing is labelled profile_run.
-            env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={env['BENCH_HLO_DUMP']}"
+            flags = env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+            env["XLA_FLAGS"] = (flags + f" --xla_dump_to={env['BENCH_HLO_DUMP']}"
                                 " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train.*"
                                 " --xla_gpu_enable_command_buffer=").strip()
         found, tail = common.run_worker(argv_, env=env, timeout=args.timeout)

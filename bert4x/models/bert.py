@@ -209,7 +209,7 @@ class BERT(Transformer):
         )
         x = self.token_embedding(token_ids)
         if segment_ids is not None:
-            s = keras.layers.Embedding(
+            s = Embedding(  # bert4x's: its backward pass avoids a slow scatter-add into 2 rows on GPUs
                 self.segment_vocab_size, self.hidden_size, embeddings_initializer=self.initializer(),
                 name="Embedding-Segment",
             )(segment_ids)

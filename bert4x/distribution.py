@@ -65,6 +65,8 @@ LAYOUT_RULES: dict[str, tuple[str | None, ...]] = {
     r".*FeedForward[^/]*/output/kernel": ("model", None),
     # Vocabulary rows: the embedding lookup and the tied MLM/LM output projection both split over the vocab.
     r"(.*/)?Embedding-Token/embeddings": ("model", None),
+    # An untied LM head (T5's 'Decoder-Output-LM'): split over its vocabulary columns.
+    r"(.*/)?[^/]*Output-LM/kernel": (None, "model"),
 }
 
 

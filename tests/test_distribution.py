@@ -125,6 +125,7 @@ def test_layout_rules_match_the_sublayers_of_attention_and_feed_forward():
     assert rule("Transformer-0-FeedForward/gate/kernel") == (None, "model")
     assert rule("Decoder-Transformer-0-FeedForward/output/kernel") == ("model", None)
     assert rule("Embedding-Token/embeddings") == ("model", None)
+    assert rule("Decoder-Output-LM/kernel") == (None, "model")
     for replicated in ("Transformer-0-MultiHeadSelfAttention-Norm/gamma", "Transformer-0-FeedForward/output/bias",
                        "Embedding-Position/embeddings", "MLM-Dense/kernel", "Pooler-Dense/kernel"):
         assert rule(replicated) is None, replicated

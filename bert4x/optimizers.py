@@ -18,7 +18,8 @@ Use Keras's own optimizer options for the rest; nothing here re-implements them:
     model.fit(...)
     optimizer.finalize_variable_values(model.trainable_variables)  # evaluate/save with the EMA weights
 
-(`LayerwiseDecayAdamW` accepts the same arguments.)
+(`LayerwiseDecayAdamW` accepts the same arguments.) Known Keras 3.15 limitation: on jax, a second `fit` call on a
+model whose optimizer has `use_ema=True` fails ("Attempt to donate the same buffer twice"); train in one `fit`.
 """
 
 from __future__ import annotations

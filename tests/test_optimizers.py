@@ -1,0 +1,188 @@
+"""Training helpers: the piecewise-linear schedule against np.interp, layer-wise decay giving each layer its rate
+(checked on real AdamW steps), FGM's update against a numpy computation of its definition (weights restored), and
+Keras's own gradient accumulation / EMA used through these classes."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from bert4x.models import build_transformer_model
+from bert4x.optimizers import (LayerwiseDecayAdamW, PiecewiseLinearSchedule, adversarial_training, layerwise_lr_multipliers,
+                               piecewise_linear)
+from helpers import in_subprocess, run_pytest_on_backend
+
+rng = np.random.default_rng(0)
+
+
+def np_(x):
+    return ops.convert_to_numpy(x)
+
+
+# ------------------------------------------------------------------ schedule
+@pytest.mark.parametrize("schedule,from_zero", [({1000: 1.0, 2000: 0.1}, True), ({0: 0.5, 10: 1.0, 30: 0.0}, True),
+                                                ({100: 1.0, 300: 0.2}, False)])
+def test_piecewise_linear_matches_interp(schedule, from_zero):
+    points = sorted(schedule.items())
+    if from_zero and points[0][0] != 0:
+        points = [(0, 0.0)] + points
+    steps = np.arange(0, 2 * points[-1][0] + 5, 7)
+    expected = np.interp(steps, [p[0] for p in points], [p[1] for p in points])  # holds the ends
+    got = np.array([float(np_(piecewise_linear(s, schedule, from_zero))) for s in steps])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_serializes_and_drives_the_optimizer():
+    schedule = PiecewiseLinearSchedule(0.1, {4: 1.0, 8: 0.5})
+    restored = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert restored.schedule == {4: 1.0, 8: 0.5}
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=schedule), loss="mse")
+    model.fit(rng.normal(size=(12, 3)), rng.normal(size=(12, 1)), batch_size=2, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 6
+    np.testing.assert_allclose(float(np_(model.optimizer.learning_rate)), 0.1 * (1.0 - 0.5 * 2 / 4), rtol=1e-6)
+    with pytest.raises(ValueError, match="non-empty"):
+        PiecewiseLinearSchedule(0.1, {})
+
+
+# ------------------------------------------------------------------ layer-wise decay
+TINY = {"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16}
+
+
+def classifier():
+    keras.utils.set_random_seed(1)
+    bert = build_transformer_model(TINY)
+    output = keras.layers.Dense(2, name="Classifier")(keras.layers.GlobalAveragePooling1D()(bert.output))
+    return keras.Model(bert.inputs, output)
+
+
+def expected_multiplier(path, decay=0.5, layers=2):
+    if path.startswith("Embedding-"):
+        return decay ** (layers + 1)
+    for i in range(layers):
+        if path.startswith(f"Transformer-{i}-"):
+            return decay ** (layers - i)
+    return 1.0
+
+
+def test_layerwise_multipliers_follow_layer_index():
+    model = classifier()
+    multipliers = layerwise_lr_multipliers(model.trainable_variables, layer_decay=0.5)
+    for v, m in zip(model.trainable_variables, multipliers):
+        assert m == expected_multiplier(v.path), v.path
+    assert sorted(set(multipliers)) == [0.125, 0.25, 0.5, 1.0]
+    with pytest.raises(ValueError, match="layer_decay"):
+        layerwise_lr_multipliers(model.trainable_variables, layer_decay=1.5)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_layerwise_decay_scales_each_layers_step(weight_decay):
+    """AdamW's first step is linear in the learning rate, so layer i's step must be its multiplier times AdamW's."""
+    ids = rng.integers(1, 30, size=(8, 5)).astype("int32")
+    data = ([ids, np.zeros_like(ids)], rng.integers(0, 2, size=(8,)))
+    steps = {}
+    for name, optimizer in (("plain", keras.optimizers.AdamW(1e-2, weight_decay=weight_decay)),
+                            ("layerwise", LayerwiseDecayAdamW(1e-2, layer_decay=0.5, weight_decay=weight_decay))):
+        model = classifier()
+        before = [np_(v).copy() for v in model.trainable_variables]
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=True)
+        model.fit(*data, batch_size=8, epochs=1, verbose=0)
+        steps[name] = {v.path: np_(v) - b for v, b in zip(model.trainable_variables, before)}
+    rates = set()
+    for path, step in steps["layerwise"].items():
+        m = expected_multiplier(path)
+        np.testing.assert_allclose(step, m * steps["plain"][path], rtol=1e-3, atol=1e-9, err_msg=path)
+        if np.abs(steps["plain"][path]).max() > 0:
+            rates.add(m)
+    assert rates == {0.125, 0.25, 0.5, 1.0}
+
+
+def test_keras_gradient_accumulation_and_ema_work_with_layerwise_decay():
+    """Documented use: Keras's own gradient_accumulation_steps and use_ema, through LayerwiseDecayAdamW.
+
+    Each case uses one fit call: on jax, Keras 3.15 fails on a second fit of a model whose optimizer has use_ema
+    (plain AdamW too: "Attempt to donate the same buffer twice").
+    """
+    x, y = rng.normal(size=(4, 3)), rng.normal(size=(4, 1))
+    moved = {}
+    for batches in (1, 2):
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, keras.layers.Dense(1, name="Transformer-0-Dense")(inputs))
+        optimizer = LayerwiseDecayAdamW(0.1, layer_decay=0.5, gradient_accumulation_steps=2, use_ema=True,
+                                        ema_momentum=0.5)
+        model.compile(optimizer=optimizer, loss="mse")
+        start = np_(model.trainable_variables[0]).copy()
+        model.fit(x[: 2 * batches], y[: 2 * batches], batch_size=2, epochs=1, verbose=0)
+        optimizer.finalize_variable_values(model.trainable_variables)  # the EMA weights
+        moved[batches] = not np.array_equal(np_(model.trainable_variables[0]), start)
+        assert optimizer.lr_multipliers == [0.5, 0.5]
+    assert moved == {1: False, 2: True}  # the first batch is only accumulated; the second applies the mean gradient
+    restored = LayerwiseDecayAdamW.from_config(optimizer.get_config())
+    assert restored.layer_decay == 0.5 and restored.gradient_accumulation_steps == 2 and restored.use_ema
+
+
+# ------------------------------------------------------------------ FGM
+V, T, DIM = 7, 4, 3
+
+
+def fgm_model():
+    keras.utils.set_random_seed(2)
+    ids = keras.Input((T,), dtype="int32")
+    x = keras.layers.Embedding(V, DIM, name="Embedding-Token")(ids)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(ids, keras.layers.Dense(1, name="Out")(x))
+
+
+def numpy_gradients(E, w, c, ids, y):
+    """Gradients of mean((mean_t E[ids] . w + c - y)^2) in closed form."""
+    h = E[ids].mean(axis=1)
+    residual = 2 * (h @ w + c - y) / len(ids)  # [batch, 1]
+    grad_E = np.zeros_like(E)
+    for b in range(len(ids)):
+        for t in ids[b]:
+            grad_E[t] += residual[b, 0] * w[:, 0] / ids.shape[1]
+    return grad_E, h.T @ residual, residual.sum(axis=0)
+
+
+@pytest.mark.parametrize("clean_gradient", [True, False])
+def test_fgm_step_matches_its_definition(clean_gradient):
+    epsilon, lr = 0.7, 0.1
+    ids = rng.integers(0, V, size=(6, T)).astype("int32")
+    ids[:, 0] = 1  # a shared row, so the gradient has a clear direction
+    y = rng.normal(size=(6, 1)).astype("float32")
+    model = fgm_model()
+    E, w, c = (np_(v).astype("float64") for v in model.trainable_variables)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    adversarial_training(model, "Embedding-Token", epsilon=epsilon, clean_gradient=clean_gradient)
+    history = model.fit(ids, y, batch_size=6, epochs=1, verbose=0).history
+    g = numpy_gradients(E, w, c, ids, y)
+    delta = epsilon * g[0] / (np.linalg.norm(g[0]) + 1e-8)
+    g_adv = numpy_gradients(E + delta, w, c, ids, y)
+    total = [a + b for a, b in zip(g, g_adv)] if clean_gradient else g_adv
+    for variable, value, grad in zip(model.trainable_variables, (E, w, c), total):
+        # The embeddings end at E - lr * grad: the perturbation itself was removed.
+        np.testing.assert_allclose(np_(variable), value - lr * grad, rtol=1e-4, atol=1e-6, err_msg=variable.path)
+    clean_loss = np.mean((E[ids].mean(1) @ w + c - y) ** 2)
+    np.testing.assert_allclose(history["loss"][0], clean_loss, rtol=1e-4)
+
+
+def test_fgm_improves_training_and_rejects_bad_arguments():
+    model = fgm_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    with pytest.raises(ValueError, match="no layer named"):
+        adversarial_training(model, "Embedding-Missing")
+    with pytest.raises(ValueError, match="epsilon"):
+        adversarial_training(model, epsilon=0)
+    adversarial_training(model, epsilon=0.1)
+    ids = rng.integers(0, V, size=(32, T)).astype("int32")
+    y = (ids == 3).sum(axis=1, keepdims=True).astype("float32")
+    history = model.fit(ids, y, batch_size=8, epochs=20, verbose=0).history
+    assert history["loss"][-1] < 0.3 * history["loss"][0]
+
+
+@pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
+def test_optimizers_on_jax_backend():
+    run_pytest_on_backend("jax", "tests/test_optimizers.py", "-k", "fgm or scales or interp or ema")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import random as _random
+import re
 from typing import Sequence
 
 import keras
@@ -91,7 +92,8 @@ def transform_and_normalize(vectors, kernel: np.ndarray | None = None, bias: np.
 class PromptPattern:
     """A PET cloze pattern: a template with `{mask}` (the label word's slot) and `{text}`, plus label words.
 
-    Every label word must tokenize to the same number of tokens L; `{mask}` becomes L [MASK] tokens.
+    Every label word must tokenize to the same number of tokens L; `{mask}` becomes L [MASK] tokens. In the template
+    (not in texts), a bracketed vocabulary token such as `[unused1]` stays one token: P-tuning's prompt tokens.
 
     - `encode(text, label=None, maxlen=None)` -> `(token_ids, segment_ids, target_ids)`: `target_ids` holds the label
       word's ids at the [MASK] slots when `label` is given, 0 elsewhere (0 = ignored by
@@ -125,7 +127,15 @@ class PromptPattern:
         if unknown:
             raise ValueError(f"PromptPattern: label words {unknown} contain tokens missing from the vocabulary.")
 
-    def _pieces(self, text: str) -> list[str]:
+    def _pieces(self, text: str, keep_vocab_brackets: bool = False) -> list[str]:
+        if keep_vocab_brackets:
+            pieces = []
+            for part in re.split(r"(\[[^\[\]\s]+\])", text):
+                if re.fullmatch(r"\[[^\[\]\s]+\]", part) and self.tokenizer.token_to_id(part) != self.tokenizer.unk_id:
+                    pieces.append(part)
+                elif part:
+                    pieces += self._pieces(part)
+            return pieces
         tokens = self.tokenizer.tokenize(text)
         start = int(self.tokenizer._token_start is not None)
         end = len(tokens) - int(self.tokenizer._token_end is not None)
@@ -137,11 +147,11 @@ class PromptPattern:
         while rest:
             positions = {k: rest.find(k) for k in ("{mask}", "{text}") if k in rest}
             if not positions:
-                parts.append(("tokens", self._pieces(rest)))
+                parts.append(("tokens", self._pieces(rest, keep_vocab_brackets=True)))
                 break
             key = min(positions, key=positions.get)
             if positions[key]:
-                parts.append(("tokens", self._pieces(rest[: positions[key]])))
+                parts.append(("tokens", self._pieces(rest[: positions[key]], keep_vocab_brackets=True)))
             parts.append((key[1:-1], None))
             rest = rest[positions[key] + len(key):]
         return parts

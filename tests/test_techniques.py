@@ -71,6 +71,10 @@ def test_prompt_pattern_encodes_cloze_inputs():
     two = PromptPattern(tok, "{text}，{mask}。", ["很好", "不好"])
     ids, _, targets = two.encode("汤", label=0)
     assert two.slots == 2 and two.slot_positions(ids) == [3, 4] and targets[3:5] == tok.tokens_to_ids(["很", "好"])
+    # P-tuning templates: bracketed vocabulary tokens stay single tokens (in the template only).
+    prompt = PromptPattern(Tokenizer({t: i for i, t in enumerate(VOCAB + ["[unused1]"])}), "[unused1]{mask}{text}",
+                           ["很", "不"])
+    assert prompt.tokenizer.ids_to_tokens(prompt.encode("[unused1]")[0])[:4] == ["[CLS]", "[unused1]", "[MASK]", "[UNK]"]
     with pytest.raises(ValueError, match="same non-zero length"):
         PromptPattern(tok, "{mask}{text}", ["很", "不好"])
     with pytest.raises(ValueError, match="leaves no room"):

@@ -40,6 +40,7 @@ def compute_kernel_bias(vectors, n_components: int | None = None) -> tuple[np.nd
 
     `Sigma = U diag(lambda) U^T` is the sample covariance (`np.cov`, ddof=1); whitened vectors
     `(x + bias) @ kernel` have zero mean and identity covariance on the k kept (largest-variance) directions.
+    Raises if a kept direction has no variance: note that pooled post-LayerNorm states have rank <= dim - 1.
 
     Example:
     >>> v = np.random.default_rng(0).normal(size=(100, 8))

@@ -126,7 +126,7 @@ def rotary_cos_sin(positions, dim: int, base: float = 10000.0):
 
     Example:
     >>> cos, sin = rotary_cos_sin(keras.ops.arange(5)[None], 8)
-    >>> cos.shape
+    >>> tuple(cos.shape)
     (1, 5, 4)
     """
     angles = sinusoidal_angles(positions, dim, base)
@@ -142,7 +142,7 @@ def rotary_cos_sin_2d(x_positions, y_positions, dim: int, base: float = 10000.0)
     Example:
     >>> rows, cols = keras.ops.meshgrid(keras.ops.arange(2), keras.ops.arange(3), indexing="ij")
     >>> cos, sin = rotary_cos_sin_2d(keras.ops.reshape(rows, (1, 6)), keras.ops.reshape(cols, (1, 6)), 8)
-    >>> cos.shape
+    >>> tuple(cos.shape)
     (1, 6, 4)
     """
     if dim % 4:

@@ -33,7 +33,7 @@ class RotaryEmbedding(keras.layers.Layer):
 
     Example:
     >>> cos, sin = RotaryEmbedding(8)(keras.ops.zeros((2, 5, 16)))
-    >>> cos.shape
+    >>> tuple(cos.shape)
     (1, 5, 4)
     """
 
@@ -63,7 +63,7 @@ class UnscaledRMSNorm(keras.layers.Layer):
     """`x / sqrt(mean(x², last axis) + epsilon)` with no scale and no offset (RoFormerV2's norm), in float32.
 
     Example:
-    >>> UnscaledRMSNorm()(keras.ops.ones((2, 3, 4))).shape
+    >>> tuple(UnscaledRMSNorm()(keras.ops.ones((2, 3, 4))).shape)
     (2, 3, 4)
     """
 

@@ -334,7 +334,7 @@ _PERMUTE_KEYS = []
 
 def _jax_permute_keys():
     """`permute(x, order)` = x[b, order[b, i]] on axis 1, whose gradient is the inverse gather. (Autodiff of a gather
-    would scatter-add instead, which cost more than the cuDNN attention it feeds at BERT-base 32x128.)"""
+    would scatter-add instead: 0.66 ms per BERT-base 32x128 step on an H200, most of what the cuDNN kernels save.)"""
     if not _PERMUTE_KEYS:
         import jax
         import jax.numpy as jnp

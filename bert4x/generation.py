@@ -378,11 +378,11 @@ def _banned_ngrams(tokens, t, n: int, vocab: int):
     windows = max_len - n + 1
     if windows <= 0:
         return ops.zeros((rows, vocab), "bool")
-    last = ops.take_along_axis(tokens, ops.maximum(t - (n - 1) + ops.arange(n - 1, dtype="int32"), 0)[None]
-                               * ops.ones((rows, 1), "int32"), axis=1) if n > 1 else None
     match = ops.ones((rows, windows), "bool")
-    for k in range(n - 1):
-        match = ops.logical_and(match, ops.equal(tokens[:, k:k + windows], last[:, k:k + 1]))
+    if n > 1:  # windows whose first n-1 tokens equal the last n-1 generated tokens
+        last = ops.take(tokens, ops.maximum(t - (n - 1) + ops.arange(n - 1, dtype="int32"), 0), axis=1)
+        for k in range(n - 1):
+            match = ops.logical_and(match, ops.equal(tokens[:, k:k + windows], last[:, k:k + 1]))
     complete = ops.less(ops.arange(windows, dtype="int32") + (n - 1), t)  # the window's next token exists
     match = ops.logical_and(match, ops.expand_dims(complete, 0))
     return _scatter_mask(tokens[:, n - 1:n - 1 + windows], match, (rows, vocab))
@@ -681,6 +681,8 @@ class Generator:
         if end_id is not None and not 0 <= end_id < self.adapter.vocab_size:
             raise ValueError(f"end_id={end_id} is outside the vocabulary [0, {self.adapter.vocab_size}).")
         tree_arrays = {}
+        if prefix_tree is not None and end_id is None:
+            raise ValueError("prefix_tree needs end_id: outputs end where a tree path ends.")
         if prefix_tree is not None:
             if not isinstance(prefix_tree, PrefixTree):
                 raise TypeError(f"prefix_tree must be a bert4x.snippets.PrefixTree, got {type(prefix_tree)}.")

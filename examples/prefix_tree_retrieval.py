@@ -10,7 +10,8 @@ exact-match accuracy and the share of outputs that are names of the list (always
     python examples/prefix_tree_retrieval.py [--smoke] [--epochs 5] [--model roformer]
     python examples/prefix_tree_retrieval.py --config bert_config.json --checkpoint bert_model.ckpt --vocab vocab.txt
 
-Vocabulary: the Chinese BERT one at `../shared/data/vocab/bert_chinese`, simplified as in bert4keras.
+Vocabulary: the Chinese BERT one at `../shared/data/vocab/bert_chinese`, simplified as in bert4keras (and, from scratch,
+cut to the tokens of the training queries and the names).
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from unilm_csl_title import SMALL_CONFIG, SMOKE_CONFIG, VOCAB, UniLMBatches, encode_pair  # noqa: E402
+from unilm_csl_title import SMALL_CONFIG, SMOKE_CONFIG, VOCAB, UniLMBatches, encode_pair, load_tokenizer  # noqa: E402
 
 from bert4x.generation import Generator  # noqa: E402
 from bert4x.models import build_transformer_model  # noqa: E402
 from bert4x.snippets import PrefixTree  # noqa: E402
-from bert4x.tokenizers import Tokenizer, load_vocab  # noqa: E402
 
 CLUENER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "datasets" / "ner" / "cluener"
 
@@ -58,12 +58,12 @@ def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=5, s
         max_source=64, max_target=16, lr=None, beams=4, train_limit=None, eval_limit=None, verbose=1,
         seed=42) -> dict:
     keras.utils.set_random_seed(seed)
-    token_dict, keep_tokens = load_vocab(vocab or VOCAB, simplified=True,
-                                         startswith=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
-    tokenizer = Tokenizer(token_dict, do_lower_case=True)
     train_pairs = load_queries("train", max_source - 2, train_limit)
     test_pairs = load_queries("dev", max_source - 2, eval_limit)
     names = sorted({name for _, name in load_queries("train", max_source - 2) + load_queries("dev", max_source - 2)})
+    # From scratch, the vocabulary is what the training queries and the name list use.
+    texts = None if checkpoint else [q for q, _ in train_pairs] + names
+    tokenizer, keep_tokens = load_tokenizer(vocab, texts)
     # The tree holds each name's token ids (no [CLS]) and [SEP], so decoding ends exactly where a name ends.
     name_ids = {name: tokenizer.encode(name)[0][1:-1] for name in names}
     tree = PrefixTree(name_ids.values(), end_id=tokenizer.end_id)
@@ -106,6 +106,7 @@ def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=5, s
     return {
         "model": model_name,
         "names_in_tree": len(tree),
+        "vocab_size": tokenizer.vocab_size,
         "train_queries": len(train.data),
         "eval_queries": len(test_pairs),
         "epochs": epochs,

@@ -10,7 +10,8 @@ How (as bert4keras's task_seq2seq_autotitle): the input is `[CLS] abstract [SEP]
 the abstract and 1 for the title; the UniLM mask lets the abstract attend to itself both ways and each title token to
 the abstract and the title tokens before it; the loss is the cross-entropy of every title token (and its final
 [SEP]) predicted at the position before it. The vocabulary is the Chinese BERT one (`../shared/data/vocab/bert_chinese`)
-simplified as in bert4keras (`load_vocab(simplified=True)`, whose `keep_tokens` also slices a checkpoint's embedding).
+simplified as in bert4keras (`load_vocab(simplified=True)`, whose `keep_tokens` also slices a checkpoint's embedding);
+from scratch it is cut further to the tokens the training texts use.
 
 Data: `../shared/data/datasets/summarization/csl_title` has dev.tsv and test.tsv (1000 rows each, "to title\\t
 abstract\\ttitle") and no train split, so this trains on dev.tsv and evaluates on test.tsv. Titles are generated with
@@ -57,6 +58,23 @@ def load_csl(split: str, limit: int | None = None) -> list[tuple[str, str]]:
                 raise ValueError(f"{path}:{number}: expected 3 tab-separated fields, got {len(fields)}.")
             pairs.append((fields[1], fields[2]))
     return pairs[:limit] if limit else pairs
+
+
+def load_tokenizer(vocab, texts=None) -> tuple[Tokenizer, list[int]]:
+    """bert4keras's simplified Chinese vocabulary, and the `keep_tokens` that slice a checkpoint's embedding to it.
+
+    With `texts` (training from scratch) the vocabulary is cut further to the tokens those texts use (plus the
+    special tokens): rows no text uses would never be trained, and a smaller output layer trains much faster.
+    """
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    token_dict, keep_tokens = load_vocab(vocab or VOCAB, simplified=True, startswith=specials)
+    tokenizer = Tokenizer(token_dict, do_lower_case=True)
+    if texts is None:
+        return tokenizer, keep_tokens
+    used = sorted({i for text in texts for i in tokenizer.encode(text)[0]} | {token_dict[t] for t in specials})
+    id_to_token = {i: t for t, i in token_dict.items()}
+    token_dict = {id_to_token[i]: n for n, i in enumerate(used)}
+    return Tokenizer(token_dict, do_lower_case=True), [keep_tokens[i] for i in used]
 
 
 def encode_pair(tokenizer: Tokenizer, abstract: str, title: str | None, max_source: int, max_target: int):
@@ -124,9 +142,9 @@ def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=10, 
         max_source=192, max_target=32, lr=None, beams=1, train_limit=None, eval_limit=None, verbose=1,
         seed=42) -> dict:
     keras.utils.set_random_seed(seed)
-    token_dict, keep_tokens = load_vocab(vocab or VOCAB, simplified=True,
-                                         startswith=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
-    tokenizer = Tokenizer(token_dict, do_lower_case=True)
+    train_pairs, test = load_csl("dev", train_limit), load_csl("test", eval_limit)
+    texts = None if checkpoint else [t for pair in train_pairs for t in pair]
+    tokenizer, keep_tokens = load_tokenizer(vocab, texts)
     model = build_transformer_model(config or SMALL_CONFIG, checkpoint, model=model_name, application="unilm",
                                     with_mlm="linear", keep_tokens=keep_tokens)
     model.compile(
@@ -135,14 +153,13 @@ def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=10, 
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
         jit_compile="auto",
     )
-    train = UniLMBatches(load_csl("dev", train_limit), tokenizer, max_source, max_target, batch_size)
+    train = UniLMBatches(train_pairs, tokenizer, max_source, max_target, batch_size)
     if steps:
         train.steps = min(steps, len(train))
         train.data = train.data[: train.steps * batch_size]
     start = time.time()
     history = model.fit(train, epochs=epochs, verbose=verbose)
     train_seconds = time.time() - start
-    test = load_csl("test", eval_limit)
     start = time.time()
     titles = generate_titles(model, tokenizer, [a for a, _ in test], max_source, max_target, beams)
     generate_seconds = time.time() - start
@@ -151,6 +168,7 @@ def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=10, 
         "model": model_name,
         "rouge_l": round(float(np.mean(scores)), 4),
         "final_train_loss": round(float(history.history["loss"][-1]), 4),
+        "vocab_size": tokenizer.vocab_size,
         "train_samples": len(train.data),
         "epochs": epochs,
         "eval_samples": len(test),

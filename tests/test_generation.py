@@ -272,6 +272,8 @@ def test_bad_arguments_raise():
         generator.generate(PROMPTS, max_len=600)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generator.generate(PROMPTS, end_id=400)
+    with pytest.raises(ValueError, match="needs end_id"):
+        generator.generate(PROMPTS, prefix_tree=PrefixTree([[5, 6]]))
     with pytest.raises(TypeError, match="keras.Model"):
         BertDecodingAdapter("model.h5")
 

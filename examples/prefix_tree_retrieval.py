@@ -55,7 +55,7 @@ def load_queries(split: str, max_chars: int, limit: int | None = None) -> list[t
 
 
 def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=5, steps=None, batch_size=32,
-        max_source=64, max_target=16, lr=None, beams=4, train_limit=None, eval_limit=None, verbose=1,
+        max_source=64, max_target=16, lr=None, beams=4, train_limit=None, eval_limit=None, verbose=2,
         seed=42) -> dict:
     keras.utils.set_random_seed(seed)
     train_pairs = load_queries("train", max_source - 2, train_limit)
@@ -86,6 +86,8 @@ def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=5, s
     train_seconds = time.time() - start
 
     generator = Generator(model)
+    # Room for the longest name and its [SEP], so that every tree path can be completed.
+    limit = max(max_target, max(len(ids) for ids in name_ids.values()) + 1)
     prompts = [encode_pair(tokenizer, text, None, max_source, max_target)[0] for text, _ in test_pairs]
     answers = [name_ids[name] + [tokenizer.end_id] for _, name in test_pairs]
     results = {}
@@ -94,7 +96,7 @@ def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=5, s
         start = time.time()
         outputs = []
         for i in range(0, len(prompts), 64):
-            outputs += generator.generate(prompts[i:i + 64], max_len=max_target, end_id=tokenizer.end_id, **options)
+            outputs += generator.generate(prompts[i:i + 64], max_len=limit, end_id=tokenizer.end_id, **options)
         results[label] = {
             "exact_match": round(float(np.mean([o == a for o, a in zip(outputs, answers)])), 4),
             "valid_names": round(float(np.mean([tuple(o[:-1]) in known and o[-1:] == [tokenizer.end_id]
@@ -127,7 +129,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="at most this many batches per epoch")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-source", type=int, default=64, help="query tokens kept; longer sentences are skipped")
-    parser.add_argument("--max-target", type=int, default=16, help="name tokens with [SEP]; the generation limit")
+    parser.add_argument("--max-target", type=int, default=16,
+                        help="name tokens with [SEP] in training; generation allows the longest name of the list")
     parser.add_argument("--lr", type=float, help="default 1e-3 from scratch, 2e-5 with --checkpoint")
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--train-limit", type=int)

@@ -139,7 +139,7 @@ def generate_titles(model, tokenizer, abstracts, max_source, max_target, beams=1
 
 
 def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=10, steps=None, batch_size=16,
-        max_source=192, max_target=32, lr=None, beams=1, train_limit=None, eval_limit=None, verbose=1,
+        max_source=192, max_target=32, lr=None, beams=1, train_limit=None, eval_limit=None, verbose=2,
         seed=42) -> dict:
     keras.utils.set_random_seed(seed)
     train_pairs, test = load_csl("dev", train_limit), load_csl("test", eval_limit)

@@ -23,6 +23,8 @@ setup(
             "torch==2.13.0",
             "transformers",
         ],
+        # peers for benchmarks/ (not needed by the library or its tests)
+        "bench": ["keras-hub==0.32.0", "jax", "torch==2.13.0", "transformers"],
     },
     entry_points={
         "console_scripts": [

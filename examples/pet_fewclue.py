@@ -135,10 +135,10 @@ def parse_args(argv=None, description=__doc__):
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--test-limit", type=int)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 200 test samples, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 300 labelled / 200 test samples, 2 epochs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.test_limit, args.epochs = args.test_limit or 200, 2
+        args.train_limit, args.test_limit, args.epochs = args.train_limit or 300, args.test_limit or 200, 2
     if args.checkpoint and not args.config:
         parser.error("--checkpoint needs --config")
     args.t0 = time.time()

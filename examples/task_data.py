@@ -224,6 +224,11 @@ class BucketBatches:
             batches += [(indices[i:i + self.batch_size], length) for i in range(0, len(indices), self.batch_size)]
         if self.shuffle:
             batches = [batches[i] for i in self.rng.permutation(len(batches))]
+        # Keras's tensorflow adapter infers the input signature from the first 2 batches: give them different
+        # lengths so that the length axis is dynamic (XLA still compiles once per length).
+        other = next((i for i, (_, length) in enumerate(batches) if length != batches[0][1]), None)
+        if other is not None and len(batches) > 1 and batches[1][1] == batches[0][1]:
+            batches[1], batches[other] = batches[other], batches[1]
         self.batches = batches
 
     def __len__(self):

@@ -121,11 +121,11 @@ def main(argv=None):
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--test-limit", type=int)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1000 train / 500 test samples")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 600 train / 300 test samples, maxlen 32")
     parser.add_argument("--verbose", type=int, default=2)
     args = parser.parse_args(argv)
     if args.quick:
-        args.train_limit, args.test_limit = args.train_limit or 1000, args.test_limit or 500
+        args.train_limit, args.test_limit, args.maxlen = args.train_limit or 600, args.test_limit or 300, 32
     if args.checkpoint and not args.config:
         parser.error("--checkpoint needs --config")
     args.t0 = time.time()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 # A finite "minus infinity" for masked attention logits. Logits are masked in float32 (see `masked_softmax`),
@@ -154,3 +156,17 @@ def rotary_cos_sin_2d(x_positions, y_positions, dim: int, base: float = 10000.0)
 
 def attention_scale(head_size: int) -> float:
     return 1.0 / math.sqrt(head_size)
+
+
+@functools.lru_cache(maxsize=None)
+def float32_matmul_relative_error() -> float:
+    """Measured relative error of a float32 matmul on the default device, against float64.
+
+    About 1e-7 at full float32 precision; about 1e-3 where the backend runs float32 matmuls as TF32 (jax's and
+    TensorFlow's default on NVIDIA GPUs). Numerical self-checks use it to pick a tolerance that fits the hardware.
+    """
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
+    product = ops.convert_to_numpy(ops.matmul(ops.convert_to_tensor(a, "float32"), ops.convert_to_tensor(b, "float32")))
+    exact = a @ b
+    return float(np.max(np.abs(product - exact)) / np.max(np.abs(exact)))

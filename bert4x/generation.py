@@ -318,7 +318,12 @@ class BertDecodingAdapter(DecodingAdapter):
             ours = ours - ours.max() - np.log(np.exp(ours - ours.max()).sum())
             keep = expected > 1e-8
             expected, ours = np.log(expected[keep]), ours[keep]
-        tolerance = 1e-3 if self.layers[0][0].compute_dtype == "float32" else 0.2
+        if self.layers[0][0].compute_dtype != "float32":
+            tolerance = 0.2
+        elif backend.float32_matmul_relative_error() > 1e-5:  # TF32 matmuls (GPU default): ~1e-3 relative error
+            tolerance = 5e-2
+        else:
+            tolerance = 1e-3
         error = float(np.max(np.abs(expected - ours)))
         if error > tolerance:
             raise ValueError(

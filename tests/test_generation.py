@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+from keras import ops
 
 from bert4x.generation import BertDecodingAdapter, Generator
 from bert4x.models import build_transformer_model
@@ -276,6 +277,29 @@ def test_bad_arguments_raise():
         generator.generate(PROMPTS, prefix_tree=PrefixTree([[5, 6]]))
     with pytest.raises(TypeError, match="keras.Model"):
         BertDecodingAdapter("model.h5")
+
+
+def test_adapter_self_check_tolerance_fits_the_matmul_precision(monkeypatch):
+    """The adapter's prompt pass must reproduce the model: a logit offset far beyond rounding is refused everywhere;
+    one of TF32 size (GPU default matmuls) is refused only where float32 matmuls run at full precision."""
+    from bert4x import backend
+
+    assert backend.float32_matmul_relative_error() < 1e-5  # CPU: full float32
+    model = make_model("bert", "lm")
+
+    def offset_adapter(offset):
+        class Offset(BertDecodingAdapter):
+            def _logits(self, x):
+                return super()._logits(x) + offset * ops.cast(ops.arange(model.output.shape[-1]) % 2, x.dtype)
+
+        return Offset
+
+    with pytest.raises(ValueError, match="does not reproduce"):
+        offset_adapter(1e-2)(model)
+    monkeypatch.setattr(backend, "float32_matmul_relative_error", lambda: 1e-3)
+    offset_adapter(1e-2)(model)  # within TF32 rounding: accepted
+    with pytest.raises(ValueError, match="does not reproduce"):
+        offset_adapter(0.5)(model)
 
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")

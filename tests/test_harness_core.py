@@ -73,6 +73,31 @@ def test_bert_model_harness(heads, tmp_path):
     check_model(lambda: build_transformer_model(TINY, **heads), [IDS, segments], targets, tmp_path)
 
 
+def test_truncated_normal_initializer():
+    """bert4x's host-drawn TruncatedNormal: the truncated-normal law, Keras's seeding rules, serializable."""
+    import keras
+    from scipy import stats
+
+    from bert4x.backend import TruncatedNormal
+
+    init = TruncatedNormal(mean=0.1, stddev=0.02, seed=3)
+    values = keras.ops.convert_to_numpy(init((400, 250)))
+    assert values.dtype == np.float32 and values.shape == (400, 250)
+    assert np.abs(values - 0.1).max() <= 0.04 + 1e-7  # nothing beyond 2 standard deviations
+    law = stats.truncnorm(-2, 2, loc=0.1, scale=0.02)
+    assert stats.kstest(values.ravel()[::7], law.cdf).pvalue > 1e-3
+    np.testing.assert_array_equal(values, keras.ops.convert_to_numpy(init((400, 250))))  # an int seed repeats
+    keras.utils.set_random_seed(5)
+    a = keras.ops.convert_to_numpy(TruncatedNormal(stddev=1.0)((64,)))
+    b = keras.ops.convert_to_numpy(TruncatedNormal(stddev=1.0)((64,)))
+    keras.utils.set_random_seed(5)
+    np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(TruncatedNormal(stddev=1.0)((64,))))
+    assert not np.array_equal(a, b)  # seed=None draws fresh values from the global seed generator
+    restored = keras.initializers.deserialize(keras.initializers.serialize(init))
+    assert isinstance(restored, TruncatedNormal) and restored.get_config() == init.get_config()
+    assert keras.backend.standardize_dtype(init((3,), dtype="bfloat16").dtype) == "bfloat16"
+
+
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_harness_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k", "bert_model or MultiHeadAttention")
+    run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k", "bert_model or MultiHeadAttention or truncated")

@@ -21,7 +21,7 @@ _PACKAGE = "bert4x"
 
 
 def _initializer(value):
-    return keras.initializers.get(value) if value is not None else keras.initializers.TruncatedNormal(stddev=0.02)
+    return keras.initializers.get(value) if value is not None else backend.TruncatedNormal(stddev=0.02)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import keras
 import numpy as np
 
+from bert4x import backend
 from bert4x.checkpoints import open_checkpoint, write_google_checkpoint, write_safetensors
 
 logger = logging.getLogger("bert4x")
@@ -290,7 +291,7 @@ class Transformer:
 
     # ----------------------------------------------------------------- building
     def initializer(self):
-        return keras.initializers.TruncatedNormal(stddev=self.initializer_range)
+        return backend.TruncatedNormal(stddev=self.initializer_range)
 
     def build(self) -> keras.Model:
         inputs = self.get_inputs()

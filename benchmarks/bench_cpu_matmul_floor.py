@@ -7,6 +7,7 @@ processes. No attention, LayerNorm, GELU or softmax: the result is a lower bound
 this machine and backend, which is what decides whether a "0.9x the best peer" target is reachable at all.
 
     python benchmarks/bench_cpu_matmul_floor.py               # one JSON line per backend x dtype
+    python benchmarks/bench_cpu_matmul_floor.py --tokens 1 --dtypes float32 --repeats 20   # a decoding step's floor
 
 Benchmarks may use the backends' native APIs; bert4x's model code never does.
 """
@@ -24,7 +25,6 @@ import time
 
 TOKENS, HIDDEN, FFN, LAYERS = 1024, 768, 3072, 12
 SHAPES = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, FFN), (FFN, HIDDEN)]
-FLOPS = 2 * TOKENS * LAYERS * sum(a * b for a, b in SHAPES)
 BACKENDS = ("tensorflow", "tensorflow_xla", "jax", "torch")
 
 
@@ -34,12 +34,16 @@ def weights(rng):
     return [[rng.standard_normal(shape).astype(np.float32) * 0.02 for shape in SHAPES] for _ in range(LAYERS)]
 
 
-def forward_builder(backend: str, dtype: str):
+def flops(tokens: int) -> int:
+    return 2 * tokens * LAYERS * sum(a * b for a, b in SHAPES)
+
+
+def forward_builder(backend: str, dtype: str, tokens: int = TOKENS):
     """Returns a zero-argument callable running the chained matmuls once and blocking until they finish."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((TOKENS, HIDDEN)).astype(np.float32)
+    x = rng.standard_normal((tokens, HIDDEN)).astype(np.float32)
     layers = weights(rng)
     if backend.startswith("tensorflow"):
         import tensorflow as tf
@@ -91,8 +95,8 @@ def forward_builder(backend: str, dtype: str):
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def measure(backend: str, dtype: str, repeats: int) -> dict:
-    run = forward_builder(backend, dtype)
+def measure(backend: str, dtype: str, repeats: int, tokens: int = TOKENS) -> dict:
+    run = forward_builder(backend, dtype, tokens)
     run()  # compile / warm caches
     times = []
     for _ in range(repeats):
@@ -100,8 +104,9 @@ def measure(backend: str, dtype: str, repeats: int) -> dict:
         run()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return dict(bench="cpu_matmul_floor", backend=backend, dtype=dtype, tokens=TOKENS, layers=LAYERS,
-                gflop=round(FLOPS / 1e9, 1), median_s=round(seconds, 4), gflops_per_s=round(FLOPS / seconds / 1e9, 1),
+    work = flops(tokens)
+    return dict(bench="cpu_matmul_floor", backend=backend, dtype=dtype, tokens=tokens, layers=LAYERS,
+                gflop=round(work / 1e9, 3), median_s=round(seconds, 5), gflops_per_s=round(work / seconds / 1e9, 1),
                 repeats=repeats, cpu_count=os.cpu_count(), python=platform.python_version())
 
 
@@ -110,16 +115,19 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=TOKENS,
+                        help="rows of the activations (1 = the matrix-vector products of one decoding step)")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: "backend:dtype" in this process
     args = parser.parse_args(argv)
     if args.only:
         backend, dtype = args.only.split(":")
-        print(json.dumps(measure(backend, dtype, args.repeats)), flush=True)
+        print(json.dumps(measure(backend, dtype, args.repeats, args.tokens)), flush=True)
         return
     for backend in args.backends:
         for dtype in args.dtypes:
             # One process per measurement: TensorFlow's and torch's thread pools would otherwise compete.
-            command = [sys.executable, __file__, "--repeats", str(args.repeats), "--only", f"{backend}:{dtype}"]
+            command = [sys.executable, __file__, "--repeats", str(args.repeats), "--tokens", str(args.tokens),
+                       "--only", f"{backend}:{dtype}"]
             result = subprocess.run(command, capture_output=True, text=True,
                                     env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]

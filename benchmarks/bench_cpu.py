@@ -82,6 +82,8 @@ def _keras_inputs(peer: str, data: dict):
 def run_keras(args, cfg: dict, rss_import: float) -> list[dict]:
     import keras
 
+    if args.dtype == "bfloat16":  # bfloat16 compute, float32 weights (Keras' mixed precision)
+        keras.config.set_dtype_policy("mixed_bfloat16")
     model = _keras_model(args.peer, cfg)
     rss_built = _rss_mib()
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
@@ -143,7 +145,7 @@ def run_torch(args, cfg: dict, rss_import: float) -> list[dict]:
             batch_tensors = tensors(common.random_batches(cfg, batch, seq, 1, seed=2))
 
             def forward():
-                with torch.inference_mode():
+                with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "bfloat16"):
                     model(**batch_tensors)
 
             first = time.perf_counter()
@@ -178,7 +180,7 @@ def run_torch(args, cfg: dict, rss_import: float) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- shared
 def _record(args, cfg, op: str, shape: str, median: float, times: list[float], first_call_s: float) -> dict:
     batch, seq = common.parse_shape(shape)
-    return dict(op=op, shape=shape, median_s=round(median, 4), times_s=[round(t, 4) for t in times],
+    return dict(op=op, shape=shape, dtype=args.dtype, median_s=round(median, 4), times_s=[round(t, 4) for t in times],
                 first_call_s=round(first_call_s, 2), tokens_per_s=round(batch * seq / median, 1))
 
 
@@ -240,6 +242,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train-repeats", type=int, default=5, help="timed training steps")
     parser.add_argument("--jit-compile", default="auto", choices=("auto", "true", "false"),
                         help="Keras compile(jit_compile=...) for the keras peers")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype: bfloat16 = Keras mixed_bfloat16 / torch.autocast(bfloat16), weights float32")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -259,7 +263,8 @@ def main(argv=None) -> None:
         for peer in peers:
             argv_ = [os.path.abspath(__file__), "--worker", "--peer", peer, "--mode", mode, "--config", args.config,
                      "--shapes", args.shapes, "--repeats", str(args.repeats),
-                     "--train-repeats", str(args.train_repeats), "--jit-compile", args.jit_compile]
+                     "--train-repeats", str(args.train_repeats), "--jit-compile", args.jit_compile,
+                     "--dtype", args.dtype]
             env = {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
             if not peer.startswith("hf_"):
                 env["KERAS_BACKEND"] = _backend_of(peer)

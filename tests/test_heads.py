@@ -14,6 +14,7 @@ from bert4x.layers import (ConditionalLayerNormalization, ConditionalRandomField
                            GlobalPointer, NormalizedDense, PromptEmbedding)
 from bert4x.models import build_transformer_model
 from bert4x.snippets import ViterbiDecoder, decode_global_pointer, entity_f1, global_pointer_labels
+from bert4x.snippets.ner import bio_to_spans, global_pointer_sparse_labels, spans_to_bio
 from harness import check_model, layer_model
 from helpers import in_subprocess, run_pytest_on_backend
 
@@ -301,6 +302,29 @@ def nested_span_data(count, n=14, seed=0):
             s.add((1, k, k + 1))
         spans.append(s)
     return ids.astype("int32"), spans
+
+
+def test_span_label_helpers_round_trip():
+    """Spans -> BIO tags -> spans, and spans -> GlobalPointer labels (dense and sparse) -> spans, on random spans."""
+    rng = np.random.default_rng(7)
+    types = ["PER", "LOC", "ORG"]
+    for _ in range(50):
+        length, spans, start = 30, [], 1  # position 0 is [CLS]
+        while start < 30:  # non-overlapping spans for BIO
+            start += int(rng.integers(0, 4))
+            end = start + int(rng.integers(0, 4))
+            if end < length:
+                spans.append((types[rng.integers(3)], start, end))
+            start = end + 1
+        assert bio_to_spans(spans_to_bio(spans, length)) == spans
+        nested = spans + [(types[rng.integers(3)], 1, length - 1)]  # GlobalPointer also takes nested spans
+        dense = global_pointer_labels(nested, types, length)
+        logits = np.where(dense > 0, 1.0, -1.0)
+        assert sorted(decode_global_pointer(logits, types)) == sorted(set(nested))
+        sparse = global_pointer_sparse_labels(nested, types, 40)
+        for t, name in enumerate(types):
+            pairs = {(int(i), int(j)) for i, j in sparse[t] if (i, j) != (0, 0)}
+            assert pairs == {(i, j) for n, i, j in nested if n == name}
 
 
 def test_global_pointer_learns_nested_spans():

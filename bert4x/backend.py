@@ -14,10 +14,24 @@ from keras import ops
 MASK_VALUE = -1e9
 
 
+@ops.custom_gradient
+def _gelu_erf_keeping_only_its_input(x):
+    # Autodiff of erf-GELU keeps several [tokens, ffn] intermediates per layer for the backward pass (~330 MiB for
+    # BERT-base at 8 x 128 on jax); the closed-form derivative needs only x.
+    def grad(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        cdf = 0.5 * (1.0 + ops.erf(x * 0.7071067811865476))
+        pdf = 0.3989422804014327 * ops.exp(-0.5 * ops.square(x))
+        return upstream * (cdf + x * pdf)
+
+    return keras.activations.gelu(x, approximate=False), grad
+
+
 @keras.saving.register_keras_serializable(package="bert4x")
 def gelu_erf(x):
     """GELU with the exact erf form, as in Google's BERT and Hugging Face's `gelu`."""
-    return keras.activations.gelu(x, approximate=False)
+    return _gelu_erf_keeping_only_its_input(x)
 
 
 @keras.saving.register_keras_serializable(package="bert4x")

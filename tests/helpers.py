@@ -1,4 +1,4 @@
-"""Shared test helpers: where ../shared/data is, a skip marker for it, and running tests on another backend."""
+"""Shared test helpers: where ../shared/data is, a skip marker for it, running tests on another backend, gradients."""
 
 from __future__ import annotations
 
@@ -35,3 +35,29 @@ def run_pytest_on_backend(backend: str, *args: str, timeout: int = 900) -> None:
 
 # Tests that re-run this suite on other backends only run from the top-level (tensorflow) process.
 in_subprocess = os.environ.get("BERT4X_SUBPROCESS") == "1"
+
+
+def grad_of(fn, x):
+    """d sum(fn(x)) / dx on the current backend."""
+    import keras
+    import numpy as np
+
+    name = keras.backend.backend()
+    x = np.asarray(x, "float32")
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        t = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = tf.reduce_sum(fn(t))
+        return tape.gradient(y, t).numpy()
+    if name == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda t: fn(t).sum())(x))
+    import torch
+
+    t = torch.tensor(x, requires_grad=True)
+    fn(t).sum().backward()
+    return t.grad.numpy()

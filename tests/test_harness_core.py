@@ -1,5 +1,6 @@
 """Every core layer and the BERT model through the shared harness (config, .keras, bf16, jit_compile, fit)."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -7,7 +8,7 @@ from bert4x.layers import (AttentionMask, BiasAdd, Embedding, FeedForward, First
                            PositionEmbedding)
 from bert4x.models import build_transformer_model
 from harness import check_model, layer_model
-from helpers import in_subprocess, run_pytest_on_backend
+from helpers import grad_of, in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(4, 6, 8)).astype("float32")
@@ -73,9 +74,22 @@ def test_bert_model_harness(heads, tmp_path):
     check_model(lambda: build_transformer_model(TINY, **heads), [IDS, segments], targets, tmp_path)
 
 
+def test_gelu_erf_gradient_is_the_closed_form():
+    """bert4x's erf-GELU (own gradient, keeping only its input) equals the formula and its derivative."""
+    from scipy import special
+
+    from bert4x.backend import gelu_erf
+
+    x = np.linspace(-6, 6, 241).astype("float32")
+    cdf = 0.5 * (1 + special.erf(x / np.sqrt(2.0)))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(gelu_erf(keras.ops.convert_to_tensor(x))), x * cdf,
+                               atol=1e-6)
+    derivative = cdf + x * np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(grad_of(gelu_erf, x), derivative, atol=1e-6)
+
+
 def test_truncated_normal_initializer():
     """bert4x's host-drawn TruncatedNormal: the truncated-normal law, Keras's seeding rules, serializable."""
-    import keras
     from scipy import stats
 
     from bert4x.backend import TruncatedNormal
@@ -100,4 +114,4 @@ def test_truncated_normal_initializer():
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_harness_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k", "bert_model or MultiHeadAttention or truncated")
+    run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k", "bert_model or MultiHeadAttention or truncated or gelu")

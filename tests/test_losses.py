@@ -7,32 +7,9 @@ import pytest
 from keras import ops
 
 from bert4x import losses
-from helpers import in_subprocess, run_pytest_on_backend
+from helpers import grad_of, in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(0)
-
-
-def grad_of(fn, x):
-    """d sum(fn(x)) / dx on the current backend."""
-    name = keras.backend.backend()
-    x = np.asarray(x, "float32")
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        t = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(t)
-            y = tf.reduce_sum(fn(t))
-        return tape.gradient(y, t).numpy()
-    if name == "jax":
-        import jax
-
-        return np.asarray(jax.grad(lambda t: fn(t).sum())(x))
-    import torch
-
-    t = torch.tensor(x, requires_grad=True)
-    fn(t).sum().backward()
-    return t.grad.numpy()
 
 
 def np_(x):

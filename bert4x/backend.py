@@ -46,7 +46,7 @@ class TruncatedNormal(keras.initializers.TruncatedNormal):
 
     Same distribution and seeding rules as Keras's (an int `seed` repeats, `seed=None` follows
     `keras.utils.set_random_seed`), but one float32 array per weight: Keras's jax version materialises several
-    full-size temporaries per weight, which the allocator keeps, and that alone made a BERT-base build hold ~170 MiB
+    full-size temporaries per weight, which the allocator keeps, and that alone made a BERT-base build hold ~140 MiB
     more than its weights. Inside a traced function, where host arrays cannot be made, it defers to Keras's version.
 
     Example:

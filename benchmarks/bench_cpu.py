@@ -243,7 +243,8 @@ def main(argv=None) -> None:
     parser.add_argument("--jit-compile", default="auto", choices=("auto", "true", "false"),
                         help="Keras compile(jit_compile=...) for the keras peers")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="compute dtype: bfloat16 = Keras mixed_bfloat16 / torch.autocast(bfloat16), weights float32")
+                        help="compute dtype: bfloat16 = Keras mixed_bfloat16 / torch.autocast(bfloat16); "
+                             "weights stay float32")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -28,21 +28,27 @@ from ner_globalpointer import encode, load, parse_args
 from task_data import CHINESE_VOCAB, TINY_CONFIG, BucketBatches, hardware, token_spans_to_chars
 
 
-def flat_spans(spans):
-    """BIO cannot nest: keeps the earliest-starting (then longest) of overlapping spans; returns (kept, dropped)."""
-    kept, end = [], -1
-    for span in sorted(spans, key=lambda s: (s[1], -s[2])):
-        if span[1] > end:
-            kept.append(span)
-            end = span[2]
-    return kept, len(spans) - len(kept)
+def flat_spans(rows):
+    """BIO cannot nest: in each row keeps the earliest-starting (then longest) of overlapping spans.
+
+    Returns (rows of kept spans, number of spans dropped)."""
+    flat, dropped = [], 0
+    for spans in rows:
+        kept, end = [], -1
+        for span in sorted(spans, key=lambda s: (s[1], -s[2])):
+            if span[1] > end:
+                kept.append(span)
+                end = span[2]
+        flat.append(kept)
+        dropped += len(spans) - len(kept)
+    return flat, dropped
 
 
 def batches(ids, token_spans, tags, args, shuffle=True) -> BucketBatches:
-    """Length-bucketed batches of ([token_ids, segment_ids], BIO label ids) (0 = 'O', also on [CLS]/[SEP]/padding)."""
+    """Length-bucketed batches of ([token_ids, segment_ids], BIO label ids) (0 = 'O', also on [CLS]/[SEP]/padding);
+    `token_spans` must not overlap (see `flat_spans`)."""
     tag_ids = {t: i for i, t in enumerate(tags)}
-    labels = [[tag_ids[t] for t in spans_to_bio(flat_spans(spans)[0], len(row))]
-              for row, spans in zip(ids, token_spans)]
+    labels = [[tag_ids[t] for t in spans_to_bio(spans, len(row))] for row, spans in zip(ids, token_spans)]
 
     def make_batch(indices, length):
         x = sequence_padding([ids[i] for i in indices], length=length)
@@ -80,7 +86,7 @@ def run(args) -> dict:
     train, dev = train[: args.train_limit or None], dev[: args.dev_limit or None]
     tags = bio_tags(types)
     train_ids, train_spans, _, train_dropped = encode(train, tokenizer, args.maxlen)
-    nested = sum(flat_spans(spans)[1] for spans in train_spans)  # overlapping training entities BIO cannot hold
+    train_spans, nested = flat_spans(train_spans)  # overlapping training entities BIO cannot hold
     dev_ids, dev_spans, dev_mappings, dev_dropped = encode(dev, tokenizer, args.maxlen)
     model, crf = build_model(args.config or TINY_CONFIG, args.checkpoint, len(tags), args.crf_lr_multiplier)
     lr = args.lr or (2e-5 if args.checkpoint else 1e-3)
@@ -89,7 +95,9 @@ def run(args) -> dict:
     start = time.time()
     model.fit(batches(train_ids, train_spans, tags, args).as_dataset(), epochs=args.epochs, verbose=args.verbose)
     train_seconds = time.time() - start
-    scores = evaluate(model, crf, batches(dev_ids, dev_spans, tags, args, shuffle=False), dev_mappings, dev, tags)
+    # Dev labels only feed the batches; scoring compares with every gold entity of `dev`.
+    dev_batches = batches(dev_ids, flat_spans(dev_spans)[0], tags, args, shuffle=False)
+    scores = evaluate(model, crf, dev_batches, dev_mappings, dev, tags)
     return {
         "dataset": args.dataset, "head": "crf", "train_sentences": len(train), "dev_sentences": len(dev),
         "epochs": args.epochs, "maxlen": args.maxlen, "crf_lr_multiplier": args.crf_lr_multiplier,

@@ -227,7 +227,7 @@ class BucketBatches:
         # Keras's tensorflow adapter infers the input signature from the first 2 batches: give them different
         # lengths so that the length axis is dynamic (XLA still compiles once per length).
         other = next((i for i, (_, length) in enumerate(batches) if length != batches[0][1]), None)
-        if other is not None and len(batches) > 1 and batches[1][1] == batches[0][1]:
+        if other is not None and batches[1][1] == batches[0][1]:
             batches[1], batches[other] = batches[other], batches[1]
         self.batches = batches
 

@@ -114,4 +114,5 @@ def test_truncated_normal_initializer():
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_harness_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k", "bert_model or MultiHeadAttention or truncated or gelu")
+    run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k",
+                          "bert_model or MultiHeadAttention or truncated or gelu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 from keras import ops
 
@@ -117,8 +119,9 @@ class MultiHeadAttention(keras.layers.Layer):
 
     Self-attention (`cross_attention=False`) projects q, k and v with one fused kernel `qkv`; cross-attention projects
     the query with `q` and keys/values from `key_value` with one fused kernel `kv`. Scores go through
-    `keras.ops.dot_product_attention` (flash/cuDNN where the backend has it) unless attention dropout is active in
-    training, which needs the explicit softmax path.
+    `keras.ops.dot_product_attention` (flash/cuDNN where the backend has it). With attention dropout active in
+    training, jax on NVIDIA GPUs runs bert4x's fused kernels (`bert4x.layers.flash_attention`: dropout inside the
+    kernel; environment variable `BERT4X_PALLAS_ATTENTION=off` turns them off); elsewhere the explicit softmax path.
 
     Call arguments:
         query: `[batch, q_len, dim]`.
@@ -266,6 +269,10 @@ class MultiHeadAttention(keras.layers.Layer):
                 if out is not None:
                     return out
             return ops.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+        if bias is None and isinstance(scale, float):
+            out = _fused_dropout_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout.seed_generator)
+            if out is not None:
+                return out
         logits = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(scale, q.dtype)
         if bias is not None:
             logits = logits + bias
@@ -390,6 +397,36 @@ def _fused_key_padding_attention(q, k, v, mask, scale: float, implementation: st
         )
     except Exception:  # noqa: BLE001 - cuDNN missing or refusing these shapes: the general path handles them
         return None
+
+
+def _fused_dropout_attention(q, k, v, mask, scale: float, rate: float, seed_generator):
+    """Attention with dropout in bert4x's Pallas kernels (jax, NVIDIA GPU, float16/bfloat16), or None to fall back.
+
+    `BERT4X_PALLAS_ATTENTION`: `auto` (default: GPUs only), `off`, or `interpret` (any device, through Pallas'
+    interpreter, any float dtype: how the tests run the kernels on CPU). Only key-padding masks
+    (`[batch or 1, 1, 1, k_len]`) are taken, and not under a `keras.distribution` (a Pallas call is not sharded).
+    """
+    mode = os.environ.get("BERT4X_PALLAS_ATTENTION", "auto").lower()
+    if mode not in ("auto", "off", "interpret"):
+        raise ValueError(f"BERT4X_PALLAS_ATTENTION must be 'auto', 'off' or 'interpret', got {mode!r}.")
+    if keras.backend.backend() != "jax" or mode == "off" or keras.distribution.distribution() is not None:
+        return None
+    if mask is not None and (len(mask.shape) != 4 or mask.shape[1] != 1 or mask.shape[2] != 1):
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    from bert4x.layers import flash_attention
+
+    interpret = mode == "interpret"
+    half = keras.backend.standardize_dtype(q.dtype) in ("bfloat16", "float16")
+    if not interpret and (jax.default_backend() != "gpu" or not half):
+        return None
+    if flash_attention.supported(q.shape, k.shape, q.dtype) is not None:
+        return None
+    key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (k.shape[0], k.shape[1]))
+    seed = keras.random.randint((), 0, 2**31 - 1, seed=seed_generator, dtype="int32")
+    return flash_attention.flash_attention(q, k, v, key_mask, seed, rate, scale, interpret=interpret)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -1,0 +1,381 @@
+"""Flash attention with dropout inside the kernel, for jax on NVIDIA GPUs (Pallas, Triton backend).
+
+Why it exists: with attention dropout active, `keras.ops.dot_product_attention` cannot be used (it has no dropout),
+so training falls back to XLA attention, which writes the `[batch, heads, q_len, k_len]` probabilities and a random
+mask of the same size to memory, forward and backward. At BERT-base 32 x 512 that costs ~12 ms of a 43 ms H200 step
+(benchmarks/PROFILE.md). Here the probabilities never leave the chip: each kernel walks the keys block by block with an
+online softmax, and the dropout mask is recomputed wherever it is needed from a counter-based hash of
+`(seed, batch * heads + head, query, key)`, so forward and backward drop exactly the same entries without storing them.
+
+Semantics are those of `softmax(q k^T * scale + key_bias) -> dropout(rate) -> @ v`, with the row normaliser taken
+before dropout (as in every BERT). Masks are key-padding masks only (`[batch, k_len]`, True = may attend), the only
+kind BERT fine-tuning uses; other masks take the XLA path in `MultiHeadAttention`.
+
+`dropout_keep_mask` gives the exact mask the kernels use, so tests can compare against plain jnp attention.
+`interpret=True` runs the same kernels through Pallas' interpreter on any device (tests on CPU).
+
+Example (runs on CPU through the interpreter):
+>>> import jax, jax.numpy as jnp
+>>> q = k = v = jnp.ones((1, 16, 2, 16), jnp.float32)
+>>> out = flash_attention(q, k, v, None, seed=jnp.int32(0), rate=0.0, scale=0.25, interpret=True)
+>>> out.shape
+(1, 16, 2, 16)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+LOG2_E = math.log2(math.e)
+# Keys hidden by the mask get this added logit (float32, in the kernels' log2 domain): finite, so a row with no visible
+# key is a uniform average instead of NaN, and exp2 of it underflows to exactly 0 next to any visible key.
+MASKED_LOGIT = -1e9
+_KEEP_BITS = 24  # the keep test compares the top 24 bits of the hash: the rate is honoured to 6e-8
+BLOCK_SIZES = (128, 64, 32, 16)
+HEAD_SIZES = (16, 32, 64, 128)
+
+
+def _mix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection on uint32 with full avalanche."""
+    from jax import lax
+    import jax.numpy as jnp
+
+    h = h ^ lax.shift_right_logical(h, jnp.uint32(16))
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ lax.shift_right_logical(h, jnp.uint32(13))
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ lax.shift_right_logical(h, jnp.uint32(16))
+
+
+def _keep(seed, stream, rows, cols, k_len: int, rate: float):
+    """True where dropout keeps entry (rows, cols) of attention map `stream` (= batch * heads + head)."""
+    import jax.numpy as jnp
+
+    call_key = _mix32(seed.astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9))
+    stream_key = _mix32(stream.astype(jnp.uint32) + call_key)
+    counter = rows.astype(jnp.uint32) * jnp.uint32(k_len) + cols.astype(jnp.uint32)
+    bits = _mix32(_mix32(counter ^ call_key) + stream_key)
+    from jax import lax
+
+    top = lax.shift_right_logical(bits, jnp.uint32(32 - _KEEP_BITS)).astype(jnp.int32)
+    return top >= int(round(rate * (1 << _KEEP_BITS)))
+
+
+def dropout_keep_mask(seed, batch: int, heads: int, q_len: int, k_len: int, rate: float):
+    """The `[batch, heads, q_len, k_len]` boolean keep mask that the kernels apply for this seed (for tests)."""
+    import jax.numpy as jnp
+
+    stream = jnp.arange(batch * heads, dtype=jnp.int32).reshape(batch, heads, 1, 1)
+    rows = jnp.arange(q_len, dtype=jnp.int32).reshape(1, 1, q_len, 1)
+    cols = jnp.arange(k_len, dtype=jnp.int32).reshape(1, 1, 1, k_len)
+    return _keep(jnp.asarray(seed, jnp.int32), stream, rows, cols, k_len, rate)
+
+
+def reference_attention(q, k, v, key_mask, seed, rate: float, scale: float):
+    """Plain jnp attention with the kernels' dropout mask: what `flash_attention` computes, written the obvious way."""
+    import jax
+    import jax.numpy as jnp
+
+    batch, q_len, heads, _ = q.shape
+    k_len = k.shape[1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, MASKED_LOGIT / LOG2_E)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if rate > 0:
+        keep = dropout_keep_mask(seed, batch, heads, q_len, k_len, rate)
+        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def supported(q_shape, k_shape, dtype) -> str | None:
+    """None if the kernels take these shapes, else the reason they do not (the caller falls back to XLA)."""
+    batch, q_len, heads, head_size = q_shape
+    if head_size not in HEAD_SIZES:
+        return f"head size {head_size} not in {HEAD_SIZES}"
+    if q_len % 16 or k_shape[1] % 16:
+        return f"lengths {q_len}/{k_shape[1]} are not multiples of 16"
+    if q_len * k_shape[1] >= 2**32:
+        return "q_len * k_len does not fit the 32-bit dropout counter"
+    if np.dtype(dtype).name not in ("bfloat16", "float16", "float32"):
+        return f"dtype {dtype}"
+    return None
+
+
+def _block(length: int, largest: int) -> int:
+    return next(b for b in BLOCK_SIZES if b <= largest and length % b == 0)
+
+
+def _scores(q, k, bias, scale: float):
+    """Logits of a (query block, key block) pair in the log2 domain, float32."""
+    import jax.numpy as jnp
+
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (scale * LOG2_E)
+    return s + bias[None, :]
+
+
+def _stream(heads: int):
+    """Index of the (batch, head) attention map of this program; the grid is (blocks, batch, heads)."""
+    from jax.experimental import pallas as pl
+
+    return pl.program_id(1) * heads + pl.program_id(2)
+
+
+def _block_keep(seed, stream, q_start, k_start, block_q: int, block_k: int, k_len: int, rate: float):
+    import jax.numpy as jnp
+    from jax import lax
+
+    rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+    cols = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+    return _keep(seed, stream, rows, cols, k_len, rate)
+
+
+def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, rate, block_k, heads):
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    block_q, head_size = q_ref.shape
+    k_len = k_ref.shape[0]
+    q_start = pl.program_id(0) * block_q
+    seed, stream = seed_ref[0], _stream(heads)
+    q = q_ref[...]
+
+    def step(i, carry):
+        acc, row_max, row_sum = carry
+        keys = pl.ds(i * block_k, block_k)
+        s = _scores(q, k_ref[keys, :], bias_ref[keys], scale)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        correction = jnp.exp2(row_max - new_max)
+        p = jnp.exp2(s - new_max[:, None])
+        row_sum = row_sum * correction + jnp.sum(p, axis=1)
+        if rate > 0:
+            p = jnp.where(_block_keep(seed, stream, q_start, i * block_k, block_q, block_k, k_len, rate), p, 0.0)
+        v = v_ref[keys, :]
+        acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, new_max, row_sum
+
+    init = (
+        jnp.zeros((block_q, head_size), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    acc, row_max, row_sum = lax.fori_loop(0, k_len // block_k, step, init)
+    o_ref[...] = (acc * (1.0 / ((1.0 - rate) * row_sum))[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = row_max + jnp.log2(row_sum)
+
+
+def _probs_and_score_grads(q, k, v, do, bias, lse, delta, keep, scale, rate):
+    """Recomputed probabilities p (before dropout), dropped probs p*z, and d(logits) for one block pair."""
+    import jax.numpy as jnp
+
+    p = jnp.exp2(_scores(q, k, bias, scale) - lse[:, None])
+    dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+    if rate > 0:
+        z = jnp.where(keep, 1.0 / (1.0 - rate), 0.0)
+        pz, dp = p * z, dp * z
+    else:
+        pz = p
+    ds = p * (dp - delta[:, None]) * scale
+    return pz, ds
+
+
+def _dkdv_kernel(
+    seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, rate, block_q, heads
+):
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    block_k, head_size = k_ref.shape
+    q_len, k_len = q_ref.shape[0], bias_ref.shape[0]
+    k_start = pl.program_id(0) * block_k
+    seed, stream = seed_ref[0], _stream(heads)
+    k, v, bias = k_ref[...], v_ref[...], bias_ref[pl.ds(k_start, block_k)]
+
+    def step(i, carry):
+        dk, dv = carry
+        rows = pl.ds(i * block_q, block_q)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        keep = _block_keep(seed, stream, i * block_q, k_start, block_q, block_k, k_len, rate) if rate > 0 else None
+        pz, ds = _probs_and_score_grads(q, k, v, do, bias, lse_ref[rows], delta_ref[rows], keep, scale, rate)
+        dv = dv + jnp.dot(pz.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
+        dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    zeros = jnp.zeros((block_k, head_size), jnp.float32)
+    dk, dv = lax.fori_loop(0, q_len // block_q, step, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, rate, block_k, heads):
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    block_q, head_size = q_ref.shape
+    k_len = k_ref.shape[0]
+    q_start = pl.program_id(0) * block_q
+    seed, stream = seed_ref[0], _stream(heads)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+
+    def step(i, dq):
+        keys = pl.ds(i * block_k, block_k)
+        k = k_ref[keys, :]
+        keep = _block_keep(seed, stream, q_start, i * block_k, block_q, block_k, k_len, rate) if rate > 0 else None
+        _, ds = _probs_and_score_grads(q, k, v_ref[keys, :], do, bias_ref[keys], lse, delta, keep, scale, rate)
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = lax.fori_loop(0, k_len // block_k, step, jnp.zeros((block_q, head_size), jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _specs(batch_len_block: int, head_size: int, full: bool = False):
+    """BlockSpec of a `[batch, len, heads, head_size]` array seen by a (block, batch, head) grid."""
+    from jax.experimental import pallas as pl
+
+    if full:
+        return pl.BlockSpec((None, batch_len_block, None, head_size), lambda i, b, h: (b, 0, h, 0))
+    return pl.BlockSpec((None, batch_len_block, None, head_size), lambda i, b, h: (b, i, h, 0))
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: str, num_warps: int, num_stages: int):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
+    """The custom-VJP attention function for one (scale, rate, interpret, block sizes) combination."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    fwd_q, fwd_k, bwd_q, bwd_k, warps, stages = blocks
+
+    def lse_spec(block):
+        return pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
+
+    def lse_full(length):
+        return pl.BlockSpec((None, None, length), lambda i, b, h: (b, h, 0))
+
+    seed_spec = pl.BlockSpec((1,), lambda i, b, h: (0,))
+
+    def bias_spec(length):
+        return pl.BlockSpec((None, length), lambda i, b, h: (b, 0))
+
+    def forward(seed, q, k, v, bias):
+        batch, q_len, heads, head_size = q.shape
+        k_len = k.shape[1]
+        block_q, block_k = _block(q_len, fwd_q), _block(k_len, fwd_k)
+        kernel = functools.partial(_forward_kernel, scale=scale, rate=rate, block_k=block_k, heads=heads)
+        out, lse = _call(
+            kernel,
+            (q_len // block_q, batch, heads),
+            [seed_spec, _specs(block_q, head_size), _specs(k_len, head_size, True), _specs(k_len, head_size, True),
+             bias_spec(k_len)],
+            [_specs(block_q, head_size), lse_spec(block_q)],
+            [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+            interpret, "bert4x_flash_attention_forward", warps, stages,
+        )(seed, q, k, v, bias)
+        return out, lse
+
+    def backward(seed, q, k, v, bias, out, lse, do):
+        batch, q_len, heads, head_size = q.shape
+        k_len = k.shape[1]
+        block_q, block_k = _block(q_len, bwd_q), _block(k_len, bwd_k)
+        delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
+        common = dict(scale=scale, rate=rate, heads=heads)
+        dk, dv = _call(
+            functools.partial(_dkdv_kernel, block_q=block_q, **common),
+            (k_len // block_k, batch, heads),
+            [seed_spec, _specs(q_len, head_size, True), _specs(block_k, head_size), _specs(block_k, head_size),
+             bias_spec(k_len), _specs(q_len, head_size, True), lse_full(q_len), lse_full(q_len)],
+            [_specs(block_k, head_size), _specs(block_k, head_size)],
+            [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+            interpret, "bert4x_flash_attention_dkdv", warps, stages,
+        )(seed, q, k, v, bias, do, lse, delta)
+        dq = _call(
+            functools.partial(_dq_kernel, block_k=block_k, **common),
+            (q_len // block_q, batch, heads),
+            [seed_spec, _specs(block_q, head_size), _specs(k_len, head_size, True), _specs(k_len, head_size, True),
+             bias_spec(k_len), _specs(block_q, head_size), lse_spec(block_q), lse_spec(block_q)],
+            _specs(block_q, head_size),
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            interpret, "bert4x_flash_attention_dq", warps, stages,
+        )(seed, q, k, v, bias, do, lse, delta)
+        return dq, dk, dv
+
+    @jax.custom_vjp
+    def attention(seed, q, k, v, bias):
+        return forward(seed, q, k, v, bias)[0]
+
+    def attention_forward(seed, q, k, v, bias):
+        out, lse = forward(seed, q, k, v, bias)
+        return out, (seed, q, k, v, bias, out, lse)
+
+    def attention_backward(residuals, do):
+        seed, q, k, v, bias = residuals[:5]
+        dq, dk, dv = backward(*residuals, do)
+        seed_grad = np.zeros(seed.shape, jax.dtypes.float0)
+        return seed_grad, dq, dk, dv, jnp.zeros_like(bias)
+
+    attention.defvjp(attention_forward, attention_backward)
+    return attention
+
+
+# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages)
+DEFAULT_BLOCKS = (128, 64, 64, 64, 4, 2)
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    key_mask,
+    seed,
+    rate: float,
+    scale: float,
+    interpret: bool = False,
+    blocks: tuple = DEFAULT_BLOCKS,
+):
+    """`dropout(softmax(q k^T * scale, keys hidden by key_mask)) @ v` in fused kernels.
+
+    Args:
+        q, k, v: `[batch, len, heads, head_size]` jax arrays (k and v share their length).
+        key_mask: `[batch, k_len]` booleans (True = may attend), or None.
+        seed: int32 scalar; a new one per training step gives new dropout masks (see `dropout_keep_mask`).
+        rate: attention dropout rate in [0, 1).
+        scale: logit scale, usually `1 / sqrt(head_size)`.
+        interpret: run the kernels through Pallas' interpreter (any device; for tests).
+        blocks: tile sizes, see `DEFAULT_BLOCKS`.
+    """
+    import jax.numpy as jnp
+
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"flash_attention: rate must be in [0, 1), got {rate}.")
+    reason = supported(q.shape, k.shape, q.dtype)
+    if reason is not None:
+        raise ValueError(f"flash_attention: unsupported input ({reason}); use the XLA attention path.")
+    batch, k_len = k.shape[0], k.shape[1]
+    if key_mask is None:
+        bias = jnp.zeros((batch, k_len), jnp.float32)
+    else:
+        bias = jnp.where(jnp.broadcast_to(key_mask, (batch, k_len)), 0.0, MASKED_LOGIT).astype(jnp.float32)
+    seed = jnp.reshape(jnp.asarray(seed, jnp.int32), (1,))
+    return _build(float(scale), float(rate), bool(interpret), tuple(blocks))(seed, q, k, v, bias)

@@ -1,0 +1,162 @@
+"""bert4x's fused attention-with-dropout kernels (jax Pallas, `bert4x.layers.flash_attention`).
+
+The kernels target NVIDIA GPUs; here they run through Pallas' interpreter on CPU, which executes the same kernel
+code (block loops, online softmax, in-kernel dropout hash, recomputation in the backward pass), and their Triton
+lowering for CUDA is checked without a GPU. The GPU run itself is in benchmarks/ (RESULTS.md)."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import in_subprocess, run_pytest_on_backend
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+from bert4x.layers import flash_attention as fa  # noqa: E402
+
+# Small tiles so that every kernel walks several query and key blocks.
+SMALL_BLOCKS = (32, 16, 16, 32, 4, 2)
+
+
+def _inputs(batch=2, length=64, heads=3, head_size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v, weights = (jnp.asarray(rng.standard_normal((batch, length, heads, head_size)), jnp.float32)
+                        for _ in range(4))
+    lengths = np.array([length, 37] + [length // 2] * (batch - 2))[:batch]
+    key_mask = jnp.asarray(np.arange(length)[None, :] < lengths[:, None])
+    return q, k, v, weights, key_mask
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_kernels_equal_plain_attention_with_the_same_mask(rate):
+    q, k, v, weights, key_mask = _inputs()
+    seed = jnp.int32(12345)
+
+    def fused(q, k, v):
+        out = fa.flash_attention(q, k, v, key_mask, seed, rate, 0.25, interpret=True, blocks=SMALL_BLOCKS)
+        return jnp.sum(out * weights), out
+
+    def plain(q, k, v):
+        out = fa.reference_attention(q, k, v, key_mask, seed, rate, 0.25)
+        return jnp.sum(out * weights), out
+
+    (_, fused_out), fused_grads = jax.value_and_grad(fused, (0, 1, 2), has_aux=True)(q, k, v)
+    (_, plain_out), plain_grads = jax.value_and_grad(plain, (0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(fused_out, plain_out, atol=2e-6)
+    for name, a, b in zip("qkv", fused_grads, plain_grads):
+        np.testing.assert_allclose(a, b, atol=5e-6, err_msg=f"d{name}")
+    # Keys beyond a row's length get no gradient and do not change the output.
+    assert float(jnp.abs(fused_grads[1][1, 37:]).max()) == 0.0
+
+
+def test_no_mask_and_a_row_with_no_visible_key_stay_finite():
+    q, k, v, _, _ = _inputs(batch=2, length=32)
+    out = fa.flash_attention(q, k, v, None, jnp.int32(0), 0.1, 0.25, interpret=True, blocks=SMALL_BLOCKS)
+    np.testing.assert_allclose(out, fa.reference_attention(q, k, v, None, jnp.int32(0), 0.1, 0.25), atol=2e-6)
+    nothing_visible = jnp.zeros((2, 32), bool)
+    out = fa.flash_attention(q, k, v, nothing_visible, jnp.int32(0), 0.0, 0.25, interpret=True, blocks=SMALL_BLOCKS)
+    # Every key equally (un)visible: a uniform average over the keys, never NaN.
+    np.testing.assert_allclose(out, jnp.broadcast_to(jnp.mean(v, axis=1, keepdims=True), v.shape), atol=2e-6)
+
+
+def test_dropout_mask_is_uniform_independent_and_changes_with_the_seed():
+    rate = 0.1
+    keep = np.asarray(fa.dropout_keep_mask(jnp.int32(7), 4, 12, 128, 128, rate))
+    n = keep.size
+    # Keep rate within 5 standard deviations of its binomial expectation.
+    assert abs(keep.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n), keep.mean()
+    # Neighbouring entries (along keys, queries, heads) are uncorrelated.
+    x = keep.astype(np.float64) - keep.mean()
+    for axis in (3, 2, 1):
+        a = np.moveaxis(x, axis, 0)
+        corr = np.mean(a[1:] * a[:-1]) / x.var()
+        assert abs(corr) < 0.01, (axis, corr)
+    # Every (batch, head) map differs, and a new seed gives a new mask.
+    maps = keep.reshape(48, -1)
+    assert len({m.tobytes() for m in maps}) == 48
+    other = np.asarray(fa.dropout_keep_mask(jnp.int32(8), 4, 12, 128, 128, rate))
+    assert 0.15 < np.mean(other != keep) < 0.2  # ~2 * 0.1 * 0.9 for independent masks
+
+
+def test_unsupported_inputs_are_named():
+    q = jnp.zeros((1, 16, 2, 24), jnp.float32)
+    with pytest.raises(ValueError, match="head size 24"):
+        fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, interpret=True)
+    q = jnp.zeros((1, 20, 2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, interpret=True)
+    with pytest.raises(ValueError, match="rate must be in"):
+        fa.flash_attention(q, q, q, None, jnp.int32(0), 1.0, 0.2, interpret=True)
+
+
+@pytest.mark.parametrize("batch,length", [(32, 128), (8, 512)])
+def test_kernels_lower_to_triton_for_cuda(batch, length):
+    """The forward and both backward kernels lower to Triton for CUDA (no GPU needed to lower)."""
+    spec = jax.ShapeDtypeStruct((batch, length, 12, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
+
+    def loss(q, k, v, key_mask):
+        return jnp.sum(fa.flash_attention(q, k, v, key_mask, jnp.int32(3), 0.1, 0.125).astype(jnp.float32))
+
+    exported = jax.export.export(
+        jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(spec, spec, spec, mask)
+    assert exported.mlir_module().count("xla.gpu.triton") == 3
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
+def test_attention_layer_runs_the_kernels_in_training(monkeypatch):
+    from bert4x.layers import MultiHeadAttention
+
+    monkeypatch.setenv("BERT4X_PALLAS_ATTENTION", "interpret")
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 32, 24)), jnp.float32)
+    mask = jnp.asarray(np.arange(32)[None, None, None, :] < np.array([32, 20])[:, None, None, None])
+    mha = MultiHeadAttention(heads=2, head_size=16, attention_dropout=0.2)
+    mha(x, attention_mask=mask)
+    generator = mha.dropout.seed_generator
+    state = np.asarray(generator.state.value)
+    out = mha(x, attention_mask=mask, training=True)
+    # The seed the layer drew, drawn again from the same generator state.
+    generator.state.assign(state)
+    seed = keras.random.randint((), 0, 2**31 - 1, seed=generator, dtype="int32")
+    qkv = jnp.reshape(mha.qkv_dense(x), (2, 32, 3, 2, 16))
+    expected = fa.reference_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask[:, 0, 0], seed, 0.2, 0.25)
+    expected = mha.output_dense(jnp.reshape(expected, (2, 32, 32)))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    # A second training call draws a new seed: a different dropout mask.
+    assert float(jnp.abs(mha(x, attention_mask=mask, training=True) - out).max()) > 1e-3
+    monkeypatch.setenv("BERT4X_PALLAS_ATTENTION", "off")
+    assert float(jnp.abs(mha(x, attention_mask=mask, training=False) - mha(x, attention_mask=mask)).max()) == 0.0
+    monkeypatch.setenv("BERT4X_PALLAS_ATTENTION", "sometimes")
+    with pytest.raises(ValueError, match="BERT4X_PALLAS_ATTENTION"):
+        mha(x, attention_mask=mask, training=True)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
+def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
+    from bert4x.models import build_transformer_model
+    from harness import dtype_policy
+
+    monkeypatch.setenv("BERT4X_PALLAS_ATTENTION", "interpret")
+    config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 40, size=(32, 16)).astype("int32")
+    ids[np.arange(16)[None, :] >= rng.integers(4, 17, size=32)[:, None]] = 0
+    labels = (ids[:, 1] % 2).astype("int32")
+    with dtype_policy("mixed_bfloat16"):
+        keras.utils.set_random_seed(0)
+        bert = build_transformer_model(config, with_pool=True)
+        model = keras.Model(bert.inputs, keras.layers.Dense(2)(bert.output))
+        model.compile(keras.optimizers.AdamW(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        losses = model.fit([ids, np.zeros_like(ids)], labels, batch_size=16, epochs=10, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
+def test_flash_attention_layer_on_jax_backend():
+    run_pytest_on_backend("jax", "tests/test_flash_attention.py", "-k", "layer_runs or bert_fit")

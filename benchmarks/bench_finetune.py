@@ -6,7 +6,9 @@ runs in its own subprocess and prints one JSON line (prefixed `BENCH `): tokens/
 versions and hardware. A table with each peer's ratio to the best non-bert4x peer ends the run.
 
 Peers:
-  bert4x          `model.fit` on the jax backend, attention dropout 0.1 (the issue's config)
+  bert4x          `model.fit` on the jax backend, attention dropout 0.1 (the issue's config); attention with dropout
+                  runs in bert4x's fused Pallas kernels (bert4x.layers.flash_attention)
+  bert4x_xla      the same with those kernels off (BERT4X_PALLAS_ATTENTION=off): XLA attention + dropout
   bert4x_fast     the same with attention_probs_dropout_prob=0, so attention can take the fused cuDNN path
   keras_hub       keras-hub BertBackbone + BertTextClassifier head, same config and dropout, `model.fit` on jax
   hf_eager        transformers BertForSequenceClassification (sdpa attention), torch bf16 autocast, fused AdamW
@@ -29,7 +31,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 
-PEERS = ("bert4x", "bert4x_fast", "keras_hub", "hf_eager", "hf_compile")
+PEERS = ("bert4x", "bert4x_xla", "bert4x_fast", "keras_hub", "hf_eager", "hf_compile")
 SHAPES = ("32x128", "128x128", "32x512")
 
 
@@ -38,7 +40,7 @@ def build_keras_classifier(peer: str, cfg: dict):
     """The classifier of a keras peer under the current dtype policy: inputs, model."""
     import keras
 
-    if peer in ("bert4x", "bert4x_fast"):
+    if peer in ("bert4x", "bert4x_xla", "bert4x_fast"):
         from bert4x.models import build_transformer_model
 
         hf_config = dict(cfg, hidden_act="gelu", hidden_dropout_prob=common.DROPOUT,
@@ -365,6 +367,7 @@ def _throughput(cfg: dict, batch: int, seq: int, steps: int, elapsed: float) -> 
 def worker(args) -> None:
     base = dict(bench="finetune", config=args.config, shape=args.shape, steps_per_execution=args.steps_per_execution,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
+                pallas_attention=os.environ.get("BERT4X_PALLAS_ATTENTION", "auto"),
                 versions=common.versions(), hardware=common.hardware(), commit=common.git_commit())
     run = run_torch if args.peer.startswith("hf_") else run_keras
     common.emit(dict(base, **run(args)))
@@ -429,7 +432,7 @@ def main(argv=None) -> None:
         argv_ = [os.path.abspath(__file__), "--worker", "--peer", peer, "--shape", shape, "--config", args.config,
                  "--steps", str(args.steps if profile_dir is None else min(args.steps, 10)),
                  "--warmup-steps", str(args.warmup_steps), "--steps-per-execution", str(args.steps_per_execution)]
-        env = {"KERAS_BACKEND": "jax"}
+        env = {"KERAS_BACKEND": "jax", "BERT4X_PALLAS_ATTENTION": "off" if peer == "bert4x_xla" else "auto"}
         if args.xla_flags and not peer.startswith("hf_"):
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
         if profile_dir is not None:

@@ -27,7 +27,8 @@ import common  # noqa: E402
 SHAPES = ("32x128", "128x128", "32x512")
 # (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages)
 SWEEP = ((128, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 2), (128, 128, 64, 64, 8, 2), (128, 64, 32, 64, 4, 2),
-         (64, 32, 32, 32, 4, 2), (128, 64, 64, 128, 8, 2))
+         (64, 32, 32, 32, 4, 2), (128, 64, 64, 128, 8, 2), (64, 64, 64, 64, 4, 3), (64, 64, 32, 32, 4, 2),
+         (64, 64, 64, 64, 8, 2), (32, 64, 64, 64, 4, 2))
 
 
 def _time(fn, args, repeats: int) -> float:

@@ -339,8 +339,9 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
     return attention
 
 
-# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages)
-DEFAULT_BLOCKS = (128, 64, 64, 64, 4, 2)
+# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages): the fastest of
+# benchmarks/bench_flash_attention.py --sweep on an H200 at 32x128, 128x128 and 32x512 (RESULTS.md).
+DEFAULT_BLOCKS = (64, 64, 64, 64, 4, 2)
 
 
 def flash_attention(

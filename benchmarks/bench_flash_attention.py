@@ -4,6 +4,7 @@ For each BERT-base attention shape (12 heads of 64, bfloat16, right-padded key m
 variant (prefixed `BENCH `):
   xla_dropout      what MultiHeadAttention ran before the kernels: einsum, masked softmax, dropout, einsum (jit)
   pallas_dropout   bert4x.layers.flash_attention.flash_attention, dropout 0.1, for each tile configuration swept
+  pallas_no_dropout the same kernels at rate 0 (no mask hashing): what the in-kernel dropout costs
   cudnn_no_dropout jax.nn.dot_product_attention(implementation="cudnn") with key lengths: the fused ceiling, dropout 0
 and a `check` line: the kernels against plain jnp attention with the same dropout mask (max abs error of the output and
 of dq, dk, dv, bfloat16 inputs, float32 reference), so a GPU run proves what the CPU tests prove in the interpreter.
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
                 return jnp.sum(attend(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
             return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
 
-        def pallas(blocks):
+        def pallas(blocks, rate=rate):
             return lambda q, k, v: fa.flash_attention(q, k, v, key_mask, seed, rate, scale, interpret=args.interpret,
                                                       blocks=blocks)
 
@@ -114,6 +115,7 @@ def main(argv=None) -> None:
                                                 implementation="cudnn")
 
         variants = [("xla_dropout", xla_dropout, None)] + ([] if args.interpret else [("cudnn_no_dropout", cudnn, None)])
+        variants.append(("pallas_no_dropout", pallas(fa.DEFAULT_BLOCKS, rate=0.0), fa.DEFAULT_BLOCKS))
         for blocks in (SWEEP if args.sweep else (fa.DEFAULT_BLOCKS,)):
             variants.append(("pallas_dropout", pallas(blocks), blocks))
         for name, attend, blocks in variants:

@@ -206,7 +206,8 @@ def worker(args) -> None:
     rss_import = _rss_mib()
     run = run_torch if args.peer.startswith("hf_") else run_keras
     base = dict(bench="cpu", peer=args.peer, mode=args.mode, config=args.config, versions=common.versions(),
-                hardware=common.hardware(), commit=common.git_commit())
+                hardware=common.hardware(), commit=common.git_commit(),
+                fused_attention=os.environ.get("BERT4X_FUSED_ATTENTION", "auto"))
     for r in run(args, cfg, rss_import):
         common.emit(dict(base, **r))
 

@@ -8,7 +8,7 @@ versions and hardware. A table with each peer's ratio to the best non-bert4x pee
 Peers:
   bert4x          `model.fit` on the jax backend, attention dropout 0.1 (the issue's config); attention with dropout
                   runs in bert4x's fused Pallas kernels (bert4x.layers.flash_attention)
-  bert4x_xla      the same with those kernels off (BERT4X_PALLAS_ATTENTION=off): XLA attention + dropout
+  bert4x_xla      the same with those kernels off (BERT4X_FUSED_ATTENTION=off): XLA attention + dropout
   bert4x_fast     the same with attention_probs_dropout_prob=0, so attention can take the fused cuDNN path
   keras_hub       keras-hub BertBackbone + BertTextClassifier head, same config and dropout, `model.fit` on jax
   hf_eager        transformers BertForSequenceClassification (sdpa attention), torch bf16 autocast, fused AdamW
@@ -367,7 +367,7 @@ def _throughput(cfg: dict, batch: int, seq: int, steps: int, elapsed: float) -> 
 def worker(args) -> None:
     base = dict(bench="finetune", config=args.config, shape=args.shape, steps_per_execution=args.steps_per_execution,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
-                pallas_attention=os.environ.get("BERT4X_PALLAS_ATTENTION", "auto"),
+                fused_attention=os.environ.get("BERT4X_FUSED_ATTENTION", "auto"),
                 versions=common.versions(), hardware=common.hardware(), commit=common.git_commit())
     run = run_torch if args.peer.startswith("hf_") else run_keras
     common.emit(dict(base, **run(args)))
@@ -432,7 +432,7 @@ def main(argv=None) -> None:
         argv_ = [os.path.abspath(__file__), "--worker", "--peer", peer, "--shape", shape, "--config", args.config,
                  "--steps", str(args.steps if profile_dir is None else min(args.steps, 10)),
                  "--warmup-steps", str(args.warmup_steps), "--steps-per-execution", str(args.steps_per_execution)]
-        env = {"KERAS_BACKEND": "jax", "BERT4X_PALLAS_ATTENTION": "off" if peer == "bert4x_xla" else "auto"}
+        env = {"KERAS_BACKEND": "jax", "BERT4X_FUSED_ATTENTION": "off" if peer == "bert4x_xla" else "auto"}
         if args.xla_flags and not peer.startswith("hf_"):
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
         if profile_dir is not None:

@@ -29,13 +29,15 @@ def _inputs(batch=2, length=64, heads=3, head_size=16, seed=0):
     return q, k, v, weights, key_mask
 
 
+@pytest.mark.parametrize("implementation", ["pallas", "recompute"])
 @pytest.mark.parametrize("rate", [0.0, 0.3])
-def test_kernels_equal_plain_attention_with_the_same_mask(rate):
+def test_kernels_equal_plain_attention_with_the_same_mask(rate, implementation):
     q, k, v, weights, key_mask = _inputs()
     seed = jnp.int32(12345)
 
     def fused(q, k, v):
-        out = fa.flash_attention(q, k, v, key_mask, seed, rate, 0.25, interpret=True, blocks=SMALL_BLOCKS)
+        out = fa.flash_attention(q, k, v, key_mask, seed, rate, 0.25, interpret=True, blocks=SMALL_BLOCKS,
+                                 implementation=implementation)
         return jnp.sum(out * weights), out
 
     def plain(q, k, v):
@@ -89,6 +91,11 @@ def test_unsupported_inputs_are_named():
         fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, interpret=True)
     with pytest.raises(ValueError, match="rate must be in"):
         fa.flash_attention(q, q, q, None, jnp.int32(0), 1.0, 0.2, interpret=True)
+    with pytest.raises(ValueError, match="implementation must be"):
+        fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, implementation="cudnn")
+    # The recomputing version takes any length and head size.
+    q = jnp.ones((1, 20, 2, 24), jnp.float32)
+    assert fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, implementation="recompute").shape == q.shape
 
 
 @pytest.mark.parametrize("batch,length", [(32, 128), (8, 512)])
@@ -108,10 +115,11 @@ def test_kernels_lower_to_triton_for_cuda(batch, length):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
-def test_attention_layer_runs_the_kernels_in_training(monkeypatch):
+@pytest.mark.parametrize("mode", ["interpret", "auto"])  # auto = the recomputing version on CPU
+def test_attention_layer_runs_the_kernels_in_training(monkeypatch, mode):
     from bert4x.layers import MultiHeadAttention
 
-    monkeypatch.setenv("BERT4X_PALLAS_ATTENTION", "interpret")
+    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", mode)
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 32, 24)), jnp.float32)
     mask = jnp.asarray(np.arange(32)[None, None, None, :] < np.array([32, 20])[:, None, None, None])
@@ -129,10 +137,10 @@ def test_attention_layer_runs_the_kernels_in_training(monkeypatch):
     np.testing.assert_allclose(out, expected, atol=1e-5)
     # A second training call draws a new seed: a different dropout mask.
     assert float(jnp.abs(mha(x, attention_mask=mask, training=True) - out).max()) > 1e-3
-    monkeypatch.setenv("BERT4X_PALLAS_ATTENTION", "off")
+    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "off")
     assert float(jnp.abs(mha(x, attention_mask=mask, training=False) - mha(x, attention_mask=mask)).max()) == 0.0
-    monkeypatch.setenv("BERT4X_PALLAS_ATTENTION", "sometimes")
-    with pytest.raises(ValueError, match="BERT4X_PALLAS_ATTENTION"):
+    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "sometimes")
+    with pytest.raises(ValueError, match="BERT4X_FUSED_ATTENTION"):
         mha(x, attention_mask=mask, training=True)
 
 
@@ -141,7 +149,7 @@ def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
     from bert4x.models import build_transformer_model
     from harness import dtype_policy
 
-    monkeypatch.setenv("BERT4X_PALLAS_ATTENTION", "interpret")
+    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
     config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
               "intermediate_size": 64, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
     rng = np.random.default_rng(0)

@@ -119,9 +119,10 @@ class MultiHeadAttention(keras.layers.Layer):
 
     Self-attention (`cross_attention=False`) projects q, k and v with one fused kernel `qkv`; cross-attention projects
     the query with `q` and keys/values from `key_value` with one fused kernel `kv`. Scores go through
-    `keras.ops.dot_product_attention` (flash/cuDNN where the backend has it). With attention dropout active in
-    training, jax on NVIDIA GPUs runs bert4x's fused kernels (`bert4x.layers.flash_attention`: dropout inside the
-    kernel; environment variable `BERT4X_PALLAS_ATTENTION=off` turns them off); elsewhere the explicit softmax path.
+    `keras.ops.dot_product_attention` (flash/cuDNN where the backend has it). In training on jax, attention keeps no
+    `[batch, heads, q_len, k_len]` tensor for the backward pass (`bert4x.layers.flash_attention`: with dropout, fused
+    Pallas kernels on NVIDIA GPUs; on CPU, a version that recomputes; `BERT4X_FUSED_ATTENTION=off` turns this off).
+    Elsewhere, attention dropout takes the explicit softmax path.
 
     Call arguments:
         query: `[batch, q_len, dim]`.
@@ -263,16 +264,16 @@ class MultiHeadAttention(keras.layers.Layer):
                 return out
         if bias is not None:
             bias = ops.cast(bias, q.dtype)
+        if training and bias is None and isinstance(scale, float):
+            out = _jax_training_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout)
+            if out is not None:
+                return out
         if not (training and self.attention_dropout > 0):
             if bias is None and isinstance(scale, float):
                 out = _fused_key_padding_attention(q, k, v, mask, scale)
                 if out is not None:
                     return out
             return ops.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
-        if bias is None and isinstance(scale, float):
-            out = _fused_dropout_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout.seed_generator)
-            if out is not None:
-                return out
         logits = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(scale, q.dtype)
         if bias is not None:
             logits = logits + bias
@@ -399,16 +400,19 @@ def _fused_key_padding_attention(q, k, v, mask, scale: float, implementation: st
         return None
 
 
-def _fused_dropout_attention(q, k, v, mask, scale: float, rate: float, seed_generator):
-    """Attention with dropout in bert4x's Pallas kernels (jax, NVIDIA GPU, float16/bfloat16), or None to fall back.
+def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer):
+    """Training-time attention on jax that keeps no `[batch, heads, q_len, k_len]` tensor for the backward pass
+    (`bert4x.layers.flash_attention`), or None to fall back to the Keras/XLA path.
 
-    `BERT4X_PALLAS_ATTENTION`: `auto` (default: GPUs only), `off`, or `interpret` (any device, through Pallas'
-    interpreter, any float dtype: how the tests run the kernels on CPU). Only key-padding masks
-    (`[batch or 1, 1, 1, k_len]`) are taken, and not under a `keras.distribution` (a Pallas call is not sharded).
+    `BERT4X_FUSED_ATTENTION` picks the implementation: `auto` (default: with attention dropout, the Pallas kernels on
+    NVIDIA GPUs in float16/bfloat16; without it, GPUs keep the cuDNN path; on other devices, e.g. CPU, the
+    recomputing XLA version, which saves memory), `recompute` (that version everywhere), `interpret` (the Pallas
+    kernels through Pallas' interpreter, any device: how tests run them on CPU) or `off`. Only key-padding masks
+    (`[batch or 1, 1, 1, k_len]`) are taken; not under a `keras.distribution` (the Pallas call is not sharded).
     """
-    mode = os.environ.get("BERT4X_PALLAS_ATTENTION", "auto").lower()
-    if mode not in ("auto", "off", "interpret"):
-        raise ValueError(f"BERT4X_PALLAS_ATTENTION must be 'auto', 'off' or 'interpret', got {mode!r}.")
+    mode = os.environ.get("BERT4X_FUSED_ATTENTION", "auto").lower()
+    if mode not in ("auto", "recompute", "interpret", "off"):
+        raise ValueError(f"BERT4X_FUSED_ATTENTION must be 'auto', 'recompute', 'interpret' or 'off', got {mode!r}.")
     if keras.backend.backend() != "jax" or mode == "off" or keras.distribution.distribution() is not None:
         return None
     if mask is not None and (len(mask.shape) != 4 or mask.shape[1] != 1 or mask.shape[2] != 1):
@@ -418,15 +422,25 @@ def _fused_dropout_attention(q, k, v, mask, scale: float, rate: float, seed_gene
 
     from bert4x.layers import flash_attention
 
-    interpret = mode == "interpret"
-    half = keras.backend.standardize_dtype(q.dtype) in ("bfloat16", "float16")
-    if not interpret and (jax.default_backend() != "gpu" or not half):
+    implementation = "pallas" if mode == "interpret" else mode
+    if mode == "auto":
+        if jax.default_backend() != "gpu":
+            implementation = "recompute"
+        elif rate == 0 or keras.backend.standardize_dtype(q.dtype) not in ("bfloat16", "float16"):
+            return None  # cuDNN (no dropout) or XLA (float32) attention
+        else:
+            implementation = "pallas"
+    if implementation == "pallas" and flash_attention.supported(q.shape, k.shape, q.dtype) is not None:
         return None
-    if flash_attention.supported(q.shape, k.shape, q.dtype) is not None:
+    if q.shape[1] * k.shape[1] >= 2**32:
         return None
     key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (k.shape[0], k.shape[1]))
-    seed = keras.random.randint((), 0, 2**31 - 1, seed=seed_generator, dtype="int32")
-    return flash_attention.flash_attention(q, k, v, key_mask, seed, rate, scale, interpret=interpret)
+    seed = 0
+    if rate > 0:
+        seed = keras.random.randint((), 0, 2**31 - 1, seed=dropout_layer.seed_generator, dtype="int32")
+    return flash_attention.flash_attention(
+        q, k, v, key_mask, seed, rate, scale, interpret=mode == "interpret", implementation=implementation
+    )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

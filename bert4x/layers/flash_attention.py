@@ -339,6 +339,56 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
     return attention
 
 
+@functools.lru_cache(maxsize=None)
+def _build_recomputed(scale: float, rate: float):
+    """The kernels' algorithm on whole arrays in XLA (any jax device): the backward pass recomputes the probabilities
+    and the dropout mask from q, k, the seed and the saved log-sum-exp instead of keeping them from the forward."""
+    import jax
+    import jax.numpy as jnp
+
+    def probabilities(seed, q, k, bias, lse=None):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (scale * LOG2_E)
+        s = s + bias[:, None, None, :]
+        if lse is None:
+            lse = jnp.max(s, axis=-1) + jnp.log2(jnp.sum(jnp.exp2(s - jnp.max(s, axis=-1, keepdims=True)), axis=-1))
+        p = jnp.exp2(s - lse[..., None])
+        if rate == 0:
+            return p, p, lse
+        batch, heads, q_len, k_len = p.shape
+        keep = dropout_keep_mask(seed[0], batch, heads, q_len, k_len, rate)
+        return p, jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0), lse
+
+    def forward(seed, q, k, v, bias):
+        _, dropped, lse = probabilities(seed, q, k, bias)
+        out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out.astype(q.dtype), lse
+
+    @jax.custom_vjp
+    def attention(seed, q, k, v, bias):
+        return forward(seed, q, k, v, bias)[0]
+
+    def attention_forward(seed, q, k, v, bias):
+        out, lse = forward(seed, q, k, v, bias)
+        return out, (seed, q, k, v, bias, out, lse)
+
+    def attention_backward(residuals, do):
+        seed, q, k, v, bias, out, lse = residuals
+        p, dropped, _ = probabilities(seed, q, k, bias, lse)
+        dv = jnp.einsum("bhqk,bqhd->bkhd", dropped.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        d_dropped = jnp.einsum("bqhd,bkhd->bhqk", do, v, preferred_element_type=jnp.float32)
+        # d(p) = d(dropped) * keep / (1 - rate) = d(dropped) * dropped / p, written without dividing by p.
+        dp = d_dropped if rate == 0 else jnp.where(dropped > 0, d_dropped * (1.0 / (1.0 - rate)), 0.0)
+        delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
+        ds = p * (dp - delta[..., None]) * scale
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        seed_grad = np.zeros(seed.shape, jax.dtypes.float0)
+        return seed_grad, dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
+
+    attention.defvjp(attention_forward, attention_backward)
+    return attention
+
+
 # (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages): the fastest of
 # benchmarks/bench_flash_attention.py --sweep on an H200 at 32x128, 128x128 and 32x512 (RESULTS.md).
 DEFAULT_BLOCKS = (64, 64, 64, 64, 4, 2)
@@ -354,6 +404,7 @@ def flash_attention(
     scale: float,
     interpret: bool = False,
     blocks: tuple = DEFAULT_BLOCKS,
+    implementation: str = "pallas",
 ):
     """`dropout(softmax(q k^T * scale, keys hidden by key_mask)) @ v` in fused kernels.
 
@@ -365,12 +416,19 @@ def flash_attention(
         scale: logit scale, usually `1 / sqrt(head_size)`.
         interpret: run the kernels through Pallas' interpreter (any device; for tests).
         blocks: tile sizes, see `DEFAULT_BLOCKS`.
+        implementation: "pallas" (the fused kernels, NVIDIA GPUs) or "recompute" (the same algorithm on whole arrays
+            in XLA, any jax device and shape: it saves only the log-sum-exp for the backward pass, not the
+            `[batch, heads, q_len, k_len]` probabilities and mask; what jax uses on CPU).
     """
     import jax.numpy as jnp
 
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"flash_attention: rate must be in [0, 1), got {rate}.")
-    reason = supported(q.shape, k.shape, q.dtype)
+    if implementation not in ("pallas", "recompute"):
+        raise ValueError(f"flash_attention: implementation must be 'pallas' or 'recompute', got {implementation!r}.")
+    reason = supported(q.shape, k.shape, q.dtype) if implementation == "pallas" else None
+    if q.shape[1] * k.shape[1] >= 2**32:
+        reason = "q_len * k_len does not fit the 32-bit dropout counter"
     if reason is not None:
         raise ValueError(f"flash_attention: unsupported input ({reason}); use the XLA attention path.")
     batch, k_len = k.shape[0], k.shape[1]
@@ -379,4 +437,6 @@ def flash_attention(
     else:
         bias = jnp.where(jnp.broadcast_to(key_mask, (batch, k_len)), 0.0, MASKED_LOGIT).astype(jnp.float32)
     seed = jnp.reshape(jnp.asarray(seed, jnp.int32), (1,))
+    if implementation == "recompute":
+        return _build_recomputed(float(scale), float(rate))(seed, q, k, v, bias)
     return _build(float(scale), float(rate), bool(interpret), tuple(blocks))(seed, q, k, v, bias)

@@ -14,6 +14,17 @@ from keras import ops
 MASK_VALUE = -1e9
 
 
+def recompute_barrier(saved, upstream):
+    """Ties the values a custom gradient recomputes from to the incoming gradient, so that XLA can neither merge the
+    recomputation with the forward pass's identical ops nor schedule it early (either keeps forward-sized
+    intermediates alive and undoes the saving); what `jax.checkpoint` does. jax only: an identity elsewhere."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.lax.optimization_barrier((saved, upstream))
+    return saved, upstream
+
+
 @ops.custom_gradient
 def _gelu_erf_keeping_only_its_input(x):
     # Autodiff of erf-GELU keeps several [tokens, ffn] intermediates per layer for the backward pass (~330 MiB for

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from bert4x.layers import (AttentionMask, BiasAdd, Embedding, FeedForward, FirstToken, MultiHeadAttention,
-                           PositionEmbedding)
+from bert4x.layers import (AttentionMask, BiasAdd, Embedding, FeedForward, FirstToken, LayerNormalization,
+                           MultiHeadAttention, PositionEmbedding)
 from bert4x.models import build_transformer_model
 from harness import check_model, layer_model
 from helpers import grad_of, in_subprocess, run_pytest_on_backend
@@ -23,6 +23,7 @@ LAYER_CASES = {
     "FeedForward-gated": (lambda: FeedForward(16, gated=True, use_bias=False), [((6, 8), "float32")], X, X),
     "BiasAdd": (lambda: BiasAdd(), [((6, 8), "float32")], X, X),
     "FirstToken": (lambda: FirstToken(), [((6, 8), "float32")], X, X[:, 0]),
+    "LayerNormalization": (lambda: LayerNormalization(epsilon=1e-12), [((6, 8), "float32")], X, X),
 }
 
 
@@ -88,6 +89,38 @@ def test_gelu_erf_gradient_is_the_closed_form():
     np.testing.assert_allclose(grad_of(gelu_erf, x), derivative, atol=1e-6)
 
 
+def test_layer_norm_gradient_is_the_closed_form():
+    """bert4x's LayerNormalization (own gradient, keeping only its input) = Keras's, values and all three gradients."""
+    from bert4x.layers.core import _layer_norm_keeping_only_its_input as ours
+
+    x = (rng.normal(size=(3, 5, 16)) * 3 + 1).astype("float32")
+    gamma, beta = rng.normal(size=16).astype("float32"), rng.normal(size=16).astype("float32")
+    tensors = [keras.ops.convert_to_tensor(a) for a in (x, gamma, beta)]
+    weights = keras.ops.convert_to_tensor(rng.normal(size=x.shape).astype("float32"))
+    eps = keras.ops.convert_to_tensor(1e-12, "float32")
+
+    def autodiff(x, gamma, beta):  # the textbook formula, differentiated by the backend
+        mean = keras.ops.mean(x, axis=-1, keepdims=True)
+        var = keras.ops.mean(keras.ops.square(x - mean), axis=-1, keepdims=True)
+        return (x - mean) * keras.ops.rsqrt(var + 1e-12) * gamma + beta
+
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(ours(*tensors, eps)),
+                               keras.ops.convert_to_numpy(autodiff(*tensors)), atol=2e-6)
+    for name, wrt in (("x", 0), ("gamma", 1), ("beta", 2)):
+        def of(fn, *extra):
+            return lambda t: fn(*tensors[:wrt], t, *tensors[wrt + 1:], *extra) * weights
+
+        point = (x, gamma, beta)[wrt]
+        np.testing.assert_allclose(grad_of(of(ours, eps), point), grad_of(of(autodiff), point), atol=1e-5,
+                                   err_msg=f"d/d{name}")
+    layer, reference = LayerNormalization(epsilon=1e-12), keras.layers.LayerNormalization(epsilon=1e-12)
+    for norm in (layer, reference):
+        norm.build(x.shape)
+        norm.set_weights([gamma, beta])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), keras.ops.convert_to_numpy(reference(x)),
+                               atol=2e-6)
+
+
 def test_truncated_normal_initializer():
     """bert4x's host-drawn TruncatedNormal: the truncated-normal law, Keras's seeding rules, serializable."""
     from scipy import stats
@@ -115,4 +148,4 @@ def test_truncated_normal_initializer():
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_harness_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k",
-                          "bert_model or MultiHeadAttention or truncated or gelu")
+                          "bert_model or MultiHeadAttention or truncated or gelu or layer_norm or LayerNormalization")

@@ -17,6 +17,7 @@ __all__ = [
     "BiasAdd",
     "FirstToken",
     "AttentionMask",
+    "LayerNormalization",
 ]
 
 _PACKAGE = "bert4x"
@@ -441,6 +442,59 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     return flash_attention.flash_attention(
         q, k, v, key_mask, seed, rate, scale, interpret=mode == "interpret", implementation=implementation
     )
+
+
+@ops.custom_gradient
+def _layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
+    # Autodiff of LayerNorm keeps the centred and the normalised input for the backward pass: two more float32
+    # [tokens, width] arrays per LayerNorm (25 in BERT-base). The closed-form gradient recomputes them from x.
+    def normalise(x):
+        mean = ops.mean(x, axis=-1, keepdims=True)
+        centred = x - mean
+        rstd = ops.rsqrt(ops.mean(ops.square(centred), axis=-1, keepdims=True) + epsilon)
+        return centred * rstd, rstd
+
+    def grad(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        x_, upstream = backend.recompute_barrier(x, upstream)
+        normalised, rstd = normalise(x_)
+        rows = tuple(range(len(x.shape) - 1))
+        d_normalised = upstream * gamma
+        dx = rstd * (
+            d_normalised
+            - ops.mean(d_normalised, axis=-1, keepdims=True)
+            - normalised * ops.mean(d_normalised * normalised, axis=-1, keepdims=True)
+        )
+        return dx, ops.sum(upstream * normalised, axis=rows), ops.sum(upstream, axis=rows), ops.zeros_like(epsilon)
+
+    return normalise(x)[0] * gamma + beta, grad
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LayerNormalization(keras.layers.LayerNormalization):
+    """Keras's `LayerNormalization` (same weights, config and float32 arithmetic) whose gradient keeps only its input.
+
+    Over the last axis with both gamma and beta (BERT's LayerNorms) the backward pass recomputes the normalised input
+    from x instead of keeping two extra `[tokens, width]` float32 arrays per LayerNorm. Other settings run Keras's.
+
+    Example:
+    >>> norm = LayerNormalization(epsilon=1e-12)
+    >>> y = keras.ops.convert_to_numpy(norm(keras.ops.convert_to_tensor([[1.0, 2.0, 3.0, 6.0]])))
+    >>> bool(abs(y.mean()) < 1e-6)
+    True
+    """
+
+    def call(self, inputs):
+        last_axis_only = list(self.axis) in ([-1], [len(inputs.shape) - 1])
+        if not (last_axis_only and self.scale and self.center and not getattr(self, "rms_scaling", False)):
+            return super().call(inputs)
+        x = ops.cast(inputs, "float32")
+        epsilon = ops.convert_to_tensor(self.epsilon, "float32")
+        y = _layer_norm_keeping_only_its_input(
+            x, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), epsilon
+        )
+        return ops.cast(y, self.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

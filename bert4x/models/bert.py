@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from bert4x.layers import AttentionMask, BiasAdd, Embedding, FeedForward, FirstToken, MultiHeadAttention, PositionEmbedding
+from bert4x.layers import (AttentionMask, BiasAdd, Embedding, FeedForward, FirstToken, LayerNormalization,
+                          MultiHeadAttention, PositionEmbedding)
 from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import Transformer, register_model, src
 
@@ -195,7 +196,7 @@ class BERT(Transformer):
     def apply_layer_norm(self, x, name: str):
         """LayerNorm named `name`, conditional on `self.condition` when `layer_norm_cond` is set."""
         if self.condition is None:
-            return keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name=name)(x)
+            return LayerNormalization(epsilon=self.layer_norm_eps, name=name)(x)
         return ConditionalLayerNormalization(
             epsilon=self.layer_norm_eps, hidden_units=self.layer_norm_cond_hidden_size,
             hidden_activation=self.layer_norm_cond_hidden_act, hidden_initializer=self.initializer(), name=name,

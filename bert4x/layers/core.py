@@ -444,11 +444,21 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     )
 
 
+def _on_jax_cpu() -> bool:
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
 @ops.custom_gradient
 def _layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
     # Autodiff of LayerNorm keeps the centred and the normalised input for the backward pass: two more float32
-    # [tokens, width] arrays per LayerNorm (25 in BERT-base). The closed-form gradient recomputes them from x.
+    # [tokens, width] arrays per LayerNorm (25 in BERT-base). The closed-form gradient recomputes them from x, kept in
+    # its own dtype (bfloat16 under mixed precision); the arithmetic is float32.
     def normalise(x):
+        x = ops.cast(x, "float32")
         mean = ops.mean(x, axis=-1, keepdims=True)
         centred = x - mean
         rstd = ops.rsqrt(ops.mean(ops.square(centred), axis=-1, keepdims=True) + epsilon)
@@ -457,6 +467,7 @@ def _layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
     def grad(*args, upstream=None):
         if upstream is None:
             (upstream,) = args
+        upstream = ops.cast(upstream, "float32")
         x_, upstream = backend.recompute_barrier(x, upstream)
         normalised, rstd = normalise(x_)
         rows = tuple(range(len(x.shape) - 1))
@@ -466,7 +477,8 @@ def _layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
             - ops.mean(d_normalised, axis=-1, keepdims=True)
             - normalised * ops.mean(d_normalised * normalised, axis=-1, keepdims=True)
         )
-        return dx, ops.sum(upstream * normalised, axis=rows), ops.sum(upstream, axis=rows), ops.zeros_like(epsilon)
+        d_gamma, d_beta = ops.sum(upstream * normalised, axis=rows), ops.sum(upstream, axis=rows)
+        return ops.cast(dx, x.dtype), d_gamma, d_beta, ops.zeros_like(epsilon)
 
     return normalise(x)[0] * gamma + beta, grad
 
@@ -475,8 +487,10 @@ def _layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
 class LayerNormalization(keras.layers.LayerNormalization):
     """Keras's `LayerNormalization` (same weights, config and float32 arithmetic) whose gradient keeps only its input.
 
-    Over the last axis with both gamma and beta (BERT's LayerNorms) the backward pass recomputes the normalised input
-    from x instead of keeping two extra `[tokens, width]` float32 arrays per LayerNorm. Other settings run Keras's.
+    Over the last axis with both gamma and beta (BERT's LayerNorms), on jax on CPU, the backward pass recomputes the
+    normalised input from x instead of keeping two extra `[tokens, width]` float32 arrays per LayerNorm (BERT-base
+    training at 8 x 128: 72 MiB less). Elsewhere it runs Keras's: on an H200 the same change cost 4% speed and
+    1 GiB at 32 x 512 (benchmarks/RESULTS.md), and it was not measured on the other backends.
 
     Example:
     >>> norm = LayerNormalization(epsilon=1e-12)
@@ -487,12 +501,12 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
     def call(self, inputs):
         last_axis_only = list(self.axis) in ([-1], [len(inputs.shape) - 1])
-        if not (last_axis_only and self.scale and self.center and not getattr(self, "rms_scaling", False)):
+        plain = self.scale and self.center and not getattr(self, "rms_scaling", False)
+        if not (last_axis_only and plain and _on_jax_cpu()):
             return super().call(inputs)
-        x = ops.cast(inputs, "float32")
         epsilon = ops.convert_to_tensor(self.epsilon, "float32")
         y = _layer_norm_keeping_only_its_input(
-            x, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), epsilon
+            inputs, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), epsilon
         )
         return ops.cast(y, self.compute_dtype)
 

@@ -489,7 +489,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
     Over the last axis with both gamma and beta (BERT's LayerNorms), on jax on CPU, the backward pass recomputes the
     normalised input from x instead of keeping two extra `[tokens, width]` float32 arrays per LayerNorm (BERT-base
-    training at 8 x 128: 72 MiB less). Elsewhere it runs Keras's: on an H200 the same change cost 4% speed and
+    training at 8 x 128: 72 MiB less). Elsewhere it runs Keras's: on an H200 a first version of it cost 4% speed and
     1 GiB at 32 x 512 (benchmarks/RESULTS.md), and it was not measured on the other backends.
 
     Example:

@@ -91,15 +91,20 @@ def reference_attention(q, k, v, key_mask, seed, rate: float, scale: float):
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def supported(q_shape, k_shape, dtype) -> str | None:
-    """None if the kernels take these shapes, else the reason they do not (the caller falls back to XLA)."""
-    batch, q_len, heads, head_size = q_shape
+IMPLEMENTATIONS = ("pallas", "recompute")
+
+
+def supported(q_shape, k_shape, dtype, implementation: str = "pallas") -> str | None:
+    """None if `implementation` takes these inputs, else the reason it does not (the caller falls back to XLA)."""
+    if q_shape[1] * k_shape[1] >= 2**32:
+        return "q_len * k_len does not fit the 32-bit dropout counter"
+    if implementation == "recompute":
+        return None
+    head_size = q_shape[3]
     if head_size not in HEAD_SIZES:
         return f"head size {head_size} not in {HEAD_SIZES}"
-    if q_len % 16 or k_shape[1] % 16:
-        return f"lengths {q_len}/{k_shape[1]} are not multiples of 16"
-    if q_len * k_shape[1] >= 2**32:
-        return "q_len * k_len does not fit the 32-bit dropout counter"
+    if q_shape[1] % 16 or k_shape[1] % 16:
+        return f"lengths {q_shape[1]}/{k_shape[1]} are not multiples of 16"
     if np.dtype(dtype).name not in ("bfloat16", "float16", "float32"):
         return f"dtype {dtype}"
     return None
@@ -259,6 +264,29 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: s
     )
 
 
+def _with_vjp(forward, backward):
+    """`attention(seed, q, k, v, bias)` with a custom VJP from `forward -> (out, lse)` and
+    `backward(seed, q, k, v, bias, out, lse, do) -> (dq, dk, dv)`; the seed and the mask bias get no gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_vjp
+    def attention(seed, q, k, v, bias):
+        return forward(seed, q, k, v, bias)[0]
+
+    def attention_forward(seed, q, k, v, bias):
+        out, lse = forward(seed, q, k, v, bias)
+        return out, (seed, q, k, v, bias, out, lse)
+
+    def attention_backward(residuals, do):
+        seed, bias = residuals[0], residuals[4]
+        dq, dk, dv = backward(*residuals, do)
+        return np.zeros(seed.shape, jax.dtypes.float0), dq, dk, dv, jnp.zeros_like(bias)
+
+    attention.defvjp(attention_forward, attention_backward)
+    return attention
+
+
 @functools.lru_cache(maxsize=None)
 def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
     """The custom-VJP attention function for one (scale, rate, interpret, block sizes) combination."""
@@ -321,72 +349,47 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
         )(seed, q, k, v, bias, do, lse, delta)
         return dq, dk, dv
 
-    @jax.custom_vjp
-    def attention(seed, q, k, v, bias):
-        return forward(seed, q, k, v, bias)[0]
-
-    def attention_forward(seed, q, k, v, bias):
-        out, lse = forward(seed, q, k, v, bias)
-        return out, (seed, q, k, v, bias, out, lse)
-
-    def attention_backward(residuals, do):
-        seed, q, k, v, bias = residuals[:5]
-        dq, dk, dv = backward(*residuals, do)
-        seed_grad = np.zeros(seed.shape, jax.dtypes.float0)
-        return seed_grad, dq, dk, dv, jnp.zeros_like(bias)
-
-    attention.defvjp(attention_forward, attention_backward)
-    return attention
+    return _with_vjp(forward, backward)
 
 
 @functools.lru_cache(maxsize=None)
 def _build_recomputed(scale: float, rate: float):
     """The kernels' algorithm on whole arrays in XLA (any jax device): the backward pass recomputes the probabilities
     and the dropout mask from q, k, the seed and the saved log-sum-exp instead of keeping them from the forward."""
-    import jax
     import jax.numpy as jnp
 
     def probabilities(seed, q, k, bias, lse=None):
+        """Probabilities p before dropout, the dropout multiplier z (keep / (1 - rate), or None at rate 0), lse."""
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (scale * LOG2_E)
         s = s + bias[:, None, None, :]
         if lse is None:
             lse = jnp.max(s, axis=-1) + jnp.log2(jnp.sum(jnp.exp2(s - jnp.max(s, axis=-1, keepdims=True)), axis=-1))
         p = jnp.exp2(s - lse[..., None])
         if rate == 0:
-            return p, p, lse
+            return p, None, lse
         batch, heads, q_len, k_len = p.shape
         keep = dropout_keep_mask(seed[0], batch, heads, q_len, k_len, rate)
-        return p, jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0), lse
+        return p, jnp.where(keep, 1.0 / (1.0 - rate), 0.0), lse
 
     def forward(seed, q, k, v, bias):
-        _, dropped, lse = probabilities(seed, q, k, bias)
+        p, z, lse = probabilities(seed, q, k, bias)
+        dropped = p if z is None else p * z
         out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return out.astype(q.dtype), lse
 
-    @jax.custom_vjp
-    def attention(seed, q, k, v, bias):
-        return forward(seed, q, k, v, bias)[0]
-
-    def attention_forward(seed, q, k, v, bias):
-        out, lse = forward(seed, q, k, v, bias)
-        return out, (seed, q, k, v, bias, out, lse)
-
-    def attention_backward(residuals, do):
-        seed, q, k, v, bias, out, lse = residuals
-        p, dropped, _ = probabilities(seed, q, k, bias, lse)
+    def backward(seed, q, k, v, bias, out, lse, do):
+        p, z, _ = probabilities(seed, q, k, bias, lse)
+        dropped, dp = p, jnp.einsum("bqhd,bkhd->bhqk", do, v, preferred_element_type=jnp.float32)
+        if z is not None:
+            dropped, dp = p * z, dp * z
         dv = jnp.einsum("bhqk,bqhd->bkhd", dropped.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        d_dropped = jnp.einsum("bqhd,bkhd->bhqk", do, v, preferred_element_type=jnp.float32)
-        # d(p) = d(dropped) * keep / (1 - rate) = d(dropped) * dropped / p, written without dividing by p.
-        dp = d_dropped if rate == 0 else jnp.where(dropped > 0, d_dropped * (1.0 / (1.0 - rate)), 0.0)
         delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
         ds = p * (dp - delta[..., None]) * scale
         dq = jnp.einsum("bhqk,bkhd->bqhd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
         dk = jnp.einsum("bhqk,bqhd->bkhd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-        seed_grad = np.zeros(seed.shape, jax.dtypes.float0)
-        return seed_grad, dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
-    attention.defvjp(attention_forward, attention_backward)
-    return attention
+    return _with_vjp(forward, backward)
 
 
 # (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages): the fastest of
@@ -424,11 +427,9 @@ def flash_attention(
 
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"flash_attention: rate must be in [0, 1), got {rate}.")
-    if implementation not in ("pallas", "recompute"):
+    if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"flash_attention: implementation must be 'pallas' or 'recompute', got {implementation!r}.")
-    reason = supported(q.shape, k.shape, q.dtype) if implementation == "pallas" else None
-    if q.shape[1] * k.shape[1] >= 2**32:
-        reason = "q_len * k_len does not fit the 32-bit dropout counter"
+    reason = supported(q.shape, k.shape, q.dtype, implementation)
     if reason is not None:
         raise ValueError(f"flash_attention: unsupported input ({reason}); use the XLA attention path.")
     batch, k_len = k.shape[0], k.shape[1]

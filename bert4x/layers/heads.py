@@ -18,7 +18,7 @@ import keras
 from keras import ops
 
 from bert4x import backend
-from bert4x.layers.core import Embedding
+from bert4x.layers.core import Embedding, tied_projection
 
 __all__ = [
     "GlobalPointer",
@@ -465,7 +465,7 @@ class PromptEmbedding(Embedding):
     def call(self, inputs, mode: str = "embedding"):
         table = ops.cast(self._masked_table(), self.compute_dtype)
         if mode == "dense":
-            return ops.matmul(inputs, ops.transpose(table))
+            return tied_projection(inputs, table)
         if mode != "embedding":
             raise ValueError(f"PromptEmbedding mode must be 'embedding' or 'dense', got {mode!r}.")
         return ops.take(table, ops.cast(inputs, "int32"), axis=0)

@@ -82,6 +82,23 @@ def test_dropout_mask_is_uniform_independent_and_changes_with_the_seed():
     assert 0.15 < np.mean(other != keep) < 0.2  # ~2 * 0.1 * 0.9 for independent masks
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_hashed_dropout_mask_is_uniform_independent_and_changes_with_the_seed(rate):
+    """The hidden-state dropout mask of `bert4x.layers.Dropout` on jax."""
+    keep = np.asarray(fa.hashed_keep_mask(jnp.int32(11), (16, 128, 96), rate))
+    n = keep.size
+    assert abs(keep.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n), keep.mean()
+    x = keep.astype(np.float64) - keep.mean()
+    for axis in (2, 1, 0):
+        a = np.moveaxis(x, axis, 0)
+        assert abs(np.mean(a[1:] * a[:-1]) / x.var()) < 0.01, axis
+    other = np.asarray(fa.hashed_keep_mask(jnp.int32(12), (16, 128, 96), rate))
+    assert abs(np.mean(other != keep) - 2 * rate * (1 - rate)) < 0.01
+    np.testing.assert_array_equal(keep, np.asarray(fa.hashed_keep_mask(jnp.int32(11), (16, 128, 96), rate)))
+    with pytest.raises(ValueError, match="32-bit"):
+        fa.hashed_keep_mask(jnp.int32(0), (2**16, 2**16), rate)
+
+
 def test_unsupported_inputs_are_named():
     q = jnp.zeros((1, 16, 2, 24), jnp.float32)
     with pytest.raises(ValueError, match="head size 24"):
@@ -144,6 +161,26 @@ def test_attention_layer_runs_the_kernels_in_training(monkeypatch, mode):
         mha(x, attention_mask=mask, training=True)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the hashed dropout is jax-only; re-run on jax below")
+def test_dropout_layer_uses_the_hash_in_training():
+    from bert4x.layers import Dropout
+
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 40, 24)), jnp.bfloat16)
+    layer = Dropout(0.25, seed=9, dtype="mixed_bfloat16")
+    state = np.asarray(layer.seed_generator.state.value)
+    out = layer(x, training=True)
+    layer.seed_generator.state.assign(state)
+    seed = keras.random.randint((), 0, 2**31 - 1, seed=layer.seed_generator, dtype="int32")
+    expected = jnp.where(fa.hashed_keep_mask(seed, x.shape, 0.25), x / jnp.bfloat16(0.75), 0)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+    assert not np.array_equal(np.asarray(layer(x, training=True), np.float32), np.asarray(out, np.float32))
+    np.testing.assert_array_equal(np.asarray(layer(x), np.float32), np.asarray(x, np.float32))
+    # noise_shape keeps Keras's own dropout (one decision per broadcast slice).
+    shared = np.asarray(Dropout(0.5, noise_shape=(3, 1, 24), seed=1)(x, training=True), np.float32)
+    assert np.array_equal(shared[:, 0] == 0, shared[:, 1] == 0)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
 def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
     from bert4x.models import build_transformer_model
@@ -167,4 +204,4 @@ def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
 
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
 def test_flash_attention_layer_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_flash_attention.py", "-k", "layer_runs or bert_fit")
+    run_pytest_on_backend("jax", "tests/test_flash_attention.py", "-k", "layer_runs or bert_fit or layer_uses")

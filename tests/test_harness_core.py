@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from bert4x.layers import (AttentionMask, BiasAdd, Embedding, FeedForward, FirstToken, LayerNormalization,
+from bert4x.layers import (AttentionMask, BiasAdd, Dropout, Embedding, FeedForward, FirstToken, LayerNormalization,
                            MultiHeadAttention, PositionEmbedding)
 from bert4x.models import build_transformer_model
 from harness import check_model, layer_model
@@ -24,13 +24,14 @@ LAYER_CASES = {
     "BiasAdd": (lambda: BiasAdd(), [((6, 8), "float32")], X, X),
     "FirstToken": (lambda: FirstToken(), [((6, 8), "float32")], X, X[:, 0]),
     "LayerNormalization": (lambda: LayerNormalization(epsilon=1e-12), [((6, 8), "float32")], X, X),
+    "Dropout": (lambda: Dropout(0.2, seed=3), [((6, 8), "float32")], X, X),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LAYER_CASES))
 def test_layer_harness(name, tmp_path):
     make_layer, specs, inputs, targets = LAYER_CASES[name]
-    if name == "BiasAdd" or name == "FirstToken":
+    if name in ("BiasAdd", "FirstToken", "Dropout"):
         # Parameter-free or bias-only layers still need something to train: put a Dense before them.
         import keras
 
@@ -148,4 +149,4 @@ def test_truncated_normal_initializer():
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_harness_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k",
-                          "bert_model or MultiHeadAttention or truncated or gelu or layer_norm or LayerNormalization")
+                          "bert_model or MultiHeadAttention or truncated or gelu or layer_norm or LayerNormalization or Dropout")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from bert4x.layers import (AttentionMask, BiasAdd, Embedding, FeedForward, FirstToken, LayerNormalization,
+from bert4x.layers import (AttentionMask, BiasAdd, Dropout, Embedding, FeedForward, FirstToken, LayerNormalization,
                           MultiHeadAttention, PositionEmbedding)
 from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import Transformer, register_model, src
@@ -217,7 +217,7 @@ class BERT(Transformer):
             x = keras.layers.Add(name="Embedding-Token-Segment")([x, s])
         x = self.apply_position_embedding(x)
         x = self.apply_layer_norm(x, "Embedding-Norm")
-        x = keras.layers.Dropout(self.dropout_rate, name="Embedding-Dropout")(x)
+        x = Dropout(self.dropout_rate, name="Embedding-Dropout")(x)
         self.attention_mask = AttentionMask(
             {"encoder": "encoder", "lm": "lm", "unilm": "unilm"}[self.application], name="Attention-Mask"
         )(token_ids, segment_ids)
@@ -239,13 +239,13 @@ class BERT(Transformer):
             self.num_attention_heads, self.attention_head_size, attention_dropout=self.attention_dropout_rate,
             kernel_initializer=self.initializer(), name=attention, **self.attention_variant_kwargs(),
         )(x, attention_mask=self.attention_mask, **self.attention_kwargs())
-        y = keras.layers.Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
+        y = Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
         x = keras.layers.Add(name=f"{attention}-Add")([x, y])
         x = self.apply_layer_norm(x, f"{attention}-Norm")
         y = FeedForward(
             self.intermediate_size, activation=self.hidden_act, kernel_initializer=self.initializer(), name=feed_forward
         )(x)
-        y = keras.layers.Dropout(self.dropout_rate, name=f"{feed_forward}-Dropout")(y)
+        y = Dropout(self.dropout_rate, name=f"{feed_forward}-Dropout")(y)
         x = keras.layers.Add(name=f"{feed_forward}-Add")([x, y])
         return self.apply_layer_norm(x, f"{feed_forward}-Norm")
 

@@ -15,7 +15,7 @@ import numpy as np
 from keras import ops
 
 from bert4x import backend
-from bert4x.layers import AttentionMask, Embedding, FeedForward, MultiHeadAttention
+from bert4x.layers import AttentionMask, Dropout, Embedding, FeedForward, MultiHeadAttention
 from bert4x.models.base import Source, register_model, src
 from bert4x.models.bert import BERT, GOOGLE_TABLE, _google_layer_table, _output_dtype
 
@@ -229,7 +229,7 @@ class RoFormerV2(RoFormer):
                 name="Embedding-Segment",
             )(segment_ids)
             x = keras.layers.Add(name="Embedding-Token-Segment")([x, s])
-        x = keras.layers.Dropout(self.dropout_rate, name="Embedding-Dropout")(x)
+        x = Dropout(self.dropout_rate, name="Embedding-Dropout")(x)
         x = UnscaledRMSNorm(name="Embedding-Norm")(x)
         x = self.apply_position_embedding(x)
         self.attention_mask = AttentionMask(self.application, name="Attention-Mask")(token_ids, segment_ids)
@@ -242,21 +242,21 @@ class RoFormerV2(RoFormer):
             self.num_attention_heads, self.attention_head_size, use_bias=False,
             attention_dropout=self.attention_dropout_rate, kernel_initializer=self.initializer(), name=attention,
         )(x, attention_mask=self.attention_mask, **self.attention_kwargs())
-        y = keras.layers.Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
+        y = Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
         x = keras.layers.Add(name=f"{attention}-Add")([x, y])
         x = UnscaledRMSNorm(name=f"{attention}-Norm")(x)
         y = FeedForward(
             self.intermediate_size, activation=self.ffn_activation, gated=self.ffn_gated, use_bias=False,
             kernel_initializer=self.initializer(), name=feed_forward,
         )(x)
-        y = keras.layers.Dropout(self.dropout_rate, name=f"{feed_forward}-Dropout")(y)
+        y = Dropout(self.dropout_rate, name=f"{feed_forward}-Dropout")(y)
         x = keras.layers.Add(name=f"{feed_forward}-Add")([x, y])
         return UnscaledRMSNorm(name=f"{feed_forward}-Norm")(x)
 
     def apply_final_layers(self, x):
         if not self.with_mlm:
             return x
-        x = keras.layers.Dropout(self.dropout_rate, name="MLM-Dropout")(x)
+        x = Dropout(self.dropout_rate, name="MLM-Dropout")(x)
         x = self.token_embedding(x, mode="dense")
         activation = "softmax" if self.with_mlm is True else self.with_mlm
         return keras.layers.Activation(activation, dtype=_output_dtype(), name="MLM-Activation")(x)

@@ -63,7 +63,7 @@ from keras import ops
 
 from bert4x import backend
 from bert4x.generation import DecodingAdapter, register_adapter
-from bert4x.layers import AttentionMask, Embedding, FeedForward, MultiHeadAttention
+from bert4x.layers import AttentionMask, Dropout, Embedding, FeedForward, MultiHeadAttention
 from bert4x.layers.t5 import ContextMask, MaskPadding, RelativePositionBias
 from bert4x.models.base import Transformer, register_model, src
 
@@ -329,7 +329,7 @@ class T5(Transformer):
         return self._layer(keras.layers.RMSNormalization, name, epsilon=self.layer_norm_eps)
 
     def _dropout(self, name: str):
-        return self._layer(keras.layers.Dropout, name, rate=self.dropout_rate)
+        return self._layer(Dropout, name, rate=self.dropout_rate)
 
     def _attention_layer(self, name: str, cross: bool = False):
         return self._layer(

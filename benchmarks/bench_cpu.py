@@ -1,6 +1,8 @@
 """CPU inference and training: bert4x vs keras-hub vs Hugging Face transformers, on the same work, in one run.
 
-The work (issue 6): BERT-base Chinese config as a 2-class sequence classifier with random weights, float32:
+The work (issue 6): BERT-base Chinese config as a 2-class sequence classifier with random weights, float32, no dropout
+(`--dropout 0.1` trains with BERT's dropout on hidden states, attention probabilities and the classifier input, as in
+the GPU fine-tuning work; forwards run in inference mode either way):
   - forward at 8x128 and 1x128 (median wall time of repeated calls after warm-up/compilation);
   - one training step (forward, backward, AdamW update) at 8x128;
   - peak host memory: the RSS high-water mark of a process that builds the model and runs the forwards (inference)
@@ -53,24 +55,26 @@ def _backend_of(peer: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- keras peers
-def _keras_model(peer: str, cfg: dict):
+def _keras_model(peer: str, cfg: dict, dropout: float):
     import keras
 
     if peer.startswith("bert4x"):
         from bert4x.models import build_transformer_model
 
-        bert = build_transformer_model(dict(cfg, hidden_act="gelu"), with_pool=True)
-        logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(bert.output)
+        bert = build_transformer_model(dict(cfg, hidden_act="gelu", hidden_dropout_prob=dropout,
+                                            attention_probs_dropout_prob=dropout), with_pool=True)
+        pooled = keras.layers.Dropout(dropout, name="Classifier-Dropout")(bert.output)
+        logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(pooled)
         return keras.Model(bert.inputs, logits)
     import keras_hub
 
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-        hidden_dim=cfg["hidden_size"], intermediate_dim=cfg["intermediate_size"], dropout=0.0,
+        hidden_dim=cfg["hidden_size"], intermediate_dim=cfg["intermediate_size"], dropout=dropout,
         max_sequence_length=cfg["max_position_embeddings"], num_segments=cfg["type_vocab_size"],
     )
     return keras_hub.models.BertTextClassifier(backbone, num_classes=common.NUM_CLASSES, preprocessor=None,
-                                               dropout=0.0)
+                                               dropout=dropout)
 
 
 def _keras_inputs(peer: str, data: dict):
@@ -84,7 +88,7 @@ def run_keras(args, cfg: dict, rss_import: float) -> list[dict]:
 
     if args.dtype == "bfloat16":  # bfloat16 compute, float32 weights (Keras' mixed precision)
         keras.config.set_dtype_policy("mixed_bfloat16")
-    model = _keras_model(args.peer, cfg)
+    model = _keras_model(args.peer, cfg, args.dropout)
     rss_built = _rss_mib()
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     # keras-hub tasks wrap predict/train in a data pipeline (grain or tf.data); keras.Model's own methods run the
@@ -127,7 +131,7 @@ def run_torch(args, cfg: dict, rss_import: float) -> list[dict]:
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
         num_attention_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
         max_position_embeddings=cfg["max_position_embeddings"], type_vocab_size=cfg["type_vocab_size"],
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=common.NUM_CLASSES,
+        hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout, num_labels=common.NUM_CLASSES,
     )
     model = BertForSequenceClassification(config)
     rss_built = _rss_mib()
@@ -180,7 +184,7 @@ def run_torch(args, cfg: dict, rss_import: float) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- shared
 def _record(args, cfg, op: str, shape: str, median: float, times: list[float], first_call_s: float) -> dict:
     batch, seq = common.parse_shape(shape)
-    return dict(op=op, shape=shape, dtype=args.dtype, median_s=round(median, 4), times_s=[round(t, 4) for t in times],
+    return dict(op=op, shape=shape, dtype=args.dtype, dropout=args.dropout, median_s=round(median, 4), times_s=[round(t, 4) for t in times],
                 first_call_s=round(first_call_s, 2), tokens_per_s=round(batch * seq / median, 1))
 
 
@@ -246,6 +250,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype: bfloat16 = Keras mixed_bfloat16 / torch.autocast(bfloat16); "
                              "weights stay float32")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout rate of every peer in training (hidden, attention probabilities, classifier)")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -266,7 +272,7 @@ def main(argv=None) -> None:
             argv_ = [os.path.abspath(__file__), "--worker", "--peer", peer, "--mode", mode, "--config", args.config,
                      "--shapes", args.shapes, "--repeats", str(args.repeats),
                      "--train-repeats", str(args.train_repeats), "--jit-compile", args.jit_compile,
-                     "--dtype", args.dtype]
+                     "--dtype", args.dtype, "--dropout", str(args.dropout)]
             env = {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
             if not peer.startswith("hf_"):
                 env["KERAS_BACKEND"] = _backend_of(peer)

@@ -184,8 +184,9 @@ def run_torch(args, cfg: dict, rss_import: float) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- shared
 def _record(args, cfg, op: str, shape: str, median: float, times: list[float], first_call_s: float) -> dict:
     batch, seq = common.parse_shape(shape)
-    return dict(op=op, shape=shape, dtype=args.dtype, dropout=args.dropout, median_s=round(median, 4), times_s=[round(t, 4) for t in times],
-                first_call_s=round(first_call_s, 2), tokens_per_s=round(batch * seq / median, 1))
+    return dict(op=op, shape=shape, dtype=args.dtype, dropout=args.dropout, median_s=round(median, 4),
+                times_s=[round(t, 4) for t in times], first_call_s=round(first_call_s, 2),
+                tokens_per_s=round(batch * seq / median, 1))
 
 
 def _with_memory(records: list[dict], rss_import: float, rss_built: float) -> list[dict]:

@@ -55,6 +55,11 @@ class Dropout(keras.layers.Dropout):
     True
     """
 
+    def draw_seed(self):
+        """A fresh int32 seed from this layer's generator: what a hashed mask (here or in the fused attention) is keyed
+        by, so every training call drops different entries."""
+        return keras.random.randint((), 0, 2**31 - 1, seed=self.seed_generator, dtype="int32")
+
     def call(self, inputs, training=False):
         if not training or self.rate <= 0 or self.noise_shape is not None or keras.backend.backend() != "jax":
             return super().call(inputs, training=training)
@@ -62,8 +67,7 @@ class Dropout(keras.layers.Dropout):
 
         from bert4x.layers import flash_attention
 
-        seed = keras.random.randint((), 0, 2**31 - 1, seed=self.seed_generator, dtype="int32")
-        keep = flash_attention.hashed_keep_mask(seed, tuple(inputs.shape), self.rate)
+        keep = flash_attention.hashed_keep_mask(self.draw_seed(), tuple(inputs.shape), self.rate)
         return jnp.where(keep, inputs / jnp.asarray(1.0 - self.rate, inputs.dtype), jnp.zeros_like(inputs))
 
 
@@ -479,9 +483,7 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     if flash_attention.supported(q.shape, k.shape, q.dtype, implementation) is not None:
         return None
     key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (k.shape[0], k.shape[1]))
-    seed = 0
-    if rate > 0:
-        seed = keras.random.randint((), 0, 2**31 - 1, seed=dropout_layer.seed_generator, dtype="int32")
+    seed = dropout_layer.draw_seed() if rate > 0 else 0
     return flash_attention.flash_attention(
         q, k, v, key_mask, seed, rate, scale, interpret=mode == "interpret", implementation=implementation
     )

@@ -54,12 +54,17 @@ def _keep(seed, stream, rows, cols, k_len: int, rate: float):
     """True where dropout keeps entry (rows, cols) of attention map `stream` (= batch * heads + head)."""
     import jax.numpy as jnp
 
-    # Seed and map are mixed into one key (scalar work, once per kernel block), so each entry costs one finaliser
-    # round of its counter under that key.
-    call_key = _mix32(seed.astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9))
-    stream_key = _mix32(stream.astype(jnp.uint32) + call_key)
     counter = rows.astype(jnp.uint32) * jnp.uint32(k_len) + cols.astype(jnp.uint32)
-    return _kept(_keyed_hash(counter, stream_key), rate)
+    return _kept(_keyed_hash(counter, _stream_key(seed, stream)), rate)
+
+
+def _stream_key(seed, stream):
+    """Seed and stream mixed into one key (scalar work, once per kernel block), so that each entry costs one
+    finaliser round of its counter under that key."""
+    import jax.numpy as jnp
+
+    call_key = _mix32(jnp.asarray(seed).astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9))
+    return _mix32(jnp.asarray(stream).astype(jnp.uint32) + call_key)
 
 
 def _keyed_hash(counter, key):
@@ -88,9 +93,8 @@ def hashed_keep_mask(seed, shape: tuple, rate: float):
     size = math.prod(shape)
     if size >= 2**32:
         raise ValueError(f"hashed_keep_mask: shape {shape} has {size} entries; the counter is 32-bit")
-    key = _mix32(jnp.asarray(seed).astype(jnp.uint32) ^ jnp.uint32(0x7F4A7C15))
     counter = jnp.arange(size, dtype=jnp.uint32).reshape(shape)
-    return _kept(_keyed_hash(counter, key), rate)
+    return _kept(_keyed_hash(counter, _stream_key(seed, 0)), rate)
 
 
 def dropout_keep_mask(seed, batch: int, heads: int, q_len: int, k_len: int, rate: float):

@@ -36,7 +36,9 @@ def _gelu_erf_keeping_only_its_input(x):
         pdf = 0.3989422804014327 * ops.exp(-0.5 * ops.square(x))
         return upstream * (cdf + x * pdf)
 
-    return keras.activations.gelu(x, approximate=False), grad
+    # Google's erf formula, not jax's erfc one: XLA expands erfc into both of its branches (an exp and a division),
+    # which made this the slowest elementwise kernel of a BERT-base step (0.158 vs 0.086 ms a layer, H200, 32 x 512).
+    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476)), grad
 
 
 @keras.saving.register_keras_serializable(package="bert4x")

@@ -227,8 +227,10 @@ def categorise_kernel(kernel: str, op_name: str) -> str:
 
 
 def summarise_trace(trace_dir: str, dump_dir: str | None, steps: int, wall_s: float, top: int = 25) -> dict:
-    """Per-step GPU time by category and the top kernels, from the jax profiler trace in `trace_dir`."""
+    """Per-step GPU time by category, the top kernels and the top ops (layer index folded, so an op of every layer
+    is one row), from the jax profiler trace in `trace_dir`."""
     import glob
+    import re
 
     import jax
 
@@ -239,6 +241,7 @@ def summarise_trace(trace_dir: str, dump_dir: str | None, steps: int, wall_s: fl
     data = jax.profiler.ProfileData.from_file(sorted(files)[-1])
     by_category: dict[str, float] = {}
     by_kernel: dict[tuple, list] = {}
+    by_op: dict[tuple, list] = {}
     lines_seen, stat_keys, kernels = [], set(), 0
     busy_ns, intervals = 0.0, []
     for plane in data.planes:
@@ -260,6 +263,10 @@ def summarise_trace(trace_dir: str, dump_dir: str | None, steps: int, wall_s: fl
                 entry = by_kernel.setdefault((category, event.name[:90], op_name[-90:]), [0.0, 0])
                 entry[0] += ns
                 entry[1] += 1
+                # the same op in every layer, summed: where a category's time goes, whatever the kernel's number
+                op = by_op.setdefault((category, re.sub(r"-\d+-", "-N-", op_name)[-110:]), [0.0, 0, event.name[:40], hlo_op])
+                op[0] += ns
+                op[1] += 1
                 busy_ns += ns
                 kernels += 1
                 intervals.append((event.start_ns, event.start_ns + ns))
@@ -282,6 +289,11 @@ def summarise_trace(trace_dir: str, dump_dir: str | None, steps: int, wall_s: fl
         "top_kernels": [
             {"category": c, "kernel": k, "op_name": o, "ms_per_step": per_step(v[0]), "calls_per_step": v[1] / steps}
             for (c, k, o), v in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+        ],
+        "top_ops": [
+            {"category": c, "op_name": o, "example_kernel": v[2], "example_hlo_op": v[3], "ms_per_step": per_step(v[0]),
+             "calls_per_step": v[1] / steps}
+            for (c, o), v in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:3 * top]
         ],
         "hlo_ops_named": len(op_names),
         "gpu_lines": lines_seen[:20],

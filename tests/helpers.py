@@ -51,7 +51,7 @@ def grad_of(fn, x):
         with tf.GradientTape() as tape:
             tape.watch(t)
             y = tf.reduce_sum(fn(t))
-        return tape.gradient(y, t).numpy()
+        return tf.convert_to_tensor(tape.gradient(y, t)).numpy()  # a gather's gradient comes as IndexedSlices
     if name == "jax":
         import jax
 

@@ -90,6 +90,51 @@ def test_gelu_erf_gradient_is_the_closed_form():
     np.testing.assert_allclose(grad_of(gelu_erf, x), derivative, atol=1e-6)
 
 
+def test_first_token_and_position_gradients_equal_autodiff():
+    """FirstToken's and PositionEmbedding's own gradients (written so that XLA:GPU picks good layouts) equal the
+    autodiff of the plain slice and broadcast add, for weighted sums so that every entry's gradient differs."""
+    from bert4x.layers.core import _add_positions, _first_token
+
+    x = rng.normal(size=(3, 5, 4)).astype("float32")
+    table = rng.normal(size=(5, 4)).astype("float32")
+    w_first = keras.ops.convert_to_tensor(rng.normal(size=(3, 4)).astype("float32"))
+    w_all = keras.ops.convert_to_tensor(rng.normal(size=x.shape).astype("float32"))
+    plain_first = grad_of(lambda t: t[:, 0] * w_first, x)
+    np.testing.assert_array_equal(grad_of(lambda t: _first_token(t) * w_first, x), plain_first)
+    assert np.all(plain_first[:, 1:] == 0) and np.all(plain_first[:, 0] != 0)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(_first_token(keras.ops.convert_to_tensor(x))), x[:, 0])
+
+    xs = keras.ops.convert_to_tensor(x)
+    ours = grad_of(lambda t: _add_positions(xs, t) * w_all, table)
+    np.testing.assert_allclose(ours, grad_of(lambda t: (xs + t[None]) * w_all, table), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours, keras.ops.convert_to_numpy(w_all).sum(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad_of(lambda t: _add_positions(t, keras.ops.convert_to_tensor(table)) * w_all, x),
+                               keras.ops.convert_to_numpy(w_all), rtol=0, atol=0)
+
+
+def test_embedding_gradient_accumulates_in_float32_under_mixed_precision():
+    """Under mixed_bfloat16 the table is gathered in float32 and cast after, so its gradient is summed in float32:
+    4,096 uses of one token give exactly 4,096. From an autocast bfloat16 copy, jax and torch sum it to 256."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        layer = Embedding(50, 4)
+        ids = np.full((2, 2048), 7, "int32")
+        inputs = keras.Input((2048,), dtype="int32")
+        model = keras.Model(inputs, layer(inputs))  # inside a model, as in fit: the layer runs under autocast
+        assert keras.backend.standardize_dtype(model(ids).dtype) == "bfloat16"
+        assert layer.embeddings.dtype == "float32"
+
+        def summed(table):
+            return keras.ops.cast(model.stateless_call([table], [], ids)[0], "float32")
+
+        grad = grad_of(summed, keras.ops.convert_to_numpy(layer.embeddings))
+        np.testing.assert_array_equal(grad[7], np.full(4, 4096.0, "float32"))
+        assert np.all(np.delete(grad, 7, axis=0) == 0)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def test_layer_norm_gradient_is_the_closed_form():
     """bert4x's LayerNormalization (own gradient, keeping only its input) = Keras's, values and all three gradients."""
     from bert4x.layers.core import _layer_norm_keeping_only_its_input as ours
@@ -149,4 +194,6 @@ def test_truncated_normal_initializer():
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_harness_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k",
-                          "bert_model or MultiHeadAttention or truncated or gelu or layer_norm or LayerNormalization or Dropout")
+                          "bert_model or MultiHeadAttention or truncated or gelu or layer_norm or LayerNormalization or Dropout"
+                          " or first_token or FirstToken or PositionEmbedding"
+                          " or Embedding or embedding_gradient")

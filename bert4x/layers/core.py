@@ -90,6 +90,14 @@ class Embedding(keras.layers.Embedding):
     # exact in float32.
     SMALL_TABLE_ROWS = 16
 
+    def add_weight(self, *args, **kwargs):
+        # The table is not autocast: rows are gathered from float32 and then cast (Keras's Embedding.call casts its
+        # output). Gathered from an autocast bfloat16 copy, the table's gradient is a bfloat16 scatter-add, in which
+        # a token used more than 256 times in a batch stops adding up (4,096 uses of one id summed to 256).
+        if kwargs.get("name") == "embeddings":
+            kwargs.setdefault("autocast", False)
+        return super().add_weight(*args, **kwargs)
+
     def call(self, inputs, mode: str = "embedding"):
         if mode == "dense":
             return tied_projection(inputs, ops.cast(self.embeddings, self.compute_dtype))

@@ -264,7 +264,8 @@ def summarise_trace(trace_dir: str, dump_dir: str | None, steps: int, wall_s: fl
                 entry[0] += ns
                 entry[1] += 1
                 # the same op in every layer, summed: where a category's time goes, whatever the kernel's number
-                op = by_op.setdefault((category, re.sub(r"-\d+-", "-N-", op_name)[-110:]), [0.0, 0, event.name[:40], hlo_op])
+                folded = re.sub(r"-\d+-", "-N-", op_name)[-110:]
+                op = by_op.setdefault((category, folded), [0.0, 0, event.name[:40], hlo_op])
                 op[0] += ns
                 op[1] += 1
                 busy_ns += ns
@@ -291,8 +292,8 @@ def summarise_trace(trace_dir: str, dump_dir: str | None, steps: int, wall_s: fl
             for (c, k, o), v in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]
         ],
         "top_ops": [
-            {"category": c, "op_name": o, "example_kernel": v[2], "example_hlo_op": v[3], "ms_per_step": per_step(v[0]),
-             "calls_per_step": v[1] / steps}
+            {"category": c, "op_name": o, "example_kernel": v[2], "example_hlo_op": v[3],
+             "ms_per_step": per_step(v[0]), "calls_per_step": v[1] / steps}
             for (c, o), v in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:3 * top]
         ],
         "hlo_ops_named": len(op_names),

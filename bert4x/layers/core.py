@@ -63,12 +63,10 @@ class Dropout(keras.layers.Dropout):
     def call(self, inputs, training=False):
         if not training or self.rate <= 0 or self.noise_shape is not None or keras.backend.backend() != "jax":
             return super().call(inputs, training=training)
-        import jax.numpy as jnp
-
         from bert4x.layers import flash_attention
 
         keep = flash_attention.hashed_keep_mask(self.draw_seed(), tuple(inputs.shape), self.rate)
-        return jnp.where(keep, inputs / jnp.asarray(1.0 - self.rate, inputs.dtype), jnp.zeros_like(inputs))
+        return ops.where(keep, inputs / ops.cast(1.0 - self.rate, inputs.dtype), ops.zeros_like(inputs))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -171,8 +169,7 @@ def _add_positions(inputs, table):
     # residual stream out batch-minor to make it cheap (BERT-base 32 x 512 on an H200), which turned every residual,
     # dropout and LayerNorm kernel into a transpose: 9% of the step. As a matmul with a row of ones it sets no layout.
     def grad(*args, upstream=None):
-        if upstream is None:
-            (upstream,) = args
+        upstream = backend.upstream_gradient(args, upstream)
         batch = ops.shape(upstream)[0]
         rows = ops.reshape(upstream, (batch, -1))
         return upstream, ops.reshape(ops.matmul(ops.ones((1, batch), upstream.dtype), rows), ops.shape(table))
@@ -533,9 +530,7 @@ def _layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
         return centred * rstd, rstd
 
     def grad(*args, upstream=None):
-        if upstream is None:
-            (upstream,) = args
-        upstream = ops.cast(upstream, "float32")
+        upstream = ops.cast(backend.upstream_gradient(args, upstream), "float32")
         x_, upstream = backend.recompute_barrier(x, upstream)
         normalised, rstd = normalise(x_)
         rows = tuple(range(len(x.shape) - 1))
@@ -673,8 +668,7 @@ def _first_token(inputs):
     # The gradient of a slice is a pad; XLA:GPU fused that pad into the last LayerNorm's backward reduction as one
     # 0.5 ms kernel (BERT-base 32 x 512, H200). Written as a product with a one-hot column it fuses like any other.
     def grad(*args, upstream=None):
-        if upstream is None:
-            (upstream,) = args
+        upstream = backend.upstream_gradient(args, upstream)
         first = ops.cast(ops.arange(ops.shape(inputs)[1]) == 0, upstream.dtype)
         return ops.expand_dims(upstream, 1) * ops.expand_dims(first, -1)
 

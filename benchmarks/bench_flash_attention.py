@@ -26,10 +26,12 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 SHAPES = ("32x128", "128x128", "32x512")
-# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages)
+# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages[, heads per program])
 SWEEP = ((128, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 2), (128, 128, 64, 64, 8, 2), (128, 64, 32, 64, 4, 2),
          (64, 32, 32, 32, 4, 2), (128, 64, 64, 128, 8, 2), (64, 64, 64, 64, 4, 3), (64, 64, 32, 32, 4, 2),
-         (64, 64, 64, 64, 8, 2), (32, 64, 64, 64, 4, 2))
+         (64, 64, 64, 64, 8, 2), (32, 64, 64, 64, 4, 2),
+         (64, 64, 64, 64, 4, 2, 2), (64, 64, 64, 64, 8, 2, 2), (64, 32, 32, 64, 4, 2, 2), (32, 64, 64, 32, 4, 2, 2),
+         (64, 64, 32, 64, 4, 2, 2), (32, 64, 32, 64, 4, 2, 2))
 
 
 def _time(fn, args, repeats: int) -> float:
@@ -49,6 +51,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--sweep", action="store_true", help="time every tile configuration in SWEEP")
+    parser.add_argument("--blocks", default=None,
+                        help="tile configurations to time instead, e.g. '64,64,64,64,4,2;64,64,64,64,4,2,2'")
     parser.add_argument("--interpret", action="store_true", help="kernels through Pallas' interpreter (CPU smoke test)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -88,19 +92,22 @@ def main(argv=None) -> None:
             return lambda q, k, v: fa.flash_attention(q, k, v, key_mask, seed, rate, scale, interpret=args.interpret,
                                                       blocks=blocks)
 
-        # Correctness on the GPU: same mask, float32 reference on the bfloat16 inputs.
-        out = jax.jit(pallas(fa.DEFAULT_BLOCKS))(q, k, v)
+        # Correctness on the GPU: same mask, float32 reference on the bfloat16 inputs; one head or a head pair per
+        # program.
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         ref_out = fa.reference_attention(*f32, key_mask, seed, rate, scale)
-        got = grads_of(pallas(fa.DEFAULT_BLOCKS))(q, k, v)[1]
         want = jax.grad(lambda q, k, v: jnp.sum(fa.reference_attention(q, k, v, key_mask, seed, rate, scale)
                                                 * do.astype(jnp.float32)), (0, 1, 2))(*f32)
-        errors = {"out": float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out)))}
-        for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            errors[name] = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
-            errors[name + "_scale"] = float(jnp.max(jnp.abs(b)))
-        errors["out_scale"] = float(jnp.max(jnp.abs(ref_out)))
-        emit(dict(variant="check", shape=shape, max_abs_error=errors))
+        for blocks in (fa.DEFAULT_BLOCKS[:6] + (1,), fa.DEFAULT_BLOCKS[:6] + (2,)):
+            attend = pallas(blocks)
+            out = jax.jit(attend)(q, k, v)
+            got = grads_of(attend)(q, k, v)[1]
+            errors = {"out": float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out)))}
+            for name, a, b in zip(("dq", "dk", "dv"), got, want):
+                errors[name] = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+                errors[name + "_scale"] = float(jnp.max(jnp.abs(b)))
+            errors["out_scale"] = float(jnp.max(jnp.abs(ref_out)))
+            emit(dict(variant="check", shape=shape, blocks=blocks, max_abs_error=errors))
 
         def xla_dropout(q, k, v):
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
@@ -116,7 +123,10 @@ def main(argv=None) -> None:
 
         variants = [("xla_dropout", xla_dropout, None)] + ([] if args.interpret else [("cudnn_no_dropout", cudnn, None)])
         variants.append(("pallas_no_dropout", pallas(fa.DEFAULT_BLOCKS, rate=0.0), fa.DEFAULT_BLOCKS))
-        for blocks in (SWEEP if args.sweep else (fa.DEFAULT_BLOCKS,)):
+        sweep = SWEEP if args.sweep else (fa.DEFAULT_BLOCKS,)
+        if args.blocks:
+            sweep = [tuple(int(b) for b in config.split(",")) for config in args.blocks.split(";")]
+        for blocks in sweep:
             variants.append(("pallas_dropout", pallas(blocks), blocks))
         for name, attend, blocks in variants:
             try:

@@ -16,8 +16,9 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 from bert4x.layers import flash_attention as fa  # noqa: E402
 
-# Small tiles so that every kernel walks several query and key blocks.
+# Small tiles so that every kernel walks several query and key blocks; the second runs head pairs per program.
 SMALL_BLOCKS = (32, 16, 16, 32, 4, 2)
+SMALL_PAIRED_BLOCKS = (32, 16, 16, 32, 4, 2, 2)
 
 
 def _inputs(batch=2, length=64, heads=3, head_size=16, seed=0):
@@ -29,15 +30,19 @@ def _inputs(batch=2, length=64, heads=3, head_size=16, seed=0):
     return q, k, v, weights, key_mask
 
 
-@pytest.mark.parametrize("implementation", ["pallas", "recompute"])
+@pytest.mark.parametrize("implementation,blocks,heads", [
+    ("pallas", SMALL_BLOCKS, 4), ("pallas", SMALL_PAIRED_BLOCKS, 4), ("pallas", SMALL_PAIRED_BLOCKS, 3),
+    ("recompute", None, 4),
+])
 @pytest.mark.parametrize("rate", [0.0, 0.3])
-def test_kernels_equal_plain_attention_with_the_same_mask(rate, implementation):
-    q, k, v, weights, key_mask = _inputs()
+def test_kernels_equal_plain_attention_with_the_same_mask(rate, implementation, blocks, heads):
+    """One head or a head pair per program (with 3 heads, pairs fall back to one head per program)."""
+    q, k, v, weights, key_mask = _inputs(heads=heads)
     seed = jnp.int32(12345)
+    options = dict(interpret=True, implementation=implementation, **({"blocks": blocks} if blocks else {}))
 
     def fused(q, k, v):
-        out = fa.flash_attention(q, k, v, key_mask, seed, rate, 0.25, interpret=True, blocks=SMALL_BLOCKS,
-                                 implementation=implementation)
+        out = fa.flash_attention(q, k, v, key_mask, seed, rate, 0.25, **options)
         return jnp.sum(out * weights), out
 
     def plain(q, k, v):
@@ -80,6 +85,14 @@ def test_dropout_mask_is_uniform_independent_and_changes_with_the_seed():
     assert len({m.tobytes() for m in maps}) == 48
     other = np.asarray(fa.dropout_keep_mask(jnp.int32(8), 4, 12, 128, 128, rate))
     assert 0.15 < np.mean(other != keep) < 0.2  # ~2 * 0.1 * 0.9 for independent masks
+    # Heads 2j and 2j+1 read the two halves of one hash: their masks are as unrelated as any two.
+    pairs = x.reshape(4, 6, 2, -1)
+    assert abs(np.mean(pairs[:, :, 0] * pairs[:, :, 1]) / x.var()) < 0.01
+    # The rate is a multiple of 2**-16, the nearest one; an odd head count gives each head its own hash.
+    assert fa.attention_rate(0.1) == 6554 / 65536 and abs(fa.attention_rate(0.1) - 0.1) < 7.7e-6
+    odd = np.asarray(fa.dropout_keep_mask(jnp.int32(7), 2, 3, 64, 64, rate)).reshape(6, -1)
+    assert len({m.tobytes() for m in odd}) == 6
+    assert abs(odd.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / odd.size)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
@@ -99,6 +112,26 @@ def test_hashed_dropout_mask_is_uniform_independent_and_changes_with_the_seed(ra
         fa.hashed_keep_mask(jnp.int32(0), (2**16, 2**16), rate)
 
 
+def test_hashed_dropout_gradient_is_the_same_mask_behind_a_barrier():
+    """The gradient of hidden-state dropout is the forward's mask on the incoming gradient, returned through an
+    optimization barrier (so XLA:GPU cannot fuse the mask into the matmuls that read it)."""
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 16, 8)), jnp.bfloat16)
+    weights = jnp.asarray(np.random.default_rng(6).standard_normal(x.shape), jnp.bfloat16)
+    keep = fa.hashed_keep_mask(jnp.int32(21), x.shape, 0.2)
+    out = fa.hashed_dropout(x, jnp.int32(21), 0.2)
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(jnp.where(keep, x / jnp.bfloat16(0.8), 0), np.float32))
+
+    def loss(x):
+        return jnp.sum((fa.hashed_dropout(x, jnp.int32(21), 0.2) * weights).astype(jnp.float32))
+
+    grad = jax.grad(loss)(x)
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(grad, np.float32),
+                                  np.asarray(jnp.where(keep, weights / jnp.bfloat16(0.8), 0), np.float32))
+    assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss))(x))
+
+
 def test_unsupported_inputs_are_named():
     q = jnp.zeros((1, 16, 2, 24), jnp.float32)
     with pytest.raises(ValueError, match="head size 24"):
@@ -110,19 +143,24 @@ def test_unsupported_inputs_are_named():
         fa.flash_attention(q, q, q, None, jnp.int32(0), 1.0, 0.2, interpret=True)
     with pytest.raises(ValueError, match="implementation must be"):
         fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, implementation="cudnn")
+    with pytest.raises(ValueError, match="1 or 2 heads per program"):
+        fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, interpret=True, blocks=SMALL_BLOCKS + (3,))
     # The recomputing version takes any length and head size.
     q = jnp.ones((1, 20, 2, 24), jnp.float32)
     assert fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, implementation="recompute").shape == q.shape
 
 
-@pytest.mark.parametrize("batch,length", [(32, 128), (8, 512)])
-def test_kernels_lower_to_triton_for_cuda(batch, length):
+@pytest.mark.parametrize("batch,length,blocks", [
+    (32, 128, fa.DEFAULT_BLOCKS), (8, 512, fa.DEFAULT_BLOCKS), (8, 512, fa.DEFAULT_BLOCKS[:6] + (1,)),
+])
+def test_kernels_lower_to_triton_for_cuda(batch, length, blocks):
     """The forward and both backward kernels lower to Triton for CUDA (no GPU needed to lower)."""
     spec = jax.ShapeDtypeStruct((batch, length, 12, 64), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
 
     def loss(q, k, v, key_mask):
-        return jnp.sum(fa.flash_attention(q, k, v, key_mask, jnp.int32(3), 0.1, 0.125).astype(jnp.float32))
+        out = fa.flash_attention(q, k, v, key_mask, jnp.int32(3), 0.1, 0.125, blocks=blocks)
+        return jnp.sum(out.astype(jnp.float32))
 
     exported = jax.export.export(
         jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"],

@@ -46,7 +46,9 @@ class Dropout(keras.layers.Dropout):
     MurmurHash3 finaliser round of the Weyl-scrambled position, keyed by a seed from this layer's `seed_generator`, as
     in bert4x's fused attention) gives the same keep rate and a fresh mask at every call, and XLA computes it inside
     the fusion that applies it: on an H200, BERT-base fine-tuning at 32 x 512 spent 2.4 ms a step less on dropout and
-    elementwise work (benchmarks/PROFILE.md). Other backends, and `noise_shape`, use Keras's own dropout.
+    elementwise work (benchmarks/PROFILE.md). Its gradient is written once, behind an optimization barrier, so that
+    XLA:GPU does not recompute the mask inside the matmuls that read it (+3% a step there). Other backends, and
+    `noise_shape`, use Keras's own dropout.
 
     Example:
     >>> layer = Dropout(0.5, seed=1)
@@ -65,8 +67,7 @@ class Dropout(keras.layers.Dropout):
             return super().call(inputs, training=training)
         from bert4x.layers import flash_attention
 
-        keep = flash_attention.hashed_keep_mask(self.draw_seed(), tuple(inputs.shape), self.rate)
-        return ops.where(keep, inputs / ops.cast(1.0 - self.rate, inputs.dtype), ops.zeros_like(inputs))
+        return flash_attention.hashed_dropout(inputs, self.draw_seed(), self.rate)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

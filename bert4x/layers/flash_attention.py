@@ -33,7 +33,8 @@ LOG2_E = math.log2(math.e)
 # Keys hidden by the mask get this added logit (float32, in the kernels' log2 domain): finite, so a row with no visible
 # key is a uniform average instead of NaN, and exp2 of it underflows to exactly 0 next to any visible key.
 MASKED_LOGIT = -1e9
-_KEEP_BITS = 24  # the keep test compares the top 24 bits of the hash: the rate is honoured to 6e-8
+_KEEP_BITS = 24  # hidden-state dropout compares the top 24 bits of the hash: the rate is honoured to 6e-8
+_ATTENTION_KEEP_BITS = 16  # attention dropout: 16 bits per entry, two heads per hash (see `_pair_stream`)
 BLOCK_SIZES = (128, 64, 32, 16)
 HEAD_SIZES = (16, 32, 64, 128)
 
@@ -50,12 +51,38 @@ def _mix32(h):
     return h ^ lax.shift_right_logical(h, jnp.uint32(16))
 
 
-def _keep(seed, stream, rows, cols, k_len: int, rate: float):
-    """True where dropout keeps entry (rows, cols) of attention map `stream` (= batch * heads + head)."""
+def attention_rate(rate: float) -> float:
+    """The attention dropout rate the kernels apply for `rate`: the nearest multiple of 2**-16 (their keep test reads
+    16 bits of a hash), within 7.7e-6 of `rate`. Kept probabilities are scaled by 1 / (1 - that rate), so the
+    expectation is exact."""
+    return round(rate * (1 << _ATTENTION_KEEP_BITS)) / (1 << _ATTENTION_KEEP_BITS)
+
+
+def _pair_stream(batch_index, head, heads: int):
+    """(stream, half) of one attention map. Heads 2j and 2j+1 share the hash of stream `batch * heads/2 + j`: the
+    first keeps where the hash's top 16 bits pass, the second where its low 16 bits pass, so one hash serves two
+    entries (half the kernels' integer work). With an odd head count each head has its own stream (top bits)."""
+    if heads % 2:
+        return batch_index * heads + head, 0
+    return batch_index * (heads // 2) + head // 2, head % 2
+
+
+def _pair_hash(seed, stream, rows, cols, k_len: int):
     import jax.numpy as jnp
 
     counter = rows.astype(jnp.uint32) * jnp.uint32(k_len) + cols.astype(jnp.uint32)
-    return _kept(_keyed_hash(counter, _stream_key(seed, stream)), rate)
+    return _keyed_hash(counter, _stream_key(seed, stream))
+
+
+def _half_kept(bits, half, rate: float):
+    """Keep decisions from the top (`half` 0) or low (1) 16 bits of a pair hash; `half` may be traced."""
+    from jax import lax
+    import jax.numpy as jnp
+
+    top = lax.shift_right_logical(bits, jnp.uint32(32 - _ATTENTION_KEEP_BITS))
+    low = bits & jnp.uint32((1 << _ATTENTION_KEEP_BITS) - 1)
+    chosen = (top if half == 0 else low) if isinstance(half, int) else jnp.where(half == 0, top, low)
+    return chosen.astype(jnp.int32) >= int(round(rate * (1 << _ATTENTION_KEEP_BITS)))
 
 
 def _stream_key(seed, stream):
@@ -97,14 +124,45 @@ def hashed_keep_mask(seed, shape: tuple, rate: float):
     return _kept(_keyed_hash(counter, _stream_key(seed, 0)), rate)
 
 
+def hashed_dropout(x, seed, rate: float):
+    """`where(hashed_keep_mask(seed), x / (1 - rate), 0)`, the hidden-state dropout of `bert4x.layers.Dropout` on jax.
+
+    Its gradient (the same mask applied to the incoming gradient) is returned through `lax.optimization_barrier`:
+    otherwise XLA:GPU fuses the mask into each consumer of that gradient, the weight- and input-gradient matmuls of the
+    layer before, which it then runs as Triton GEMMs recomputing the hash, slower than cuBLAS on a plain operand
+    (BERT-base 32 x 512 on an H200: 593k -> 611k tokens/s; benchmarks/RESULTS.md)."""
+    import jax
+    import jax.numpy as jnp
+
+    def apply(x, seed):
+        keep = hashed_keep_mask(seed, tuple(x.shape), rate)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+    @jax.custom_vjp
+    def dropout(x, seed):
+        return apply(x, seed)
+
+    def forward(x, seed):
+        return apply(x, seed), seed
+
+    def backward(seed, g):
+        return jax.lax.optimization_barrier(apply(g, seed)), np.zeros(seed.shape, jax.dtypes.float0)
+
+    dropout.defvjp(forward, backward)
+    return dropout(x, jnp.asarray(seed, jnp.int32))
+
+
 def dropout_keep_mask(seed, batch: int, heads: int, q_len: int, k_len: int, rate: float):
     """The `[batch, heads, q_len, k_len]` boolean keep mask that the kernels apply for this seed (for tests)."""
     import jax.numpy as jnp
 
-    stream = jnp.arange(batch * heads, dtype=jnp.int32).reshape(batch, heads, 1, 1)
+    batch_index = jnp.arange(batch, dtype=jnp.int32).reshape(batch, 1, 1, 1)
+    head = jnp.arange(heads, dtype=jnp.int32).reshape(1, heads, 1, 1)
+    stream, half = _pair_stream(batch_index, head, heads)
     rows = jnp.arange(q_len, dtype=jnp.int32).reshape(1, 1, q_len, 1)
     cols = jnp.arange(k_len, dtype=jnp.int32).reshape(1, 1, 1, k_len)
-    return _keep(jnp.asarray(seed, jnp.int32), stream, rows, cols, k_len, rate)
+    bits = _pair_hash(jnp.asarray(seed, jnp.int32), stream, rows, cols, k_len)
+    return _half_kept(bits, half, attention_rate(rate))
 
 
 def reference_attention(q, k, v, key_mask, seed, rate: float, scale: float):
@@ -114,6 +172,7 @@ def reference_attention(q, k, v, key_mask, seed, rate: float, scale: float):
 
     batch, q_len, heads, _ = q.shape
     k_len = k.shape[1]
+    rate = attention_rate(rate)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, MASKED_LOGIT / LOG2_E)
@@ -155,20 +214,29 @@ def _scores(q, k, bias, scale: float):
     return s + bias[None, :]
 
 
-def _stream(heads: int):
-    """Index of the (batch, head) attention map of this program; the grid is (blocks, batch, heads)."""
+def _program_maps(heads: int, per_program: int):
+    """(stream, halves) of this program's attention maps. The grid is (blocks, batch, head groups) and a group is
+    `per_program` adjacent heads: 2 = one pair, whose two maps share every hash; 1 = one head (its half of the hash)."""
     from jax.experimental import pallas as pl
 
-    return pl.program_id(1) * heads + pl.program_id(2)
+    batch_index, group = pl.program_id(1), pl.program_id(2)
+    if per_program == 2:
+        return batch_index * (heads // 2) + group, (0, 1)
+    stream, half = _pair_stream(batch_index, group, heads)
+    return stream, (half,)
 
 
-def _block_keep(seed, stream, q_start, k_start, block_q: int, block_k: int, k_len: int, rate: float):
+def _block_keeps(seed, stream, halves, q_start, k_start, block_q: int, block_k: int, k_len: int, rate: float):
+    """Keep masks of one (query block, key block) pair for each map of the program (None at rate 0)."""
     import jax.numpy as jnp
     from jax import lax
 
+    if rate == 0:
+        return (None,) * len(halves)
     rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
     cols = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    return _keep(seed, stream, rows, cols, k_len, rate)
+    bits = _pair_hash(seed, stream, rows, cols, k_len)
+    return tuple(_half_kept(bits, half, rate) for half in halves)
 
 
 def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, rate, block_k, heads):
@@ -176,34 +244,39 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, 
     from jax import lax
     from jax.experimental import pallas as pl
 
-    block_q, head_size = q_ref.shape
+    block_q, per_program, head_size = q_ref.shape
     k_len = k_ref.shape[0]
     q_start = pl.program_id(0) * block_q
-    seed, stream = seed_ref[0], _stream(heads)
-    q = q_ref[...]
+    seed = seed_ref[0]
+    stream, halves = _program_maps(heads, per_program)
+    queries = [q_ref[:, j, :] for j in range(per_program)]
 
     def step(i, carry):
-        acc, row_max, row_sum = carry
         keys = pl.ds(i * block_k, block_k)
-        s = _scores(q, k_ref[keys, :], bias_ref[keys], scale)
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        correction = jnp.exp2(row_max - new_max)
-        p = jnp.exp2(s - new_max[:, None])
-        row_sum = row_sum * correction + jnp.sum(p, axis=1)
-        if rate > 0:
-            p = jnp.where(_block_keep(seed, stream, q_start, i * block_k, block_q, block_k, k_len, rate), p, 0.0)
-        v = v_ref[keys, :]
-        acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, new_max, row_sum
+        bias = bias_ref[keys]
+        keeps = _block_keeps(seed, stream, halves, q_start, i * block_k, block_q, block_k, k_len, rate)
+        updated = []
+        for j, (acc, row_max, row_sum) in enumerate(carry):
+            s = _scores(queries[j], k_ref[keys, j, :], bias, scale)
+            new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+            correction = jnp.exp2(row_max - new_max)
+            p = jnp.exp2(s - new_max[:, None])
+            row_sum = row_sum * correction + jnp.sum(p, axis=1)
+            if keeps[j] is not None:
+                p = jnp.where(keeps[j], p, 0.0)
+            v = v_ref[keys, j, :]
+            acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            updated.append((acc, new_max, row_sum))
+        return tuple(updated)
 
-    init = (
-        jnp.zeros((block_q, head_size), jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
+    init = tuple(
+        (jnp.zeros((block_q, head_size), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+         jnp.zeros((block_q,), jnp.float32))
+        for _ in halves
     )
-    acc, row_max, row_sum = lax.fori_loop(0, k_len // block_k, step, init)
-    o_ref[...] = (acc * (1.0 / ((1.0 - rate) * row_sum))[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = row_max + jnp.log2(row_sum)
+    for j, (acc, row_max, row_sum) in enumerate(lax.fori_loop(0, k_len // block_k, step, init)):
+        o_ref[:, j, :] = (acc * (1.0 / ((1.0 - rate) * row_sum))[:, None]).astype(o_ref.dtype)
+        lse_ref[j, :] = row_max + jnp.log2(row_sum)
 
 
 def _probs_and_score_grads(q, k, v, do, bias, lse, delta, keep, scale, rate):
@@ -212,7 +285,7 @@ def _probs_and_score_grads(q, k, v, do, bias, lse, delta, keep, scale, rate):
 
     p = jnp.exp2(_scores(q, k, bias, scale) - lse[:, None])
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-    if rate > 0:
+    if keep is not None:
         z = jnp.where(keep, 1.0 / (1.0 - rate), 0.0)
         pz, dp = p * z, dp * z
     else:
@@ -228,26 +301,33 @@ def _dkdv_kernel(
     from jax import lax
     from jax.experimental import pallas as pl
 
-    block_k, head_size = k_ref.shape
+    block_k, per_program, head_size = k_ref.shape
     q_len, k_len = q_ref.shape[0], bias_ref.shape[0]
     k_start = pl.program_id(0) * block_k
-    seed, stream = seed_ref[0], _stream(heads)
-    k, v, bias = k_ref[...], v_ref[...], bias_ref[pl.ds(k_start, block_k)]
+    seed = seed_ref[0]
+    stream, halves = _program_maps(heads, per_program)
+    keys = [k_ref[:, j, :] for j in range(per_program)]
+    values = [v_ref[:, j, :] for j in range(per_program)]
+    bias = bias_ref[pl.ds(k_start, block_k)]
 
     def step(i, carry):
-        dk, dv = carry
         rows = pl.ds(i * block_q, block_q)
-        q, do = q_ref[rows, :], do_ref[rows, :]
-        keep = _block_keep(seed, stream, i * block_q, k_start, block_q, block_k, k_len, rate) if rate > 0 else None
-        pz, ds = _probs_and_score_grads(q, k, v, do, bias, lse_ref[rows], delta_ref[rows], keep, scale, rate)
-        dv = dv + jnp.dot(pz.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
-        dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
-        return dk, dv
+        keeps = _block_keeps(seed, stream, halves, i * block_q, k_start, block_q, block_k, k_len, rate)
+        updated = []
+        for j, (dk, dv) in enumerate(carry):
+            q, do = q_ref[rows, j, :], do_ref[rows, j, :]
+            pz, ds = _probs_and_score_grads(
+                q, keys[j], values[j], do, bias, lse_ref[j, rows], delta_ref[j, rows], keeps[j], scale, rate
+            )
+            dv = dv + jnp.dot(pz.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
+            dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
+            updated.append((dk, dv))
+        return tuple(updated)
 
     zeros = jnp.zeros((block_k, head_size), jnp.float32)
-    dk, dv = lax.fori_loop(0, q_len // block_q, step, (zeros, zeros))
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    for j, (dk, dv) in enumerate(lax.fori_loop(0, q_len // block_q, step, tuple((zeros, zeros) for _ in halves))):
+        dk_ref[:, j, :] = dk.astype(dk_ref.dtype)
+        dv_ref[:, j, :] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, rate, block_k, heads):
@@ -255,30 +335,38 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_r
     from jax import lax
     from jax.experimental import pallas as pl
 
-    block_q, head_size = q_ref.shape
+    block_q, per_program, head_size = q_ref.shape
     k_len = k_ref.shape[0]
     q_start = pl.program_id(0) * block_q
-    seed, stream = seed_ref[0], _stream(heads)
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    seed = seed_ref[0]
+    stream, halves = _program_maps(heads, per_program)
+    rows = [(q_ref[:, j, :], do_ref[:, j, :], lse_ref[j, :], delta_ref[j, :]) for j in range(per_program)]
 
-    def step(i, dq):
+    def step(i, carry):
         keys = pl.ds(i * block_k, block_k)
-        k = k_ref[keys, :]
-        keep = _block_keep(seed, stream, q_start, i * block_k, block_q, block_k, k_len, rate) if rate > 0 else None
-        _, ds = _probs_and_score_grads(q, k, v_ref[keys, :], do, bias_ref[keys], lse, delta, keep, scale, rate)
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        bias = bias_ref[keys]
+        keeps = _block_keeps(seed, stream, halves, q_start, i * block_k, block_q, block_k, k_len, rate)
+        updated = []
+        for j, dq in enumerate(carry):
+            q, do, lse, delta = rows[j]
+            k = k_ref[keys, j, :]
+            _, ds = _probs_and_score_grads(q, k, v_ref[keys, j, :], do, bias, lse, delta, keeps[j], scale, rate)
+            updated.append(dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32))
+        return tuple(updated)
 
-    dq = lax.fori_loop(0, k_len // block_k, step, jnp.zeros((block_q, head_size), jnp.float32))
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    zeros = jnp.zeros((block_q, head_size), jnp.float32)
+    for j, dq in enumerate(lax.fori_loop(0, k_len // block_k, step, tuple(zeros for _ in halves))):
+        dq_ref[:, j, :] = dq.astype(dq_ref.dtype)
 
 
-def _specs(batch_len_block: int, head_size: int, full: bool = False):
-    """BlockSpec of a `[batch, len, heads, head_size]` array seen by a (block, batch, head) grid."""
+def _specs(block: int, per_program: int, head_size: int, full: bool = False):
+    """BlockSpec of a `[batch, len, heads, head_size]` array seen by a (block, batch, head group) grid: `block` rows
+    (or the whole length, `full`) of the group's `per_program` adjacent heads."""
     from jax.experimental import pallas as pl
 
     if full:
-        return pl.BlockSpec((None, batch_len_block, None, head_size), lambda i, b, h: (b, 0, h, 0))
-    return pl.BlockSpec((None, batch_len_block, None, head_size), lambda i, b, h: (b, i, h, 0))
+        return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, 0, g, 0))
+    return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, i, g, 0))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: str, num_warps: int, num_stages: int):
@@ -322,64 +410,67 @@ def _with_vjp(forward, backward):
 
 @functools.lru_cache(maxsize=None)
 def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
-    """The custom-VJP attention function for one (scale, rate, interpret, block sizes) combination."""
+    """The custom-VJP attention function for one (scale, rate, interpret, tiles) combination."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
 
-    fwd_q, fwd_k, bwd_q, bwd_k, warps, stages = blocks
+    fwd_q, fwd_k, bwd_q, bwd_k, warps, stages = blocks[:6]
+    pairs = len(blocks) > 6 and blocks[6] == 2
+    seed_spec = pl.BlockSpec((1,), lambda i, b, g: (0,))
 
-    def lse_spec(block):
-        return pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
-
-    def lse_full(length):
-        return pl.BlockSpec((None, None, length), lambda i, b, h: (b, h, 0))
-
-    seed_spec = pl.BlockSpec((1,), lambda i, b, h: (0,))
+    def lse_spec(block, per_program, full=False):
+        if full:
+            return pl.BlockSpec((None, per_program, block), lambda i, b, g: (b, g, 0))
+        return pl.BlockSpec((None, per_program, block), lambda i, b, g: (b, g, i))
 
     def bias_spec(length):
-        return pl.BlockSpec((None, length), lambda i, b, h: (b, 0))
+        return pl.BlockSpec((None, length), lambda i, b, g: (b, 0))
+
+    def heads_per_program(heads):
+        return 2 if pairs and heads % 2 == 0 else 1
 
     def forward(seed, q, k, v, bias):
         batch, q_len, heads, head_size = q.shape
-        k_len = k.shape[1]
+        k_len, per_program = k.shape[1], heads_per_program(heads)
         block_q, block_k = _block(q_len, fwd_q), _block(k_len, fwd_k)
-        kernel = functools.partial(_forward_kernel, scale=scale, rate=rate, block_k=block_k, heads=heads)
-        out, lse = _call(
-            kernel,
-            (q_len // block_q, batch, heads),
-            [seed_spec, _specs(block_q, head_size), _specs(k_len, head_size, True), _specs(k_len, head_size, True),
-             bias_spec(k_len)],
-            [_specs(block_q, head_size), lse_spec(block_q)],
+        return _call(
+            functools.partial(_forward_kernel, scale=scale, rate=rate, block_k=block_k, heads=heads),
+            (q_len // block_q, batch, heads // per_program),
+            [seed_spec, _specs(block_q, per_program, head_size), _specs(k_len, per_program, head_size, True),
+             _specs(k_len, per_program, head_size, True), bias_spec(k_len)],
+            [_specs(block_q, per_program, head_size), lse_spec(block_q, per_program)],
             [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
             interpret, "bert4x_flash_attention_forward", warps, stages,
         )(seed, q, k, v, bias)
-        return out, lse
 
     def backward(seed, q, k, v, bias, out, lse, do):
         batch, q_len, heads, head_size = q.shape
-        k_len = k.shape[1]
+        k_len, per_program = k.shape[1], heads_per_program(heads)
         block_q, block_k = _block(q_len, bwd_q), _block(k_len, bwd_k)
         delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
         common = dict(scale=scale, rate=rate, heads=heads)
+        args = (seed, q, k, v, bias, do, lse, delta)
+        whole, key_rows = _specs(q_len, per_program, head_size, True), _specs(block_k, per_program, head_size)
         dk, dv = _call(
             functools.partial(_dkdv_kernel, block_q=block_q, **common),
-            (k_len // block_k, batch, heads),
-            [seed_spec, _specs(q_len, head_size, True), _specs(block_k, head_size), _specs(block_k, head_size),
-             bias_spec(k_len), _specs(q_len, head_size, True), lse_full(q_len), lse_full(q_len)],
-            [_specs(block_k, head_size), _specs(block_k, head_size)],
+            (k_len // block_k, batch, heads // per_program),
+            [seed_spec, whole, key_rows, key_rows, bias_spec(k_len), whole, lse_spec(q_len, per_program, True),
+             lse_spec(q_len, per_program, True)],
+            [key_rows, key_rows],
             [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
             interpret, "bert4x_flash_attention_dkdv", warps, stages,
-        )(seed, q, k, v, bias, do, lse, delta)
+        )(*args)
+        query_rows, all_keys = _specs(block_q, per_program, head_size), _specs(k_len, per_program, head_size, True)
         dq = _call(
             functools.partial(_dq_kernel, block_k=block_k, **common),
-            (q_len // block_q, batch, heads),
-            [seed_spec, _specs(block_q, head_size), _specs(k_len, head_size, True), _specs(k_len, head_size, True),
-             bias_spec(k_len), _specs(block_q, head_size), lse_spec(block_q), lse_spec(block_q)],
-            _specs(block_q, head_size),
+            (q_len // block_q, batch, heads // per_program),
+            [seed_spec, query_rows, all_keys, all_keys, bias_spec(k_len), query_rows, lse_spec(block_q, per_program),
+             lse_spec(block_q, per_program)],
+            query_rows,
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             interpret, "bert4x_flash_attention_dq", warps, stages,
-        )(seed, q, k, v, bias, do, lse, delta)
+        )(*args)
         return dq, dk, dv
 
     return _with_vjp(forward, backward)
@@ -425,9 +516,10 @@ def _build_recomputed(scale: float, rate: float):
     return _with_vjp(forward, backward)
 
 
-# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages): the fastest of
-# benchmarks/bench_flash_attention.py --sweep on an H200 at 32x128, 128x128 and 32x512 (RESULTS.md).
-DEFAULT_BLOCKS = (64, 64, 64, 64, 4, 2)
+# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages[, heads per program]):
+# the fastest of benchmarks/bench_flash_attention.py --sweep on an H200 at 32x128, 128x128 and 32x512 (RESULTS.md).
+# Heads per program: 2 runs a head pair in one program, sharing each dropout hash (even head counts; else 1).
+DEFAULT_BLOCKS = (64, 64, 64, 64, 4, 2, 2)
 
 
 def flash_attention(
@@ -448,7 +540,7 @@ def flash_attention(
         q, k, v: `[batch, len, heads, head_size]` jax arrays (k and v share their length).
         key_mask: `[batch, k_len]` booleans (True = may attend), or None.
         seed: int32 scalar; a new one per training step gives new dropout masks (see `dropout_keep_mask`).
-        rate: attention dropout rate in [0, 1).
+        rate: attention dropout rate in [0, 1), applied as `attention_rate(rate)` (a multiple of 2**-16).
         scale: logit scale, usually `1 / sqrt(head_size)`.
         interpret: run the kernels through Pallas' interpreter (any device; for tests).
         blocks: tile sizes, see `DEFAULT_BLOCKS`.
@@ -460,6 +552,9 @@ def flash_attention(
 
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"flash_attention: rate must be in [0, 1), got {rate}.")
+    if len(blocks) not in (6, 7) or (len(blocks) == 7 and blocks[6] not in (1, 2)):
+        raise ValueError(f"flash_attention: blocks must be 6 tile sizes and optionally 1 or 2 heads per program, "
+                         f"got {blocks}.")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"flash_attention: implementation must be 'pallas' or 'recompute', got {implementation!r}.")
     reason = supported(q.shape, k.shape, q.dtype, implementation)
@@ -471,6 +566,7 @@ def flash_attention(
     else:
         bias = jnp.where(jnp.broadcast_to(key_mask, (batch, k_len)), 0.0, MASKED_LOGIT).astype(jnp.float32)
     seed = jnp.reshape(jnp.asarray(seed, jnp.int32), (1,))
+    rate = attention_rate(float(rate))
     if implementation == "recompute":
-        return _build_recomputed(float(scale), float(rate))(seed, q, k, v, bias)
-    return _build(float(scale), float(rate), bool(interpret), tuple(blocks))(seed, q, k, v, bias)
+        return _build_recomputed(float(scale), rate)(seed, q, k, v, bias)
+    return _build(float(scale), rate, bool(interpret), tuple(blocks))(seed, q, k, v, bias)

@@ -132,6 +132,16 @@ def test_hashed_dropout_gradient_is_the_same_mask_behind_a_barrier():
     assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss))(x))
 
 
+def test_head_pairing_choice():
+    """Pairing 0 (the default) pairs heads only where a kernel keeps enough programs to fill the GPU."""
+    assert fa.DEFAULT_BLOCKS[6] == 0
+    assert fa._heads_per_program(0, 12, 128 // 64, 32) == 1  # BERT-base 32 x 128: 384 paired programs
+    assert fa._heads_per_program(0, 12, 512 // 64, 32) == 2  # 32 x 512: 1,536
+    assert fa._heads_per_program(0, 12, 128 // 64, 128) == 2  # 128 x 128: 1,536
+    assert fa._heads_per_program(2, 12, 1, 1) == 2 and fa._heads_per_program(1, 12, 64, 64) == 1
+    assert fa._heads_per_program(2, 3, 64, 64) == 1  # an odd head count never pairs
+
+
 def test_unsupported_inputs_are_named():
     q = jnp.zeros((1, 16, 2, 24), jnp.float32)
     with pytest.raises(ValueError, match="head size 24"):
@@ -143,7 +153,7 @@ def test_unsupported_inputs_are_named():
         fa.flash_attention(q, q, q, None, jnp.int32(0), 1.0, 0.2, interpret=True)
     with pytest.raises(ValueError, match="implementation must be"):
         fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, implementation="cudnn")
-    with pytest.raises(ValueError, match="1 or 2 heads per program"):
+    with pytest.raises(ValueError, match="head pairing of 0"):
         fa.flash_attention(q, q, q, None, jnp.int32(0), 0.1, 0.2, interpret=True, blocks=SMALL_BLOCKS + (3,))
     # The recomputing version takes any length and head size.
     q = jnp.ones((1, 20, 2, 24), jnp.float32)
@@ -151,7 +161,7 @@ def test_unsupported_inputs_are_named():
 
 
 @pytest.mark.parametrize("batch,length,blocks", [
-    (32, 128, fa.DEFAULT_BLOCKS), (8, 512, fa.DEFAULT_BLOCKS), (8, 512, fa.DEFAULT_BLOCKS[:6] + (1,)),
+    (32, 128, fa.DEFAULT_BLOCKS), (8, 512, fa.DEFAULT_BLOCKS[:6] + (2,)), (8, 512, fa.DEFAULT_BLOCKS[:6] + (1,)),
 ])
 def test_kernels_lower_to_triton_for_cuda(batch, length, blocks):
     """The forward and both backward kernels lower to Triton for CUDA (no GPU needed to lower)."""

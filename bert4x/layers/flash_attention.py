@@ -359,6 +359,13 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_r
         dq_ref[:, j, :] = dq.astype(dq_ref.dtype)
 
 
+def _heads_per_program(pairing: int, heads: int, blocks_along_length: int, batch: int) -> int:
+    """1 or 2 (a head pair) for a kernel whose grid is (blocks_along_length, batch, heads / heads per program)."""
+    if heads % 2 or pairing == 1:
+        return 1
+    return 2 if pairing == 2 or blocks_along_length * batch * (heads // 2) >= PAIRED_MIN_PROGRAMS else 1
+
+
 def _specs(block: int, per_program: int, head_size: int, full: bool = False):
     """BlockSpec of a `[batch, len, heads, head_size]` array seen by a (block, batch, head group) grid: `block` rows
     (or the whole length, `full`) of the group's `per_program` adjacent heads."""
@@ -416,7 +423,7 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
     from jax.experimental import pallas as pl
 
     fwd_q, fwd_k, bwd_q, bwd_k, warps, stages = blocks[:6]
-    pairs = len(blocks) > 6 and blocks[6] == 2
+    pairing = blocks[6] if len(blocks) > 6 else 1
     seed_spec = pl.BlockSpec((1,), lambda i, b, g: (0,))
 
     def lse_spec(block, per_program, full=False):
@@ -427,13 +434,11 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
     def bias_spec(length):
         return pl.BlockSpec((None, length), lambda i, b, g: (b, 0))
 
-    def heads_per_program(heads):
-        return 2 if pairs and heads % 2 == 0 else 1
-
     def forward(seed, q, k, v, bias):
         batch, q_len, heads, head_size = q.shape
-        k_len, per_program = k.shape[1], heads_per_program(heads)
+        k_len = k.shape[1]
         block_q, block_k = _block(q_len, fwd_q), _block(k_len, fwd_k)
+        per_program = _heads_per_program(pairing, heads, q_len // block_q, batch)
         return _call(
             functools.partial(_forward_kernel, scale=scale, rate=rate, block_k=block_k, heads=heads),
             (q_len // block_q, batch, heads // per_program),
@@ -446,11 +451,12 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
 
     def backward(seed, q, k, v, bias, out, lse, do):
         batch, q_len, heads, head_size = q.shape
-        k_len, per_program = k.shape[1], heads_per_program(heads)
+        k_len = k.shape[1]
         block_q, block_k = _block(q_len, bwd_q), _block(k_len, bwd_k)
         delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
         common = dict(scale=scale, rate=rate, heads=heads)
         args = (seed, q, k, v, bias, do, lse, delta)
+        per_program = _heads_per_program(pairing, heads, k_len // block_k, batch)
         whole, key_rows = _specs(q_len, per_program, head_size, True), _specs(block_k, per_program, head_size)
         dk, dv = _call(
             functools.partial(_dkdv_kernel, block_q=block_q, **common),
@@ -461,6 +467,7 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
             [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
             interpret, "bert4x_flash_attention_dkdv", warps, stages,
         )(*args)
+        per_program = _heads_per_program(pairing, heads, q_len // block_q, batch)
         query_rows, all_keys = _specs(block_q, per_program, head_size), _specs(k_len, per_program, head_size, True)
         dq = _call(
             functools.partial(_dq_kernel, block_k=block_k, **common),
@@ -516,10 +523,13 @@ def _build_recomputed(scale: float, rate: float):
     return _with_vjp(forward, backward)
 
 
-# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages[, heads per program]):
+# (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages[, head pairing]):
 # the fastest of benchmarks/bench_flash_attention.py --sweep on an H200 at 32x128, 128x128 and 32x512 (RESULTS.md).
-# Heads per program: 2 runs a head pair in one program, sharing each dropout hash (even head counts; else 1).
-DEFAULT_BLOCKS = (64, 64, 64, 64, 4, 2, 2)
+# Head pairing: 1 = one head per program; 2 = a head pair per program, sharing each dropout hash (even head counts);
+# 0 = pairs wherever a kernel still has PAIRED_MIN_PROGRAMS programs: at BERT-base 32 x 128 (384 paired programs)
+# pairs were 7% slower, at 128 x 128 and 32 x 512 (1,536) level and 8% faster. The mask never depends on it.
+DEFAULT_BLOCKS = (64, 64, 64, 64, 4, 2, 0)
+PAIRED_MIN_PROGRAMS = 1024
 
 
 def flash_attention(
@@ -552,9 +562,9 @@ def flash_attention(
 
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"flash_attention: rate must be in [0, 1), got {rate}.")
-    if len(blocks) not in (6, 7) or (len(blocks) == 7 and blocks[6] not in (1, 2)):
-        raise ValueError(f"flash_attention: blocks must be 6 tile sizes and optionally 1 or 2 heads per program, "
-                         f"got {blocks}.")
+    if len(blocks) not in (6, 7) or (len(blocks) == 7 and blocks[6] not in (0, 1, 2)):
+        raise ValueError(f"flash_attention: blocks must be 6 tile sizes and optionally a head pairing of 0 (auto), 1 "
+                         f"or 2, got {blocks}.")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"flash_attention: implementation must be 'pallas' or 'recompute', got {implementation!r}.")
     reason = supported(q.shape, k.shape, q.dtype, implementation)

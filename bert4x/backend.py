@@ -50,24 +50,6 @@ def _gelu_erf_keeping_only_its_input(x):
     return x * _normal_cdf(x), grad
 
 
-@ops.custom_gradient
-def bias_gelu_erf(y, bias):
-    """`gelu_erf(y + bias)` keeping only `y` (a matmul's output, already in memory) for the backward pass.
-
-    Why: with the bias added outside, the kernel computing GELU also has to write `y + bias` for the backward pass, a
-    third `[tokens, ffn]` tensor of memory traffic (BERT-base, H200: 1.04 ms a step of GELU forward at 32 x 512). Here
-    the backward recomputes the sum. Same arithmetic as `gelu_erf(y + bias)`."""
-    x = y + bias
-
-    def grad(*args, upstream=None):
-        x = y + bias
-        pdf = 0.3989422804014327 * ops.exp(-0.5 * ops.square(x))
-        dx = upstream_gradient(args, upstream) * (_normal_cdf(x) + x * pdf)
-        return dx, ops.sum(dx, axis=tuple(range(len(dx.shape) - 1)))
-
-    return x * _normal_cdf(x), grad
-
-
 @keras.saving.register_keras_serializable(package="bert4x")
 def gelu_erf(x):
     """GELU with the exact erf form, as in Google's BERT and Hugging Face's `gelu`."""

@@ -90,24 +90,6 @@ def test_gelu_erf_gradient_is_the_closed_form():
     np.testing.assert_allclose(grad_of(gelu_erf, x), derivative, atol=1e-6)
 
 
-def test_bias_gelu_erf_equals_gelu_of_the_sum():
-    """`bias_gelu_erf(y, b)` (FeedForward's inner activation, keeping only y) is `gelu_erf(y + b)`, value and both
-    gradients (the bias's is the sum of the pre-activation gradient over every token)."""
-    from bert4x.backend import bias_gelu_erf, gelu_erf
-
-    y = rng.normal(size=(3, 5, 4)).astype("float32")
-    bias = rng.normal(size=(4,)).astype("float32")
-    weights = keras.ops.convert_to_tensor(rng.normal(size=y.shape).astype("float32"))
-    b = keras.ops.convert_to_tensor(bias)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(bias_gelu_erf(keras.ops.convert_to_tensor(y), b)),
-                                  keras.ops.convert_to_numpy(gelu_erf(keras.ops.convert_to_tensor(y + bias))))
-    dy = grad_of(lambda t: bias_gelu_erf(t, b) * weights, y)
-    np.testing.assert_allclose(dy, grad_of(lambda t: gelu_erf(t + b) * weights, y), atol=1e-6)
-    tiled = keras.ops.convert_to_tensor(y)
-    dbias = grad_of(lambda t: bias_gelu_erf(tiled, t) * weights, bias)
-    np.testing.assert_allclose(dbias, dy.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
-
-
 def test_first_token_and_position_gradients_equal_autodiff():
     """FirstToken's and PositionEmbedding's own gradients (written so that XLA:GPU picks good layouts) equal the
     autodiff of the plain slice and broadcast add, for weighted sums so that every entry's gradient differs."""

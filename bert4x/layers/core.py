@@ -624,18 +624,10 @@ class FeedForward(keras.layers.Layer):
         self.output_dense.build(tuple(input_shape[:-1]) + (self.units,))
 
     def call(self, inputs, training=None):
-        x = self._inner(inputs)
+        x = self._act(self.inner_dense(inputs))
         if self.gate_dense is not None:
             x = x * self.gate_dense(inputs)
         return self.output_dense(self.dropout(x, training=training))
-
-    def _inner(self, inputs):
-        """`activation(inner(inputs))`; erf-GELU takes the bias itself (`backend.bias_gelu_erf`), so the GELU kernel
-        does not also write the biased pre-activation for the backward pass."""
-        dense = self.inner_dense
-        if self.activation != "gelu_erf" or dense.bias is None or getattr(dense, "quantization_mode", None):
-            return self._act(dense(inputs))
-        return backend.bias_gelu_erf(ops.matmul(inputs, dense.kernel), dense.bias)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -5,7 +5,8 @@ so training falls back to XLA attention, which writes the `[batch, heads, q_len,
 mask of the same size to memory, forward and backward. At BERT-base 32 x 512 that costs ~12 ms of a 43 ms H200 step
 (benchmarks/PROFILE.md). Here the probabilities never leave the chip: each kernel walks the keys block by block with an
 online softmax, and the dropout mask is recomputed wherever it is needed from a counter-based hash of
-`(seed, batch * heads + head, query, key)`, so forward and backward drop exactly the same entries without storing them.
+`(seed, head pair, query, key)` (16 bits of it per head, see `_pair_stream`), so forward and backward drop exactly the
+same entries without storing them.
 
 Semantics are those of `softmax(q k^T * scale + key_bias) -> dropout(rate) -> @ v`, with the row normaliser taken
 before dropout (as in every BERT). Masks are key-padding masks only (`[batch, k_len]`, True = may attend), the only
@@ -86,7 +87,7 @@ def _half_kept(bits, half, rate: float):
 
 
 def _stream_key(seed, stream):
-    """Seed and stream mixed into one key (scalar work, once per kernel block), so that each entry costs one
+    """Seed and stream mixed into one key (scalar work, once per kernel block), so that each hash costs one
     finaliser round of its counter under that key."""
     import jax.numpy as jnp
 

@@ -52,11 +52,16 @@ def _mix32(h):
     return h ^ lax.shift_right_logical(h, jnp.uint32(16))
 
 
+def _threshold(rate: float, bits: int) -> int:
+    """Keep an entry where its `bits`-bit hash value is at least this."""
+    return int(round(rate * (1 << bits)))
+
+
 def attention_rate(rate: float) -> float:
     """The attention dropout rate the kernels apply for `rate`: the nearest multiple of 2**-16 (their keep test reads
     16 bits of a hash), within 7.7e-6 of `rate`. Kept probabilities are scaled by 1 / (1 - that rate), so the
     expectation is exact."""
-    return round(rate * (1 << _ATTENTION_KEEP_BITS)) / (1 << _ATTENTION_KEEP_BITS)
+    return _threshold(rate, _ATTENTION_KEEP_BITS) / (1 << _ATTENTION_KEEP_BITS)
 
 
 def _pair_stream(batch_index, head, heads: int):
@@ -83,7 +88,7 @@ def _half_kept(bits, half, rate: float):
     top = lax.shift_right_logical(bits, jnp.uint32(32 - _ATTENTION_KEEP_BITS))
     low = bits & jnp.uint32((1 << _ATTENTION_KEEP_BITS) - 1)
     chosen = (top if half == 0 else low) if isinstance(half, int) else jnp.where(half == 0, top, low)
-    return chosen.astype(jnp.int32) >= int(round(rate * (1 << _ATTENTION_KEEP_BITS)))
+    return chosen.astype(jnp.int32) >= _threshold(rate, _ATTENTION_KEEP_BITS)
 
 
 def _stream_key(seed, stream):
@@ -109,7 +114,7 @@ def _kept(bits, rate: float):
     import jax.numpy as jnp
 
     top = lax.shift_right_logical(bits, jnp.uint32(32 - _KEEP_BITS)).astype(jnp.int32)
-    return top >= int(round(rate * (1 << _KEEP_BITS)))
+    return top >= _threshold(rate, _KEEP_BITS)
 
 
 def hashed_keep_mask(seed, shape: tuple, rate: float):
@@ -132,6 +137,13 @@ def hashed_dropout(x, seed, rate: float):
     otherwise XLA:GPU fuses the mask into each consumer of that gradient, the weight- and input-gradient matmuls of the
     layer before, which it then runs as Triton GEMMs recomputing the hash, slower than cuBLAS on a plain operand
     (BERT-base 32 x 512 on an H200: 593k -> 611k tokens/s; benchmarks/RESULTS.md)."""
+    import jax.numpy as jnp
+
+    return _build_hashed_dropout(float(rate))(x, jnp.asarray(seed, jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_hashed_dropout(rate: float):
     import jax
     import jax.numpy as jnp
 
@@ -150,7 +162,7 @@ def hashed_dropout(x, seed, rate: float):
         return jax.lax.optimization_barrier(apply(g, seed)), np.zeros(seed.shape, jax.dtypes.float0)
 
     dropout.defvjp(forward, backward)
-    return dropout(x, jnp.asarray(seed, jnp.int32))
+    return dropout
 
 
 def dropout_keep_mask(seed, batch: int, heads: int, q_len: int, k_len: int, rate: float):
@@ -215,16 +227,16 @@ def _scores(q, k, bias, scale: float):
     return s + bias[None, :]
 
 
-def _program_maps(heads: int, per_program: int):
-    """(stream, halves) of this program's attention maps. The grid is (blocks, batch, head groups) and a group is
-    `per_program` adjacent heads: 2 = one pair, whose two maps share every hash; 1 = one head (its half of the hash)."""
+def _program_maps(seed_ref, heads: int, per_program: int):
+    """(seed, stream, halves) of this program's attention maps. The grid is (blocks, batch, head groups) and a group
+    is `per_program` adjacent heads: 2 = one pair, whose two maps share every hash; 1 = one head (its half)."""
     from jax.experimental import pallas as pl
 
     batch_index, group = pl.program_id(1), pl.program_id(2)
     if per_program == 2:
-        return batch_index * (heads // 2) + group, (0, 1)
+        return seed_ref[0], batch_index * (heads // 2) + group, (0, 1)
     stream, half = _pair_stream(batch_index, group, heads)
-    return stream, (half,)
+    return seed_ref[0], stream, (half,)
 
 
 def _block_keeps(seed, stream, halves, q_start, k_start, block_q: int, block_k: int, k_len: int, rate: float):
@@ -248,8 +260,7 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, 
     block_q, per_program, head_size = q_ref.shape
     k_len = k_ref.shape[0]
     q_start = pl.program_id(0) * block_q
-    seed = seed_ref[0]
-    stream, halves = _program_maps(heads, per_program)
+    seed, stream, halves = _program_maps(seed_ref, heads, per_program)
     queries = [q_ref[:, j, :] for j in range(per_program)]
 
     def step(i, carry):
@@ -305,8 +316,7 @@ def _dkdv_kernel(
     block_k, per_program, head_size = k_ref.shape
     q_len, k_len = q_ref.shape[0], bias_ref.shape[0]
     k_start = pl.program_id(0) * block_k
-    seed = seed_ref[0]
-    stream, halves = _program_maps(heads, per_program)
+    seed, stream, halves = _program_maps(seed_ref, heads, per_program)
     keys = [k_ref[:, j, :] for j in range(per_program)]
     values = [v_ref[:, j, :] for j in range(per_program)]
     bias = bias_ref[pl.ds(k_start, block_k)]
@@ -339,8 +349,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_r
     block_q, per_program, head_size = q_ref.shape
     k_len = k_ref.shape[0]
     q_start = pl.program_id(0) * block_q
-    seed = seed_ref[0]
-    stream, halves = _program_maps(heads, per_program)
+    seed, stream, halves = _program_maps(seed_ref, heads, per_program)
     rows = [(q_ref[:, j, :], do_ref[:, j, :], lse_ref[j, :], delta_ref[j, :]) for j in range(per_program)]
 
     def step(i, carry):

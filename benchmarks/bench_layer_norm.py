@@ -1,0 +1,114 @@
+"""LayerNorm forward and forward + backward: bert4x's Pallas kernels vs Keras's LayerNormalization under XLA.
+
+For each BERT-base activation shape (`[batch * seq, 768]`, bfloat16 input, float32 gamma and beta, float32 arithmetic,
+bfloat16 output: what mixed_bfloat16 training runs) it prints one JSON line per variant (prefixed `BENCH `):
+  xla      keras.layers.LayerNormalization's arithmetic (jit), forward and value_and_grad
+  kernels  bert4x.layers.fused_layer_norm.layer_norm, for each tile configuration timed
+and a `check` line: the kernels against the float32 reference (max abs error of y, dx, dgamma, dbeta), so a GPU run
+proves what the CPU tests prove in the interpreter.
+
+    KERAS_BACKEND=jax python benchmarks/bench_layer_norm.py --out layer_norm.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+from bench_flash_attention import _time  # noqa: E402
+
+SHAPES = ("32x128", "128x128", "32x512")
+SWEEP = ((8, 8, 4, 8, 512), (4, 4, 4, 4, 512), (8, 8, 8, 8, 512), (16, 16, 8, 8, 512), (4, 8, 4, 8, 1024),
+         (8, 8, 4, 8, 256), (2, 4, 2, 4, 1024), (16, 8, 8, 8, 512))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--sweep", action="store_true", help="time every tile configuration in SWEEP")
+    parser.add_argument("--interpret", action="store_true", help="kernels through Pallas' interpreter (CPU smoke test)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bert4x.layers import fused_layer_norm as fln
+
+    epsilon = 1e-12
+    base = dict(bench="layer_norm", width=args.width, dtype="bfloat16", versions=common.versions(),
+                hardware=common.hardware(), commit=common.git_commit())
+    records = []
+
+    def emit(record):
+        record = dict(base, **record)
+        common.emit(record)
+        records.append(record)
+
+    def reference(x, gamma, beta):
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.var(x, axis=-1, keepdims=True)
+        return ((x - mean) * jax.lax.rsqrt(variance + epsilon) * gamma + beta).astype(jnp.bfloat16)
+
+    def timed(norm):
+        def loss(x, gamma, beta, dy):
+            return jnp.sum(norm(x, gamma, beta).astype(jnp.float32) * dy)
+
+        return jax.jit(norm), jax.jit(jax.grad(loss, (0, 1, 2)))
+
+    configs = SWEEP if args.sweep else (fln.DEFAULT_BLOCKS,)
+    for shape in args.shapes.split(","):
+        batch, length = common.parse_shape(shape)
+        rows = batch * length
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((rows, args.width)) * 2 + 0.5, jnp.bfloat16)
+        dy = jnp.asarray(rng.standard_normal((rows, args.width)), jnp.float32)
+        gamma = jnp.asarray(1 + 0.1 * rng.standard_normal(args.width), jnp.float32)
+        beta = jnp.asarray(0.1 * rng.standard_normal(args.width), jnp.float32)
+        moved = rows * args.width * 2 * 2  # bytes of a bfloat16 read and write: the forward's floor
+
+        forward, backward = timed(reference)
+        seconds = _time(forward, (x, gamma, beta), args.repeats)
+        both = _time(backward, (x, gamma, beta, dy), args.repeats)
+        emit(dict(variant="xla", shape=shape, rows=rows, forward_ms=seconds * 1e3, forward_backward_ms=both * 1e3,
+                  forward_gb_s=moved / seconds / 1e9))
+
+        for blocks in configs:
+            def norm(x, gamma, beta, blocks=blocks):
+                return fln.layer_norm(x, gamma, beta, epsilon, interpret=args.interpret, blocks=blocks)
+
+            forward, backward = timed(norm)
+            seconds = _time(forward, (x, gamma, beta), args.repeats)
+            both = _time(backward, (x, gamma, beta, dy), args.repeats)
+            emit(dict(variant="kernels", blocks=list(blocks), shape=shape, rows=rows, forward_ms=seconds * 1e3,
+                      forward_backward_ms=both * 1e3, forward_gb_s=moved / seconds / 1e9))
+
+        xf = x.astype(jnp.float32)
+        errors = {"y": float(jnp.max(jnp.abs(forward(x, gamma, beta).astype(jnp.float32)
+                                              - reference(xf, gamma, beta).astype(jnp.float32))))}
+        ref_grads = jax.jit(jax.grad(lambda *a: jnp.sum(
+            ((a[0] - a[0].mean(-1, keepdims=True)) * jax.lax.rsqrt(a[0].var(-1, keepdims=True) + epsilon) * a[1] + a[2])
+            * a[3]), (0, 1, 2)))(xf, gamma, beta, dy.astype(jnp.bfloat16).astype(jnp.float32))  # y's cotangent is bf16
+        for name, got, want in zip(("dx", "dgamma", "dbeta"), backward(x, gamma, beta, dy), ref_grads):
+            errors[name] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+            errors[name + "_scale"] = float(jnp.max(jnp.abs(want)))
+        emit(dict(variant="check", shape=shape, max_abs_error=errors))
+
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

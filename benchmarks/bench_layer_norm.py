@@ -4,6 +4,7 @@ For each BERT-base activation shape (`[batch * seq, 768]`, bfloat16 input, float
 bfloat16 output: what mixed_bfloat16 training runs) it prints one JSON line per variant (prefixed `BENCH `):
   xla      keras.layers.LayerNormalization's arithmetic (jit), forward and value_and_grad
   kernels  bert4x.layers.fused_layer_norm.layer_norm, for each tile configuration timed
+Times are per LayerNorm, from a jitted chain of `--chain` of them (one dispatch spread over many kernels).
 and a `check` line: the kernels against the float32 reference (max abs error of y, dx, dgamma, dbeta), so a GPU run
 proves what the CPU tests prove in the interpreter.
 
@@ -25,14 +26,16 @@ from bench_flash_attention import _time  # noqa: E402
 
 SHAPES = ("32x128", "128x128", "32x512")
 SWEEP = ((8, 8, 4, 8, 512), (4, 4, 4, 4, 512), (8, 8, 8, 8, 512), (16, 16, 8, 8, 512), (4, 8, 4, 8, 1024),
-         (8, 8, 4, 8, 256), (2, 4, 2, 4, 1024), (16, 8, 8, 8, 512))
+         (8, 8, 4, 8, 256), (2, 4, 2, 4, 1024), (16, 8, 8, 8, 512), (4, 4, 4, 4, 1024), (2, 2, 2, 2, 1024),
+         (4, 4, 4, 4, 256), (1, 2, 1, 2, 2048))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--chain", type=int, default=24, help="LayerNorms per timed call (BERT-base has 25)")
     parser.add_argument("--sweep", action="store_true", help="time every tile configuration in SWEEP")
     parser.add_argument("--interpret", action="store_true", help="kernels through Pallas' interpreter (CPU smoke test)")
     parser.add_argument("--out", default=None)
@@ -61,6 +64,19 @@ def main(argv=None) -> None:
         return ((x - mean) * jax.lax.rsqrt(variance + epsilon) * gamma + beta).astype(jnp.bfloat16)
 
     def timed(norm):
+        """Jitted forward and gradient of `chain` LayerNorms applied in turn (as in a 12-layer model's forward), so
+        that one call's dispatch is spread over many kernels; figures are per LayerNorm."""
+        def chained(x, gamma, beta):
+            for _ in range(args.chain):
+                x = norm(x, gamma, beta)
+            return x
+
+        def loss(x, gamma, beta, dy):
+            return jnp.sum(chained(x, gamma, beta).astype(jnp.float32) * dy)
+
+        return jax.jit(chained), jax.jit(jax.grad(loss, (0, 1, 2)))
+
+    def timed_single(norm):
         def loss(x, gamma, beta, dy):
             return jnp.sum(norm(x, gamma, beta).astype(jnp.float32) * dy)
 
@@ -78,8 +94,8 @@ def main(argv=None) -> None:
         moved = rows * args.width * 2 * 2  # bytes of a bfloat16 read and write: the forward's floor
 
         forward, backward = timed(reference)
-        seconds = _time(forward, (x, gamma, beta), args.repeats)
-        both = _time(backward, (x, gamma, beta, dy), args.repeats)
+        seconds = _time(forward, (x, gamma, beta), args.repeats) / args.chain
+        both = _time(backward, (x, gamma, beta, dy), args.repeats) / args.chain
         emit(dict(variant="xla", shape=shape, rows=rows, forward_ms=seconds * 1e3, forward_backward_ms=both * 1e3,
                   forward_gb_s=moved / seconds / 1e9))
 
@@ -88,11 +104,12 @@ def main(argv=None) -> None:
                 return fln.layer_norm(x, gamma, beta, epsilon, interpret=args.interpret, blocks=blocks)
 
             forward, backward = timed(norm)
-            seconds = _time(forward, (x, gamma, beta), args.repeats)
-            both = _time(backward, (x, gamma, beta, dy), args.repeats)
+            seconds = _time(forward, (x, gamma, beta), args.repeats) / args.chain
+            both = _time(backward, (x, gamma, beta, dy), args.repeats) / args.chain
             emit(dict(variant="kernels", blocks=list(blocks), shape=shape, rows=rows, forward_ms=seconds * 1e3,
                       forward_backward_ms=both * 1e3, forward_gb_s=moved / seconds / 1e9))
 
+        forward, backward = timed_single(norm)
         xf = x.astype(jnp.float32)
         errors = {"y": float(jnp.max(jnp.abs(forward(x, gamma, beta).astype(jnp.float32)
                                               - reference(xf, gamma, beta).astype(jnp.float32))))}

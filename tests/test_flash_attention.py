@@ -235,6 +235,11 @@ def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
     from harness import dtype_policy
 
     monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
+    monkeypatch.setenv("BERT4X_FUSED_LAYER_NORM", "interpret")  # and the LayerNorm kernels (fused_layer_norm)
+    from bert4x.layers import fused_layer_norm
+
+    norms, real_norm = [], fused_layer_norm.layer_norm
+    monkeypatch.setattr(fused_layer_norm, "layer_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
     config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
               "intermediate_size": 64, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
     rng = np.random.default_rng(0)
@@ -248,6 +253,7 @@ def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
         model.compile(keras.optimizers.AdamW(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         losses = model.fit([ids, np.zeros_like(ids)], labels, batch_size=16, epochs=10, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+    assert len(norms) >= 3  # fit traced its train step through them: embedding, attention and FFN LayerNorms
 
 
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")

@@ -510,14 +510,6 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     )
 
 
-def _on_jax_cpu() -> bool:
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
-
-    return jax.default_backend() == "cpu"
-
-
 @ops.custom_gradient
 def _layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
     # Autodiff of LayerNorm keeps the centred and the normalised input for the backward pass: two more float32
@@ -549,12 +541,17 @@ def _layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class LayerNormalization(keras.layers.LayerNormalization):
-    """Keras's `LayerNormalization` (same weights, config and float32 arithmetic) whose gradient keeps only its input.
+    """Keras's `LayerNormalization` (same weights, config and float32 arithmetic) with faster jax paths.
 
-    Over the last axis with both gamma and beta (BERT's LayerNorms), on jax on CPU, the backward pass recomputes the
-    normalised input from x instead of keeping two extra `[tokens, width]` float32 arrays per LayerNorm (BERT-base
-    training at 8 x 128: 72 MiB less). Elsewhere it runs Keras's: on an H200 a first version of it cost 4% speed and
-    1 GiB at 32 x 512 (benchmarks/RESULTS.md), and it was not measured on the other backends.
+    Over the last axis with both gamma and beta (BERT's LayerNorms), on jax:
+    - on NVIDIA GPUs in training, forward and backward run as two Pallas kernels (`bert4x.layers.fused_layer_norm`):
+      one pass over the activations each way instead of XLA's several (benchmarks/PROFILE.md). At inference XLA's
+      own LayerNorm stays: it fuses with the neighbouring ops, and the kernels' gain is in the backward pass;
+    - on CPU, the backward pass recomputes the normalised input from x instead of keeping two extra
+      `[tokens, width]` float32 arrays per LayerNorm (BERT-base training at 8 x 128: 72 MiB less); on an H200 a first
+      version of that cost 4% speed and 1 GiB at 32 x 512 (benchmarks/RESULTS.md).
+    Elsewhere it runs Keras's. `BERT4X_FUSED_LAYER_NORM` picks: `auto` (default, as above), `interpret` (the kernels
+    through Pallas' interpreter, any jax device: how tests run them on CPU) or `off` (Keras's everywhere).
 
     Example:
     >>> norm = LayerNormalization(epsilon=1e-12)
@@ -563,16 +560,41 @@ class LayerNormalization(keras.layers.LayerNormalization):
     True
     """
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         last_axis_only = list(self.axis) in ([-1], [len(inputs.shape) - 1])
         plain = self.scale and self.center and not getattr(self, "rms_scaling", False)
-        if not (last_axis_only and plain and _on_jax_cpu()):
+        path = _layer_norm_path(inputs.shape, bool(training)) if last_axis_only and plain else None
+        if path is None:
             return super().call(inputs)
-        epsilon = ops.convert_to_tensor(self.epsilon, "float32")
-        y = _layer_norm_keeping_only_its_input(
-            inputs, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), epsilon
-        )
+        gamma, beta = ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32")
+        if path == "recompute":
+            epsilon = ops.convert_to_tensor(self.epsilon, "float32")
+            y = _layer_norm_keeping_only_its_input(inputs, gamma, beta, epsilon)
+        else:
+            from bert4x.layers import fused_layer_norm
+
+            y = fused_layer_norm.layer_norm(inputs, gamma, beta, self.epsilon, interpret=path == "interpret")
         return ops.cast(y, self.compute_dtype)
+
+
+def _layer_norm_path(shape, training: bool) -> str | None:
+    """"kernels", "interpret", "recompute" or None (Keras's LayerNorm); see `LayerNormalization`."""
+    mode = os.environ.get("BERT4X_FUSED_LAYER_NORM", "auto").lower()
+    if mode not in ("auto", "interpret", "off"):
+        raise ValueError(f"BERT4X_FUSED_LAYER_NORM must be 'auto', 'interpret' or 'off', got {mode!r}.")
+    if keras.backend.backend() != "jax" or mode == "off":
+        return None
+    import jax
+
+    from bert4x.layers import fused_layer_norm
+
+    kernels_fit = (training and fused_layer_norm.supported(tuple(shape)) is None
+                   and keras.distribution.distribution() is None)
+    if mode == "interpret":
+        return "interpret" if kernels_fit else None
+    if jax.default_backend() == "gpu":
+        return "kernels" if kernels_fit else None
+    return "recompute" if jax.default_backend() == "cpu" else None
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -24,7 +24,7 @@ import functools
 MAX_WIDTH = 4096
 # (forward rows per block, backward rows per block, forward warps, backward warps, backward programs); chosen with
 # benchmarks/bench_layer_norm.py on an H200 at BERT-base widths (RESULTS.md).
-DEFAULT_BLOCKS = (8, 8, 4, 8, 512)
+DEFAULT_BLOCKS = (4, 4, 4, 4, 256)
 
 
 def supported(shape: tuple) -> str | None:

@@ -15,10 +15,8 @@ of dq, dk, dv, bfloat16 inputs, float32 reference), so a GPU run proves what the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,18 +30,6 @@ SWEEP = ((128, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 2), (128, 128, 64, 64, 8, 
          (64, 64, 64, 64, 8, 2), (32, 64, 64, 64, 4, 2),
          (64, 64, 64, 64, 4, 2, 2), (64, 64, 64, 64, 8, 2, 2), (64, 32, 32, 64, 4, 2, 2), (32, 64, 64, 32, 4, 2, 2),
          (64, 64, 32, 64, 4, 2, 2), (32, 64, 32, 64, 4, 2, 2))
-
-
-def _time(fn, args, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
 
 
 def main(argv=None) -> None:
@@ -130,14 +116,12 @@ def main(argv=None) -> None:
             variants.append(("pallas_dropout", pallas(blocks), blocks))
         for name, attend, blocks in variants:
             try:
-                seconds = _time(grads_of(attend), (q, k, v), args.repeats)
+                seconds = common.jax_call_seconds(grads_of(attend), (q, k, v), args.repeats)
                 emit(dict(variant=name, shape=shape, blocks=blocks, fwd_bwd_ms=round(1000 * seconds, 4)))
             except Exception as e:  # noqa: BLE001 - a tile configuration the compiler refuses is a result too
                 emit(dict(variant=name, shape=shape, blocks=blocks, error=f"{type(e).__name__}: {str(e)[:300]}"))
     if args.out:
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
+        common.append_jsonl(args.out, records)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ proves what the CPU tests prove in the interpreter.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
-from bench_flash_attention import _time  # noqa: E402
 
 SHAPES = ("32x128", "128x128", "32x512")
 SWEEP = ((8, 8, 4, 8, 512), (4, 4, 4, 4, 512), (8, 8, 8, 8, 512), (16, 16, 8, 8, 512), (4, 8, 4, 8, 1024),
@@ -94,8 +92,8 @@ def main(argv=None) -> None:
         moved = rows * args.width * 2 * 2  # bytes of a bfloat16 read and write: the forward's floor
 
         forward, backward = timed(reference)
-        seconds = _time(forward, (x, gamma, beta), args.repeats) / args.chain
-        both = _time(backward, (x, gamma, beta, dy), args.repeats) / args.chain
+        seconds = common.jax_call_seconds(forward, (x, gamma, beta), args.repeats) / args.chain
+        both = common.jax_call_seconds(backward, (x, gamma, beta, dy), args.repeats) / args.chain
         emit(dict(variant="xla", shape=shape, rows=rows, forward_ms=seconds * 1e3, forward_backward_ms=both * 1e3,
                   forward_gb_s=moved / seconds / 1e9))
 
@@ -104,8 +102,8 @@ def main(argv=None) -> None:
                 return fln.layer_norm(x, gamma, beta, epsilon, interpret=args.interpret, blocks=blocks)
 
             forward, backward = timed(norm)
-            seconds = _time(forward, (x, gamma, beta), args.repeats) / args.chain
-            both = _time(backward, (x, gamma, beta, dy), args.repeats) / args.chain
+            seconds = common.jax_call_seconds(forward, (x, gamma, beta), args.repeats) / args.chain
+            both = common.jax_call_seconds(backward, (x, gamma, beta, dy), args.repeats) / args.chain
             emit(dict(variant="kernels", blocks=list(blocks), shape=shape, rows=rows, forward_ms=seconds * 1e3,
                       forward_backward_ms=both * 1e3, forward_gb_s=moved / seconds / 1e9))
 
@@ -122,9 +120,7 @@ def main(argv=None) -> None:
         emit(dict(variant="check", shape=shape, max_abs_error=errors))
 
     if args.out:
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
+        common.append_jsonl(args.out, records)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,26 @@ def hardware() -> dict:
     return info
 
 
+def append_jsonl(path: str, records: list[dict]) -> None:
+    """Appends one JSON line per record to `path` (the `--out` file of the benchmark scripts)."""
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+def jax_call_seconds(fn, args, repeats: int) -> float:
+    """Mean seconds of `fn(*args)` (a jitted jax function) over `repeats` calls, after two untimed ones."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
 def emit(record: dict) -> None:
     """Prints one measurement as one JSON line (prefixed so the parent can find it among library logs)."""
     print("BENCH " + json.dumps(record, sort_keys=True), flush=True)

@@ -143,3 +143,23 @@ def test_layer_runs_the_kernels(monkeypatch, policy):
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
 def test_fused_layer_norm_layer_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_fused_layer_norm.py", "-k", "layer_runs")
+
+
+def test_benchmark_script_checks_the_kernels(tmp_path):
+    """benchmarks/bench_layer_norm.py (what the GPU run uses) runs, and its check line compares with the formula."""
+    import importlib.util
+    import json
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_layer_norm", REPO / "benchmarks" / "bench_layer_norm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ln.jsonl"
+    bench.main(["--shapes", "2x16", "--width", "40", "--interpret", "--repeats", "1", "--chain", "2", "--out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in records] == ["xla", "kernels", "check"]
+    assert records[1]["forward_backward_ms"] > 0
+    errors = records[2]["max_abs_error"]
+    assert errors["y"] < 0.02 and errors["dx"] < 0.01 * max(errors["dx_scale"], 1.0), errors
+    assert errors["dgamma"] < 1e-4 * errors["dgamma_scale"] and errors["dbeta"] < 1e-4 * errors["dbeta_scale"], errors

@@ -76,6 +76,7 @@ def test_unsupported_inputs_are_named():
     with pytest.raises(ValueError, match="blocks must be 5 positive integers"):
         fln.layer_norm(jnp.ones((2, 8)), gamma, gamma, 1e-5, interpret=True, blocks=(3, 4, 4, 4, 8))
     assert fln.supported((4, 768)) is None and "above" in fln.supported((4, 5000))
+    assert "int32" in fln.supported((2**21, 1024))
 
 
 @pytest.mark.parametrize("shape", [(32, 512, 768), (8, 100, 1024), (3, 24)])
@@ -156,7 +157,8 @@ def test_benchmark_script_checks_the_kernels(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "ln.jsonl"
-    bench.main(["--shapes", "2x16", "--width", "40", "--interpret", "--repeats", "1", "--chain", "2", "--out", str(out)])
+    bench.main(["--shapes", "2x16", "--width", "40", "--interpret", "--repeats", "1", "--chain", "2",
+                "--out", str(out)])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["variant"] for r in records] == ["xla", "kernels", "check"]
     assert records[1]["forward_backward_ms"] > 0

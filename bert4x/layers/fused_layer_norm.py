@@ -2,12 +2,13 @@
 
 Why it exists: XLA runs each of BERT's LayerNorms as several passes over the `[tokens, width]` activations: the
 statistics, the normalisation, and in the backward pass the row reductions and separate column sums for gamma and
-beta (benchmarks/PROFILE.md: 2.5 ms of a 26 ms H200 step at BERT-base 32 x 512; 1.3 ms with these kernels). Here the forward pass reads the input once and writes the output and two floats per row (mean,
-1/std); the backward pass reads the input and the incoming gradient once, writes the input gradient, and sums gamma's
-and beta's gradients per program into a small `[programs, width]` float32 array that XLA adds up.
+beta (benchmarks/PROFILE.md: 2.5 ms of a 26 ms H200 step at BERT-base 32 x 512; 1.3 ms with these kernels). Here
+the forward pass reads the input once and writes the output and two floats per row (mean, 1/std); the backward pass
+reads the input and the incoming gradient once, writes the input gradient, and sums gamma's and beta's gradients per
+program into a small `[programs, width]` float32 array that XLA adds up.
 
 Arithmetic is float32 whatever the input dtype (as Keras's LayerNormalization under mixed precision); the output has
-the input's dtype. Widths up to `MAX_WIDTH`; a row block is padded to the next power of two and masked.
+the input's dtype. Widths up to `MAX_WIDTH`, padded in the kernels to the next power of two and masked.
 
 Example (runs on CPU through the interpreter):
 >>> import jax.numpy as jnp
@@ -19,6 +20,7 @@ True
 from __future__ import annotations
 
 import functools
+import math
 
 MAX_WIDTH = 4096
 # (forward rows per block, backward rows per block, forward warps, backward warps, most backward programs): the
@@ -32,6 +34,8 @@ def supported(shape: tuple) -> str | None:
         return f"shape {shape} has no last axis to normalise"
     if shape[-1] > MAX_WIDTH:
         return f"width {shape[-1]} is above {MAX_WIDTH}"
+    if math.prod(shape) >= 2**31:
+        return f"shape {shape} has 2**31 or more entries (the kernels index with int32)"
     return None
 
 

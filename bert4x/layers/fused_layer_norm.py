@@ -30,6 +30,8 @@ DEFAULT_BLOCKS = (4, 4, 4, 4, 256)
 
 def supported(shape: tuple) -> str | None:
     """None if the kernels take an input of this shape (normalised over its last axis), else the reason."""
+    if any(d is None for d in shape):
+        return f"shape {shape} is not fully known"
     if len(shape) < 1 or shape[-1] < 1:
         return f"shape {shape} has no last axis to normalise"
     if shape[-1] > MAX_WIDTH:

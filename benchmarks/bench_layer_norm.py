@@ -4,9 +4,9 @@ For each BERT-base activation shape (`[batch * seq, 768]`, bfloat16 input, float
 bfloat16 output: what mixed_bfloat16 training runs) it prints one JSON line per variant (prefixed `BENCH `):
   xla      keras.layers.LayerNormalization's arithmetic (jit), forward and value_and_grad
   kernels  bert4x.layers.fused_layer_norm.layer_norm, for each tile configuration timed
-Times are per LayerNorm, from a jitted chain of `--chain` of them (one dispatch spread over many kernels).
-and a `check` line: the kernels against the float32 reference (max abs error of y, dx, dgamma, dbeta), so a GPU run
-proves what the CPU tests prove in the interpreter.
+(times per LayerNorm, from a jitted chain of `--chain` of them: one dispatch spread over many kernels)
+and a `check` line: the kernels (default tiles) against the float32 reference (max abs error of y, dx, dgamma,
+dbeta), so a GPU run proves what the CPU tests prove in the interpreter.
 
     KERAS_BACKEND=jax python benchmarks/bench_layer_norm.py --out layer_norm.jsonl
 """
@@ -55,17 +55,21 @@ def main(argv=None) -> None:
         common.emit(record)
         records.append(record)
 
-    def reference(x, gamma, beta):
+    def formula(x, gamma, beta):
+        """LayerNorm in float32, as keras.layers.LayerNormalization computes it."""
         x = x.astype(jnp.float32)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         variance = jnp.var(x, axis=-1, keepdims=True)
-        return ((x - mean) * jax.lax.rsqrt(variance + epsilon) * gamma + beta).astype(jnp.bfloat16)
+        return (x - mean) * jax.lax.rsqrt(variance + epsilon) * gamma + beta
 
-    def timed(norm):
+    def reference(x, gamma, beta):
+        return formula(x, gamma, beta).astype(jnp.bfloat16)
+
+    def jitted(norm, chain):
         """Jitted forward and gradient of `chain` LayerNorms applied in turn (as in a 12-layer model's forward), so
-        that one call's dispatch is spread over many kernels; figures are per LayerNorm."""
+        that one call's dispatch is spread over many kernels."""
         def chained(x, gamma, beta):
-            for _ in range(args.chain):
+            for _ in range(chain):
                 x = norm(x, gamma, beta)
             return x
 
@@ -74,11 +78,8 @@ def main(argv=None) -> None:
 
         return jax.jit(chained), jax.jit(jax.grad(loss, (0, 1, 2)))
 
-    def timed_single(norm):
-        def loss(x, gamma, beta, dy):
-            return jnp.sum(norm(x, gamma, beta).astype(jnp.float32) * dy)
-
-        return jax.jit(norm), jax.jit(jax.grad(loss, (0, 1, 2)))
+    def kernels(blocks):
+        return lambda x, gamma, beta: fln.layer_norm(x, gamma, beta, epsilon, interpret=args.interpret, blocks=blocks)
 
     configs = SWEEP if args.sweep else (fln.DEFAULT_BLOCKS,)
     for shape in args.shapes.split(","):
@@ -91,29 +92,20 @@ def main(argv=None) -> None:
         beta = jnp.asarray(0.1 * rng.standard_normal(args.width), jnp.float32)
         moved = rows * args.width * 2 * 2  # bytes of a bfloat16 read and write: the forward's floor
 
-        forward, backward = timed(reference)
-        seconds = common.jax_call_seconds(forward, (x, gamma, beta), args.repeats) / args.chain
-        both = common.jax_call_seconds(backward, (x, gamma, beta, dy), args.repeats) / args.chain
-        emit(dict(variant="xla", shape=shape, rows=rows, forward_ms=seconds * 1e3, forward_backward_ms=both * 1e3,
-                  forward_gb_s=moved / seconds / 1e9))
-
-        for blocks in configs:
-            def norm(x, gamma, beta, blocks=blocks):
-                return fln.layer_norm(x, gamma, beta, epsilon, interpret=args.interpret, blocks=blocks)
-
-            forward, backward = timed(norm)
+        for variant, norm, blocks in [("xla", reference, None)] + [("kernels", kernels(b), b) for b in configs]:
+            forward, backward = jitted(norm, args.chain)
             seconds = common.jax_call_seconds(forward, (x, gamma, beta), args.repeats) / args.chain
             both = common.jax_call_seconds(backward, (x, gamma, beta, dy), args.repeats) / args.chain
-            emit(dict(variant="kernels", blocks=list(blocks), shape=shape, rows=rows, forward_ms=seconds * 1e3,
-                      forward_backward_ms=both * 1e3, forward_gb_s=moved / seconds / 1e9))
+            emit(dict(variant=variant, shape=shape, rows=rows, forward_ms=seconds * 1e3, forward_backward_ms=both * 1e3,
+                      forward_gb_s=moved / seconds / 1e9, **({"blocks": list(blocks)} if blocks else {})))
 
-        forward, backward = timed_single(norm)
-        xf = x.astype(jnp.float32)
+        # One LayerNorm with the default tiles against the float32 formula; y's cotangent reaches it as bfloat16.
+        forward, backward = jitted(kernels(fln.DEFAULT_BLOCKS), 1)
         errors = {"y": float(jnp.max(jnp.abs(forward(x, gamma, beta).astype(jnp.float32)
-                                              - reference(xf, gamma, beta).astype(jnp.float32))))}
-        ref_grads = jax.jit(jax.grad(lambda *a: jnp.sum(
-            ((a[0] - a[0].mean(-1, keepdims=True)) * jax.lax.rsqrt(a[0].var(-1, keepdims=True) + epsilon) * a[1] + a[2])
-            * a[3]), (0, 1, 2)))(xf, gamma, beta, dy.astype(jnp.bfloat16).astype(jnp.float32))  # y's cotangent is bf16
+                                              - reference(x, gamma, beta).astype(jnp.float32))))}
+        rounded_dy = dy.astype(jnp.bfloat16).astype(jnp.float32)
+        ref_grads = jax.grad(lambda *a: jnp.sum(formula(*a) * rounded_dy), (0, 1, 2))(
+            x.astype(jnp.float32), gamma, beta)
         for name, got, want in zip(("dx", "dgamma", "dbeta"), backward(x, gamma, beta, dy), ref_grads):
             errors[name] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
             errors[name + "_scale"] = float(jnp.max(jnp.abs(want)))

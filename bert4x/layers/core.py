@@ -470,6 +470,14 @@ def _fused_key_padding_attention(q, k, v, mask, scale: float, implementation: st
         return None
 
 
+def _kernel_mode(variable: str, choices: tuple) -> str:
+    """Environment switch `variable` (default "auto"): one of `choices`, else a ValueError naming the variable."""
+    mode = os.environ.get(variable, "auto").lower()
+    if mode not in choices:
+        raise ValueError(f"{variable} must be one of {', '.join(repr(c) for c in choices)}, got {mode!r}.")
+    return mode
+
+
 def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer):
     """Training-time attention on jax that keeps no `[batch, heads, q_len, k_len]` tensor for the backward pass
     (`bert4x.layers.flash_attention`), or None to fall back to the Keras/XLA path.
@@ -480,9 +488,7 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     kernels through Pallas' interpreter, any device: how tests run them on CPU) or `off`. Only key-padding masks
     (`[batch or 1, 1, 1, k_len]`) are taken; not under a `keras.distribution` (the Pallas call is not sharded).
     """
-    mode = os.environ.get("BERT4X_FUSED_ATTENTION", "auto").lower()
-    if mode not in ("auto", "recompute", "interpret", "off"):
-        raise ValueError(f"BERT4X_FUSED_ATTENTION must be 'auto', 'recompute', 'interpret' or 'off', got {mode!r}.")
+    mode = _kernel_mode("BERT4X_FUSED_ATTENTION", ("auto", "recompute", "interpret", "off"))
     if keras.backend.backend() != "jax" or mode == "off" or keras.distribution.distribution() is not None:
         return None
     if not _hides_keys_only(mask):
@@ -579,9 +585,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
 def _layer_norm_path(shape, training: bool) -> str | None:
     """"kernels", "interpret", "recompute" or None (Keras's LayerNorm); see `LayerNormalization`."""
-    mode = os.environ.get("BERT4X_FUSED_LAYER_NORM", "auto").lower()
-    if mode not in ("auto", "interpret", "off"):
-        raise ValueError(f"BERT4X_FUSED_LAYER_NORM must be 'auto', 'interpret' or 'off', got {mode!r}.")
+    mode = _kernel_mode("BERT4X_FUSED_LAYER_NORM", ("auto", "interpret", "off"))
     if keras.backend.backend() != "jax" or mode == "off":
         return None
     import jax

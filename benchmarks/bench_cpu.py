@@ -10,6 +10,9 @@ the GPU fine-tuning work; forwards run in inference mode either way):
 
 Peers (each runs in its own subprocess, with its Keras backend set before import):
   bert4x_tf, bert4x_jax, bert4x_torch   bert4x on Keras 3 with that backend (tensorflow is the default backend)
+  bert4x_full_tf, bert4x_full_jax        bert4x with prune_last_layer=False: the last layer at every position, as the
+                                         other peers compute it (bert4x computes it at [CLS] alone, the classifier's
+                                         only input)
   keras_hub_jax, keras_hub_tf            keras-hub BertBackbone + BertTextClassifier head, same config
   hf_torch                               transformers BertForSequenceClassification (sdpa attention), torch eager
 
@@ -35,7 +38,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 PEERS = ("bert4x_tf", "bert4x_jax", "keras_hub_jax", "keras_hub_tf", "hf_torch")
-OPTIONAL_PEERS = ("bert4x_torch",)
+OPTIONAL_PEERS = ("bert4x_torch", "bert4x_full_tf", "bert4x_full_jax")
 FORWARD_SHAPES = ("8x128", "1x128")
 TRAIN_SHAPE = "8x128"
 
@@ -62,7 +65,8 @@ def _keras_model(peer: str, cfg: dict, dropout: float):
         from bert4x.models import build_transformer_model
 
         bert = build_transformer_model(dict(cfg, hidden_act="gelu", hidden_dropout_prob=dropout,
-                                            attention_probs_dropout_prob=dropout), with_pool=True)
+                                            attention_probs_dropout_prob=dropout), with_pool=True,
+                                       prune_last_layer=not peer.startswith("bert4x_full"))
         pooled = keras.layers.Dropout(dropout, name="Classifier-Dropout")(bert.output)
         logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(pooled)
         return keras.Model(bert.inputs, logits)

@@ -10,6 +10,8 @@ Peers:
                   runs in bert4x's fused Pallas kernels (bert4x.layers.flash_attention)
   bert4x_xla      the same with those kernels off (BERT4X_FUSED_ATTENTION=off): XLA attention + dropout
   bert4x_fast     the same with attention_probs_dropout_prob=0, so attention can take the fused cuDNN path
+  bert4x_full     (optional) bert4x with prune_last_layer=False: the last layer at every position, as the other
+                  peers compute it (bert4x computes it at [CLS] alone, the only position the classifier reads)
   keras_hub       keras-hub BertBackbone + BertTextClassifier head, same config and dropout, `model.fit` on jax
   hf_eager        transformers BertForSequenceClassification (sdpa attention), torch bf16 autocast, fused AdamW
   hf_compile      the same model wrapped in torch.compile
@@ -32,6 +34,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 PEERS = ("bert4x", "bert4x_xla", "bert4x_fast", "keras_hub", "hf_eager", "hf_compile")
+OPTIONAL_PEERS = ("bert4x_full",)
 SHAPES = ("32x128", "128x128", "32x512")
 
 
@@ -40,12 +43,12 @@ def build_keras_classifier(peer: str, cfg: dict):
     """The classifier of a keras peer under the current dtype policy: inputs, model."""
     import keras
 
-    if peer in ("bert4x", "bert4x_xla", "bert4x_fast"):
+    if peer.startswith("bert4x"):
         from bert4x.models import build_transformer_model
 
         hf_config = dict(cfg, hidden_act="gelu", hidden_dropout_prob=common.DROPOUT,
                          attention_probs_dropout_prob=0.0 if peer == "bert4x_fast" else common.DROPOUT)
-        bert = build_transformer_model(hf_config, with_pool=True)
+        bert = build_transformer_model(hf_config, with_pool=True, prune_last_layer=peer != "bert4x_full")
         x = keras.layers.Dropout(common.DROPOUT, name="Classifier-Dropout")(bert.output)
         logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(x)
         return keras.Model(bert.inputs, logits)
@@ -412,7 +415,7 @@ def summary_table(records: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {PEERS}")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {PEERS + OPTIONAL_PEERS}")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated BATCHxSEQ")
     parser.add_argument("--config", default="base", choices=sorted(common.CONFIGS))
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
@@ -433,9 +436,9 @@ def main(argv=None) -> None:
         worker(args)
         return
     peers = [p for p in args.peers.split(",") if p]
-    unknown = sorted(set(peers) - set(PEERS))
+    unknown = sorted(set(peers) - set(PEERS + OPTIONAL_PEERS))
     if unknown:
-        parser.error(f"unknown peers {unknown}; choose from {PEERS}")
+        parser.error(f"unknown peers {unknown}; choose from {PEERS + OPTIONAL_PEERS}")
     records = []
     jobs = [(peer, shape, None) for shape in args.shapes.split(",") for peer in peers]
     if args.profile_dir:

@@ -191,7 +191,9 @@ class MultiHeadAttention(keras.layers.Layer):
 
     Call arguments:
         query: `[batch, q_len, dim]`.
-        key_value: `[batch, k_len, dim]` for cross-attention.
+        key_value: `[batch, k_len, dim]` for cross-attention. In self-attention, optional: the sequence, with
+            `query` its first q_len positions (e.g. `[CLS]` alone). Keys and values come from the whole sequence,
+            queries (and rotary angles and mask/bias rows) from those positions only.
         attention_mask: boolean, broadcastable to `[batch, heads, q_len, k_len]`; True = may attend.
         attention_bias: float, broadcastable to `[batch, heads, q_len, k_len]` (e.g. T5's relative position bias).
         rotary: `(cos, sin)`, each `[batch or 1, q_len, head_size // 2]`: RoPE applied to q and the new k.
@@ -295,6 +297,7 @@ class MultiHeadAttention(keras.layers.Layer):
         training=None,
     ):
         precomputed_kv = cache is not None and cache_update_index is None
+        query_rotary = rotary
         if self.cross_attention:
             q = self._split_heads(self.q_dense(query), 1)[:, :, 0]
             if precomputed_kv:
@@ -302,14 +305,22 @@ class MultiHeadAttention(keras.layers.Layer):
             else:
                 kv = self._split_heads(self.kv_dense(query if key_value is None else key_value), 2)
                 k, v = kv[:, :, 0], kv[:, :, 1]
-        else:
+        elif key_value is None:
             qkv = self._split_heads(self.qkv_dense(query), 3)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            if cache is not None:
+                raise ValueError(f"{self.name}: self-attention takes either key_value (queries at its leading "
+                                 "positions) or a cache, not both.")
+            q, k, v = self._leading_queries_projections(query, key_value)
+            leading = ops.shape(q)[1]
+            attention_mask, attention_bias = (_leading_rows(t, leading) for t in (attention_mask, attention_bias))
+            if rotary is not None:
+                query_rotary = tuple(t[:, :leading] for t in rotary)
         if rotary is not None:
-            cos, sin = (ops.expand_dims(t, -2) for t in rotary)
-            q = backend.apply_rotary(q, cos, sin)
+            q = backend.apply_rotary(q, *(ops.expand_dims(t, -2) for t in query_rotary))
             if not precomputed_kv:
-                k = backend.apply_rotary(k, cos, sin)
+                k = backend.apply_rotary(k, *(ops.expand_dims(t, -2) for t in rotary))
         if cache is not None and cache_update_index is not None:
             start = [0, 0, cache_update_index, 0, 0]
             cache = ops.slice_update(cache, start, ops.stack([k, v], axis=1))
@@ -320,6 +331,22 @@ class MultiHeadAttention(keras.layers.Layer):
         shape = ops.shape(out)
         out = self.output_dense(ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size)))
         return (out, cache) if cache is not None else out
+
+    def _leading_queries_projections(self, query, key_value):
+        """q from `query`, k and v from `key_value`, through the slices of the fused `qkv` kernel (so the sequence's
+        own queries are never computed)."""
+        dense, inner = self.qkv_dense, self.heads * self.head_size
+        if dense.quantization_mode is not None:  # a quantized kernel cannot be sliced: project both, keep the parts
+            q = self._split_heads(dense(query), 3)[:, :, 0]
+            kv = self._split_heads(dense(key_value), 3)[:, :, 1:]
+        else:
+            kernel = ops.cast(dense.kernel, self.compute_dtype)
+            q, kv = ops.matmul(query, kernel[:, :inner]), ops.matmul(key_value, kernel[:, inner:])
+            if dense.use_bias:
+                bias = ops.cast(dense.bias, self.compute_dtype)
+                q, kv = q + bias[:inner], kv + bias[inner:]
+            q, kv = self._split_heads(q, 1)[:, :, 0], self._split_heads(kv, 2)
+        return q, kv[:, :, 0], kv[:, :, 1]
 
     def _attend(self, q, k, v, mask, bias, training):
         scale = backend.attention_scale(self.head_size) if self.scaled else 1.0
@@ -400,6 +427,13 @@ def _check_attention_type(attention_type: str, attention_dropout: float) -> None
             f"attention_type={attention_type!r} forms no attention probabilities to drop out; "
             f"set attention_dropout (attention_dropout_rate / attention_probs_dropout_prob) to 0, got {attention_dropout}."
         )
+
+
+def _leading_rows(mask_or_bias, rows):
+    """The first `rows` query rows of a mask or bias broadcastable to `[batch, heads, q_len, k_len]`."""
+    if mask_or_bias is None or len(mask_or_bias.shape) < 2:
+        return mask_or_bias
+    return mask_or_bias[..., :rows, :]
 
 
 _PERMUTE_KEYS = []
@@ -691,31 +725,51 @@ class BiasAdd(keras.layers.Layer):
 
 
 @ops.custom_gradient
-def _first_token(inputs):
+def _first_token_kept(inputs):
     # The gradient of a slice is a pad; XLA:GPU fused that pad into the last LayerNorm's backward reduction as one
     # 0.5 ms kernel (BERT-base 32 x 512, H200). Written as a product with a one-hot column it fuses like any other.
     def grad(*args, upstream=None):
         upstream = backend.upstream_gradient(args, upstream)
         first = ops.cast(ops.arange(ops.shape(inputs)[1]) == 0, upstream.dtype)
-        return ops.expand_dims(upstream, 1) * ops.expand_dims(first, -1)
+        return upstream * ops.expand_dims(first, -1)
 
-    return inputs[:, 0], grad
+    return inputs[:, :1], grad
+
+
+def _first_token(inputs, keepdims: bool = False):
+    first = _first_token_kept(inputs)
+    return first if keepdims else ops.squeeze(first, 1)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class FirstToken(keras.layers.Layer):
-    """Takes the hidden state of the first ([CLS]) token: `[batch, length, dim] -> [batch, dim]`.
+    """Takes the hidden state of the first ([CLS]) token: `[batch, length, dim] -> [batch, dim]`
+    (`[batch, 1, dim]` with `keepdims=True`).
 
     Example:
     >>> FirstToken()(keras.ops.ones((2, 5, 8))).shape
     (2, 8)
+    >>> FirstToken(keepdims=True)(keras.ops.ones((2, 5, 8))).shape
+    (2, 1, 8)
     """
 
+    def __init__(self, keepdims: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.keepdims = keepdims
+
     def call(self, inputs):
-        return _first_token(inputs)
+        return _first_token(inputs, self.keepdims)
 
     def compute_output_shape(self, input_shape):
+        if self.keepdims:
+            return (input_shape[0], 1, input_shape[2])
         return (input_shape[0], input_shape[2])
+
+    def get_config(self):
+        config = super().get_config()
+        if self.keepdims:
+            config.update(keepdims=True)
+        return config
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -97,7 +97,9 @@ class BERT(Transformer):
 
     Inputs are `[token_ids, segment_ids]` (id 0 is padding). Outputs follow bert4keras: the sequence output with no
     head, otherwise `[pooled or nsp, mlm]` (or the single head). `with_mlm=True` gives probabilities and
-    `with_mlm='linear'` logits.
+    `with_mlm='linear'` logits. When every output reads only [CLS] (`with_pool`/`with_nsp` without `with_mlm`), the
+    last layer is computed at [CLS] alone (same outputs and gradients, less work; its sequence output is then
+    `[batch, 1, hidden]`); `prune_last_layer=False` keeps it at every position.
 
     Example:
     >>> from bert4x.models import build_transformer_model
@@ -133,6 +135,7 @@ class BERT(Transformer):
         with_pool: bool | str = False,
         with_nsp: bool | str = False,
         with_mlm: bool | str = False,
+        prune_last_layer: bool = True,
         layer_norm_cond=None,
         layer_norm_cond_hidden_size: int | None = None,
         layer_norm_cond_hidden_act: str | None = None,
@@ -154,6 +157,15 @@ class BERT(Transformer):
         self.with_nsp = with_nsp
         # As in bert4keras, 'lm' and 'unilm' output the MLM head (the next-token distribution) unless told otherwise.
         self.with_mlm = with_mlm or (self.application in ("lm", "unilm"))
+        self.prune_last_layer = prune_last_layer
+
+    def first_token_only(self, index: int) -> bool:
+        """Whether layer `index` computes its output at the first token ([CLS]) alone: the last layer, when every
+        output (pooler, NSP) reads only that token and `prune_last_layer` is on. Keys and values still come from the
+        whole sequence, so the outputs are those of the full layer, at 1/seq_len of its queries, attention output
+        and feed-forward work (BERT-base at 128 tokens: ≈5% of a forward pass)."""
+        return (self.prune_last_layer and bool(self.with_pool) and not self.with_mlm
+                and index == self.num_hidden_layers - 1)
 
     @classmethod
     def applications(cls):
@@ -235,10 +247,13 @@ class BERT(Transformer):
     def apply_main_layers(self, x, index):
         attention = f"Transformer-{index}-MultiHeadSelfAttention"
         feed_forward = f"Transformer-{index}-FeedForward"
+        sequence = None
+        if self.first_token_only(index):
+            sequence, x = x, FirstToken(keepdims=True, name=f"Transformer-{index}-FirstToken")(x)
         y = MultiHeadAttention(
             self.num_attention_heads, self.attention_head_size, attention_dropout=self.attention_dropout_rate,
             kernel_initializer=self.initializer(), name=attention, **self.attention_variant_kwargs(),
-        )(x, attention_mask=self.attention_mask, **self.attention_kwargs())
+        )(x, key_value=sequence, attention_mask=self.attention_mask, **self.attention_kwargs())
         y = Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
         x = keras.layers.Add(name=f"{attention}-Add")([x, y])
         x = self.apply_layer_norm(x, f"{attention}-Norm")

@@ -25,7 +25,7 @@ def _inputs(batch=2, length=64, heads=3, head_size=16, seed=0):
     rng = np.random.default_rng(seed)
     q, k, v, weights = (jnp.asarray(rng.standard_normal((batch, length, heads, head_size)), jnp.float32)
                         for _ in range(4))
-    lengths = np.array([length, 37] + [length // 2] * (batch - 2))[:batch]
+    lengths = np.array([length, 37, 5] + [length // 2] * (batch - 3))[:batch]
     key_mask = jnp.asarray(np.arange(length)[None, :] < lengths[:, None])
     return q, k, v, weights, key_mask
 
@@ -36,8 +36,9 @@ def _inputs(batch=2, length=64, heads=3, head_size=16, seed=0):
 ])
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_kernels_equal_plain_attention_with_the_same_mask(rate, implementation, blocks, heads):
-    """One head or a head pair per program (with 3 heads, pairs fall back to one head per program)."""
-    q, k, v, weights, key_mask = _inputs(heads=heads)
+    """One head or a head pair per program (with 3 heads, pairs fall back to one head per program). Rows of 64, 37
+    and 5 visible keys: the kernels skip the key blocks past a row's last visible key."""
+    q, k, v, weights, key_mask = _inputs(batch=3, heads=heads)
     seed = jnp.int32(12345)
     options = dict(interpret=True, implementation=implementation, **({"blocks": blocks} if blocks else {}))
 
@@ -55,7 +56,7 @@ def test_kernels_equal_plain_attention_with_the_same_mask(rate, implementation, 
     for name, a, b in zip("qkv", fused_grads, plain_grads):
         np.testing.assert_allclose(a, b, atol=5e-6, err_msg=f"d{name}")
     # Keys beyond a row's length get no gradient and do not change the output.
-    assert float(jnp.abs(fused_grads[1][1, 37:]).max()) == 0.0
+    assert float(jnp.abs(fused_grads[1][1, 37:]).max()) == 0.0 and float(jnp.abs(fused_grads[1][2, 5:]).max()) == 0.0
 
 
 def test_no_mask_and_a_row_with_no_visible_key_stay_finite():

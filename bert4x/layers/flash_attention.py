@@ -252,7 +252,14 @@ def _block_keeps(seed, stream, halves, q_start, k_start, block_q: int, block_k: 
     return tuple(_half_kept(bits, half, rate) for half in halves)
 
 
-def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, rate, block_k, heads):
+def _key_blocks(length_ref, block_k: int):
+    """Key blocks a program walks: those up to the row's last visible key (`length_ref`, see `_visible_lengths`).
+    The blocks after it add exactly 0 to every sum (their probabilities underflow to 0), so skipping them is exact."""
+    return (length_ref[0] + block_k - 1) // block_k
+
+
+def _forward_kernel(seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, rate, block_k,
+                    heads):
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -286,7 +293,7 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, 
          jnp.zeros((block_q,), jnp.float32))
         for _ in halves
     )
-    for j, (acc, row_max, row_sum) in enumerate(lax.fori_loop(0, k_len // block_k, step, init)):
+    for j, (acc, row_max, row_sum) in enumerate(lax.fori_loop(0, _key_blocks(length_ref, block_k), step, init)):
         o_ref[:, j, :] = (acc * (1.0 / ((1.0 - rate) * row_sum))[:, None]).astype(o_ref.dtype)
         lse_ref[j, :] = row_max + jnp.log2(row_sum)
 
@@ -307,7 +314,8 @@ def _probs_and_score_grads(q, k, v, do, bias, lse, delta, keep, scale, rate):
 
 
 def _dkdv_kernel(
-    seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, rate, block_q, heads
+    seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, rate,
+    block_q, heads
 ):
     import jax.numpy as jnp
     from jax import lax
@@ -336,12 +344,18 @@ def _dkdv_kernel(
         return tuple(updated)
 
     zeros = jnp.zeros((block_k, head_size), jnp.float32)
-    for j, (dk, dv) in enumerate(lax.fori_loop(0, q_len // block_q, step, tuple((zeros, zeros) for _ in halves))):
+    # A key block past the row's last visible key has p = 0 for every query: zero gradients, no work.
+    # (A product, not jnp.where: Pallas' Triton lowering typed a select of two int literals as i1, i.e. 0 and 0.)
+    query_blocks = (k_start < length_ref[0]).astype(jnp.int32) * (q_len // block_q)
+    for j, (dk, dv) in enumerate(lax.fori_loop(0, query_blocks, step, tuple((zeros, zeros) for _ in halves))):
         dk_ref[:, j, :] = dk.astype(dk_ref.dtype)
         dv_ref[:, j, :] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, rate, block_k, heads):
+def _dq_kernel(
+    seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, rate, block_k,
+    heads
+):
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -365,7 +379,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_r
         return tuple(updated)
 
     zeros = jnp.zeros((block_q, head_size), jnp.float32)
-    for j, dq in enumerate(lax.fori_loop(0, k_len // block_k, step, tuple(zeros for _ in halves))):
+    for j, dq in enumerate(lax.fori_loop(0, _key_blocks(length_ref, block_k), step, tuple(zeros for _ in halves))):
         dq_ref[:, j, :] = dq.astype(dq_ref.dtype)
 
 
@@ -425,6 +439,16 @@ def _with_vjp(forward, backward):
     return attention
 
 
+def _visible_lengths(bias):
+    """Per row, 1 + the index of its last visible key (bias 0), or the whole length when no key is visible (the
+    kernels then average over every key, as the unfused path does): `[batch]` int32."""
+    import jax.numpy as jnp
+
+    k_len = bias.shape[1]
+    last = jnp.max(jnp.where(bias == 0, jnp.arange(1, k_len + 1, dtype=jnp.int32), 0), axis=1)
+    return jnp.where(last == 0, k_len, last).astype(jnp.int32)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
     """The custom-VJP attention function for one (scale, rate, interpret, tiles) combination."""
@@ -435,6 +459,7 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
     fwd_q, fwd_k, bwd_q, bwd_k, warps, stages = blocks[:6]
     pairing = blocks[6] if len(blocks) > 6 else 1
     seed_spec = pl.BlockSpec((1,), lambda i, b, g: (0,))
+    length_spec = pl.BlockSpec((1,), lambda i, b, g: (b,))
 
     def lse_spec(block, per_program, full=False):
         if full:
@@ -452,12 +477,13 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
         return _call(
             functools.partial(_forward_kernel, scale=scale, rate=rate, block_k=block_k, heads=heads),
             (q_len // block_q, batch, heads // per_program),
-            [seed_spec, _specs(block_q, per_program, head_size), _specs(k_len, per_program, head_size, True),
-             _specs(k_len, per_program, head_size, True), bias_spec(k_len)],
+            [seed_spec, length_spec, _specs(block_q, per_program, head_size),
+             _specs(k_len, per_program, head_size, True), _specs(k_len, per_program, head_size, True),
+             bias_spec(k_len)],
             [_specs(block_q, per_program, head_size), lse_spec(block_q, per_program)],
             [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
             interpret, "bert4x_flash_attention_forward", warps, stages,
-        )(seed, q, k, v, bias)
+        )(seed, _visible_lengths(bias), q, k, v, bias)
 
     def backward(seed, q, k, v, bias, out, lse, do):
         batch, q_len, heads, head_size = q.shape
@@ -465,14 +491,14 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
         block_q, block_k = _block(q_len, bwd_q), _block(k_len, bwd_k)
         delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
         common = dict(scale=scale, rate=rate, heads=heads)
-        args = (seed, q, k, v, bias, do, lse, delta)
+        args = (seed, _visible_lengths(bias), q, k, v, bias, do, lse, delta)
         per_program = _heads_per_program(pairing, heads, k_len // block_k, batch)
         whole, key_rows = _specs(q_len, per_program, head_size, True), _specs(block_k, per_program, head_size)
         dk, dv = _call(
             functools.partial(_dkdv_kernel, block_q=block_q, **common),
             (k_len // block_k, batch, heads // per_program),
-            [seed_spec, whole, key_rows, key_rows, bias_spec(k_len), whole, lse_spec(q_len, per_program, True),
-             lse_spec(q_len, per_program, True)],
+            [seed_spec, length_spec, whole, key_rows, key_rows, bias_spec(k_len), whole,
+             lse_spec(q_len, per_program, True), lse_spec(q_len, per_program, True)],
             [key_rows, key_rows],
             [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
             interpret, "bert4x_flash_attention_dkdv", warps, stages,
@@ -482,8 +508,8 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
         dq = _call(
             functools.partial(_dq_kernel, block_k=block_k, **common),
             (q_len // block_q, batch, heads // per_program),
-            [seed_spec, query_rows, all_keys, all_keys, bias_spec(k_len), query_rows, lse_spec(block_q, per_program),
-             lse_spec(block_q, per_program)],
+            [seed_spec, length_spec, query_rows, all_keys, all_keys, bias_spec(k_len), query_rows,
+             lse_spec(block_q, per_program), lse_spec(block_q, per_program)],
             query_rows,
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             interpret, "bert4x_flash_attention_dq", warps, stages,

@@ -298,7 +298,6 @@ class MultiHeadAttention(keras.layers.Layer):
     ):
         precomputed_kv = cache is not None and cache_update_index is None
         query_rotary = rotary
-        packed = None  # q/k/v as the fused projection made them, for kernels that read them in place
         if self.cross_attention:
             q = self._split_heads(self.q_dense(query), 1)[:, :, 0]
             if precomputed_kv:
@@ -309,8 +308,6 @@ class MultiHeadAttention(keras.layers.Layer):
         elif key_value is None:
             qkv = self._split_heads(self.qkv_dense(query), 3)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            if rotary is None and cache is None:
-                packed = qkv
         else:
             if cache is not None:
                 raise ValueError(f"{self.name}: self-attention takes either key_value (queries at its leading "
@@ -330,7 +327,7 @@ class MultiHeadAttention(keras.layers.Layer):
             k, v = cache[:, 0], cache[:, 1]
         elif cache is not None and not precomputed_kv:
             cache = ops.stack([k, v], axis=1)
-        out = self._attend(q, k, v, attention_mask, attention_bias, training, packed)
+        out = self._attend(q, k, v, attention_mask, attention_bias, training)
         shape = ops.shape(out)
         out = self.output_dense(ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size)))
         return (out, cache) if cache is not None else out
@@ -351,17 +348,16 @@ class MultiHeadAttention(keras.layers.Layer):
             q, kv = self._split_heads(q, 1)[:, :, 0], self._split_heads(kv, 2)
         return q, kv[:, :, 0], kv[:, :, 1]
 
-    def _attend(self, q, k, v, mask, bias, training, packed=None):
+    def _attend(self, q, k, v, mask, bias, training):
         scale = backend.attention_scale(self.head_size) if self.scaled else 1.0
         if self.attention_type != "softmax":
             q, k, scale, out = self._attend_variant(q, k, v, mask, bias)
             if out is not None:
                 return out
-            packed = None  # q and k were transformed: the packed projection no longer holds them
         if bias is not None:
             bias = ops.cast(bias, q.dtype)
         if training and bias is None and isinstance(scale, float):
-            out = _jax_training_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout, packed)
+            out = _jax_training_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout)
             if out is not None:
                 return out
         if not (training and self.attention_dropout > 0):
@@ -516,7 +512,7 @@ def _kernel_mode(variable: str, choices: tuple) -> str:
     return mode
 
 
-def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer, packed=None):
+def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer):
     """Training-time attention on jax that keeps no `[batch, heads, q_len, k_len]` tensor for the backward pass
     (`bert4x.layers.flash_attention`), or None to fall back to the Keras/XLA path.
 
@@ -525,7 +521,6 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     recomputing XLA version, which saves memory), `recompute` (that version everywhere), `interpret` (the Pallas
     kernels through Pallas' interpreter, any device: how tests run them on CPU) or `off`. Only key-padding masks
     (`[batch or 1, 1, 1, k_len]`) are taken; not under a `keras.distribution` (the Pallas call is not sharded).
-    `packed`: q/k/v as one `[batch, len, 3, heads, head_size]` array, which the kernels then read in place.
     """
     mode = _kernel_mode("BERT4X_FUSED_ATTENTION", ("auto", "recompute", "interpret", "off"))
     if keras.backend.backend() != "jax" or mode == "off" or keras.distribution.distribution() is not None:
@@ -550,10 +545,9 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
         return None
     key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (k.shape[0], k.shape[1]))
     seed = dropout_layer.draw_seed() if rate > 0 else 0
-    options = dict(interpret=mode == "interpret", implementation=implementation)
-    if packed is not None and implementation == "pallas":
-        return flash_attention.flash_self_attention(packed, key_mask, seed, rate, scale, **options)
-    return flash_attention.flash_attention(q, k, v, key_mask, seed, rate, scale, **options)
+    return flash_attention.flash_attention(
+        q, k, v, key_mask, seed, rate, scale, interpret=mode == "interpret", implementation=implementation
+    )
 
 
 @ops.custom_gradient

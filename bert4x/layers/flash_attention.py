@@ -390,16 +390,14 @@ def _heads_per_program(pairing: int, heads: int, blocks_along_length: int, batch
     return 2 if pairing == 2 or blocks_along_length * batch * (heads // 2) >= PAIRED_MIN_PROGRAMS else 1
 
 
-def _specs(block: int, per_program: int, head_size: int, full: bool = False, slot: int | None = None):
+def _specs(block: int, per_program: int, head_size: int, full: bool = False):
     """BlockSpec of a `[batch, len, heads, head_size]` array seen by a (block, batch, head group) grid: `block` rows
-    (or the whole length, `full`) of the group's `per_program` adjacent heads. With `slot`, the array is a packed
-    `[batch, len, 3, heads, head_size]` q/k/v and the spec reads its part `slot` (the kernel sees the same block)."""
+    (or the whole length, `full`) of the group's `per_program` adjacent heads."""
     from jax.experimental import pallas as pl
 
-    if slot is None:
-        return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, 0 if full else i, g, 0))
-    return pl.BlockSpec((None, block, None, per_program, head_size),
-                        lambda i, b, g: (b, 0 if full else i, slot, g, 0))
+    if full:
+        return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, 0, g, 0))
+    return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, i, g, 0))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: str, num_warps: int, num_stages: int):
@@ -418,29 +416,24 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: s
     )
 
 
-def _with_vjp(forward, backward, packed: bool = False):
-    """`attention(seed, operands, bias)` with a custom VJP from `forward(seed, q, k, v, bias) -> (out, lse)` and
-    `backward(seed, q, k, v, bias, out, lse, do) -> (dq, dk, dv)`; the seed and the mask bias get no gradient.
-    `operands` is `(q, k, v)`, or with `packed` `(qkv,)`, whose gradient is then `[dq, dk, dv]` stacked on axis 2."""
+def _with_vjp(forward, backward):
+    """`attention(seed, q, k, v, bias)` with a custom VJP from `forward -> (out, lse)` and
+    `backward(seed, q, k, v, bias, out, lse, do) -> (dq, dk, dv)`; the seed and the mask bias get no gradient."""
     import jax
     import jax.numpy as jnp
 
-    def qkv_of(operands):
-        return operands * 3 if packed else operands
-
     @jax.custom_vjp
-    def attention(seed, operands, bias):
-        return forward(seed, *qkv_of(operands), bias)[0]
+    def attention(seed, q, k, v, bias):
+        return forward(seed, q, k, v, bias)[0]
 
-    def attention_forward(seed, operands, bias):
-        out, lse = forward(seed, *qkv_of(operands), bias)
-        return out, (seed, operands, bias, out, lse)
+    def attention_forward(seed, q, k, v, bias):
+        out, lse = forward(seed, q, k, v, bias)
+        return out, (seed, q, k, v, bias, out, lse)
 
     def attention_backward(residuals, do):
-        seed, operands, bias, out, lse = residuals
-        grads = backward(seed, *qkv_of(operands), bias, out, lse, do)
-        grads = (jnp.stack(grads, axis=2),) if packed else tuple(grads)
-        return np.zeros(seed.shape, jax.dtypes.float0), grads, jnp.zeros_like(bias)
+        seed, bias = residuals[0], residuals[4]
+        dq, dk, dv = backward(*residuals, do)
+        return np.zeros(seed.shape, jax.dtypes.float0), dq, dk, dv, jnp.zeros_like(bias)
 
     attention.defvjp(attention_forward, attention_backward)
     return attention
@@ -457,10 +450,8 @@ def _visible_lengths(bias):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(scale: float, rate: float, interpret: bool, blocks: tuple, packed: bool = False):
-    """The custom-VJP attention function for one (scale, rate, interpret, tiles, packed) combination. Packed, the
-    kernels read q, k and v straight from `[batch, len, 3, heads, head_size]` (what the fused projection gives):
-    no copies of the three slices before the kernels, none of the gradients after them."""
+def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
+    """The custom-VJP attention function for one (scale, rate, interpret, tiles) combination."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
@@ -478,58 +469,54 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple, packed: bo
     def bias_spec(length):
         return pl.BlockSpec((None, length), lambda i, b, g: (b, 0))
 
-    slot_q, slot_k, slot_v = (0, 1, 2) if packed else (None, None, None)
-
     def forward(seed, q, k, v, bias):
-        (batch, q_len), (heads, head_size), k_len = q.shape[:2], q.shape[-2:], k.shape[1]
+        batch, q_len, heads, head_size = q.shape
+        k_len = k.shape[1]
         block_q, block_k = _block(q_len, fwd_q), _block(k_len, fwd_k)
         per_program = _heads_per_program(pairing, heads, q_len // block_q, batch)
         return _call(
             functools.partial(_forward_kernel, scale=scale, rate=rate, block_k=block_k, heads=heads),
             (q_len // block_q, batch, heads // per_program),
-            [seed_spec, length_spec, _specs(block_q, per_program, head_size, slot=slot_q),
-             _specs(k_len, per_program, head_size, True, slot_k), _specs(k_len, per_program, head_size, True, slot_v),
+            [seed_spec, length_spec, _specs(block_q, per_program, head_size),
+             _specs(k_len, per_program, head_size, True), _specs(k_len, per_program, head_size, True),
              bias_spec(k_len)],
             [_specs(block_q, per_program, head_size), lse_spec(block_q, per_program)],
-            [jax.ShapeDtypeStruct((batch, q_len, heads, head_size), q.dtype),
-             jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+            [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
             interpret, "bert4x_flash_attention_forward", warps, stages,
         )(seed, _visible_lengths(bias), q, k, v, bias)
 
     def backward(seed, q, k, v, bias, out, lse, do):
-        (batch, q_len), (heads, head_size), k_len = q.shape[:2], q.shape[-2:], k.shape[1]
+        batch, q_len, heads, head_size = q.shape
+        k_len = k.shape[1]
         block_q, block_k = _block(q_len, bwd_q), _block(k_len, bwd_k)
         delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
         common = dict(scale=scale, rate=rate, heads=heads)
         args = (seed, _visible_lengths(bias), q, k, v, bias, do, lse, delta)
         per_program = _heads_per_program(pairing, heads, k_len // block_k, batch)
         whole, key_rows = _specs(q_len, per_program, head_size, True), _specs(block_k, per_program, head_size)
-        grad_shape = jax.ShapeDtypeStruct((batch, k_len, heads, head_size), k.dtype)
         dk, dv = _call(
             functools.partial(_dkdv_kernel, block_q=block_q, **common),
             (k_len // block_k, batch, heads // per_program),
-            [seed_spec, length_spec, _specs(q_len, per_program, head_size, True, slot_q),
-             _specs(block_k, per_program, head_size, slot=slot_k), _specs(block_k, per_program, head_size, slot=slot_v),
-             bias_spec(k_len), whole, lse_spec(q_len, per_program, True), lse_spec(q_len, per_program, True)],
+            [seed_spec, length_spec, whole, key_rows, key_rows, bias_spec(k_len), whole,
+             lse_spec(q_len, per_program, True), lse_spec(q_len, per_program, True)],
             [key_rows, key_rows],
-            [grad_shape, grad_shape],
+            [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
             interpret, "bert4x_flash_attention_dkdv", warps, stages,
         )(*args)
         per_program = _heads_per_program(pairing, heads, q_len // block_q, batch)
-        query_rows = _specs(block_q, per_program, head_size)
+        query_rows, all_keys = _specs(block_q, per_program, head_size), _specs(k_len, per_program, head_size, True)
         dq = _call(
             functools.partial(_dq_kernel, block_k=block_k, **common),
             (q_len // block_q, batch, heads // per_program),
-            [seed_spec, length_spec, _specs(block_q, per_program, head_size, slot=slot_q),
-             _specs(k_len, per_program, head_size, True, slot_k), _specs(k_len, per_program, head_size, True, slot_v),
-             bias_spec(k_len), query_rows, lse_spec(block_q, per_program), lse_spec(block_q, per_program)],
+            [seed_spec, length_spec, query_rows, all_keys, all_keys, bias_spec(k_len), query_rows,
+             lse_spec(block_q, per_program), lse_spec(block_q, per_program)],
             query_rows,
-            jax.ShapeDtypeStruct((batch, q_len, heads, head_size), q.dtype),
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
             interpret, "bert4x_flash_attention_dq", warps, stages,
         )(*args)
         return dq, dk, dv
 
-    return _with_vjp(forward, backward, packed)
+    return _with_vjp(forward, backward)
 
 
 @functools.lru_cache(maxsize=None)
@@ -607,42 +594,6 @@ def flash_attention(
             in XLA, any jax device and shape: it saves only the log-sum-exp for the backward pass, not the
             `[batch, heads, q_len, k_len]` probabilities and mask; what jax uses on CPU).
     """
-    bias, seed, rate = _checked_arguments(q.shape, k.shape, q.dtype, key_mask, seed, rate, blocks, implementation)
-    if implementation == "recompute":
-        return _build_recomputed(float(scale), rate)(seed, (q, k, v), bias)
-    return _build(float(scale), rate, bool(interpret), tuple(blocks))(seed, (q, k, v), bias)
-
-
-def flash_self_attention(
-    qkv,
-    key_mask,
-    seed,
-    rate: float,
-    scale: float,
-    interpret: bool = False,
-    blocks: tuple = DEFAULT_BLOCKS,
-    implementation: str = "pallas",
-):
-    """`flash_attention` of a packed `[batch, len, 3, heads, head_size]` q/k/v (the fused QKV projection reshaped),
-    which the kernels read in place; its gradient comes packed the same way. Same arguments otherwise.
-
-    Example (CPU, through the interpreter):
-    >>> import jax.numpy as jnp
-    >>> qkv = jnp.ones((1, 16, 3, 2, 16), jnp.float32)
-    >>> flash_self_attention(qkv, None, seed=jnp.int32(0), rate=0.1, scale=0.25, interpret=True).shape
-    (1, 16, 2, 16)
-    """
-    if len(qkv.shape) != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"flash_self_attention: qkv must be [batch, len, 3, heads, head_size], got {qkv.shape}.")
-    q_shape = qkv.shape[:2] + qkv.shape[3:]
-    bias, seed, rate = _checked_arguments(q_shape, q_shape, qkv.dtype, key_mask, seed, rate, blocks, implementation)
-    if implementation == "recompute":
-        return _build_recomputed(float(scale), rate)(seed, (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]), bias)
-    return _build(float(scale), rate, bool(interpret), tuple(blocks), True)(seed, (qkv,), bias)
-
-
-def _checked_arguments(q_shape, k_shape, dtype, key_mask, seed, rate, blocks, implementation):
-    """Validates the arguments of the two entry points -> (key bias `[batch, k_len]` float32, seed `[1]`, rate)."""
     import jax.numpy as jnp
 
     if not 0.0 <= rate < 1.0:
@@ -652,12 +603,16 @@ def _checked_arguments(q_shape, k_shape, dtype, key_mask, seed, rate, blocks, im
                          f"or 2, got {blocks}.")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"flash_attention: implementation must be 'pallas' or 'recompute', got {implementation!r}.")
-    reason = supported(q_shape, k_shape, dtype, implementation)
+    reason = supported(q.shape, k.shape, q.dtype, implementation)
     if reason is not None:
         raise ValueError(f"flash_attention: unsupported input ({reason}); use the XLA attention path.")
-    batch, k_len = k_shape[0], k_shape[1]
+    batch, k_len = k.shape[0], k.shape[1]
     if key_mask is None:
         bias = jnp.zeros((batch, k_len), jnp.float32)
     else:
         bias = jnp.where(jnp.broadcast_to(key_mask, (batch, k_len)), 0.0, MASKED_LOGIT).astype(jnp.float32)
-    return bias, jnp.reshape(jnp.asarray(seed, jnp.int32), (1,)), attention_rate(float(rate))
+    seed = jnp.reshape(jnp.asarray(seed, jnp.int32), (1,))
+    rate = attention_rate(float(rate))
+    if implementation == "recompute":
+        return _build_recomputed(float(scale), rate)(seed, q, k, v, bias)
+    return _build(float(scale), rate, bool(interpret), tuple(blocks))(seed, q, k, v, bias)

@@ -180,6 +180,29 @@ def test_kernels_lower_to_triton_for_cuda(batch, length, blocks):
     assert exported.mlir_module().count("xla.gpu.triton") == 3
 
 
+def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
+    """The interpreter cannot see a mistyped Triton program: a loop bound that Pallas lowered as i1 (so 0 iterations:
+    dK/dV all zero on a GPU) still exported. MLIR prints a module that fails verification in its generic form
+    (`"scf.for"(...)`, `"arith.constant"()`), so the kernels' printed IR must have none."""
+    import functools
+
+    from jax.experimental import pallas as pl
+
+    monkeypatch.setattr(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))
+    spec = jax.ShapeDtypeStruct((8, 512, 12, 64), jnp.bfloat16)
+
+    def loss(q, k, v, key_mask):
+        return jnp.sum(fa.flash_attention(q, k, v, key_mask, jnp.int32(3), 0.1, 0.125).astype(jnp.float32))
+
+    jax.export.export(
+        jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(spec, spec, spec, jax.ShapeDtypeStruct((8, 512), jnp.bool_))
+    printed = capsys.readouterr().out
+    assert printed.count("scf.for") == 3  # one key or query loop in each of the three kernels
+    assert '"scf.for"(' not in printed and '"arith.' not in printed
+
+
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
 @pytest.mark.parametrize("mode", ["interpret", "auto"])  # auto = the recomputing version on CPU
 def test_attention_layer_runs_the_kernels_in_training(monkeypatch, mode):

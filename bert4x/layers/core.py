@@ -767,8 +767,7 @@ class FirstToken(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        if self.keepdims:
-            config.update(keepdims=True)
+        config.update(keepdims=self.keepdims)
         return config
 
 

@@ -41,6 +41,7 @@ def test_self_attention_refuses_key_value_with_a_cache():
 
 
 def _pair(model: str, **kwargs):
+    kwargs.setdefault("remove_padding", False)  # pruning alone (tests/test_remove_padding.py covers the two together)
     pruned = build_transformer_model(TINY, model=model, with_pool=True, **kwargs)
     full = build_transformer_model(TINY, model=model, with_pool=True, prune_last_layer=False, **kwargs)
     # Weights far from their small initial values, so that every gradient is well above rounding.
@@ -76,7 +77,7 @@ def test_pooled_model_computes_its_last_layer_at_cls_only(model):
 def test_models_reading_every_token_keep_the_whole_last_layer():
     for kwargs in ({}, {"with_mlm": True}, {"with_pool": True, "with_mlm": "linear"}, {"with_pool": True,
                                                                                         "prune_last_layer": False}):
-        model = build_transformer_model(TINY, **kwargs)
+        model = build_transformer_model(TINY, remove_padding=False, **kwargs)
         assert not any("FirstToken" in layer.name for layer in model.layers), kwargs
         assert tuple(model.get_layer("Transformer-1-FeedForward-Norm").output.shape) == (None, None, 8), kwargs
 

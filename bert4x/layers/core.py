@@ -19,6 +19,8 @@ __all__ = [
     "AttentionMask",
     "LayerNormalization",
     "Dropout",
+    "RemovePadding",
+    "RestorePadding",
 ]
 
 _PACKAGE = "bert4x"
@@ -200,6 +202,9 @@ class MultiHeadAttention(keras.layers.Layer):
         cache: `[batch, 2, cache_len, heads, head_size]` keys/values. With `cache_update_index` the new k/v are
             written at that index and attention runs over the whole cache; without it the cache is used as is
             (precomputed cross-attention keys/values). The layer then returns `(output, cache)`.
+        padding_index: `(positions, slots)` from `RemovePadding`: `query` then holds only the non-padding tokens,
+            `[tokens, dim]`. The projections run on those rows; attention (mask, bias, rotary) runs in the padded
+            `[batch, len]` layout, with zero keys/values at padding (the mask hides them); returns `[tokens, out]`.
 
     Example:
     >>> mha = MultiHeadAttention(heads=2, head_size=4)
@@ -294,8 +299,12 @@ class MultiHeadAttention(keras.layers.Layer):
         rotary=None,
         cache=None,
         cache_update_index=None,
+        padding_index=None,
         training=None,
     ):
+        if padding_index is not None:
+            return self._call_without_padding(query, padding_index, attention_mask, attention_bias, rotary, key_value,
+                                              cache, training)
         precomputed_kv = cache is not None and cache_update_index is None
         query_rotary = rotary
         if self.cross_attention:
@@ -331,6 +340,21 @@ class MultiHeadAttention(keras.layers.Layer):
         shape = ops.shape(out)
         out = self.output_dense(ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size)))
         return (out, cache) if cache is not None else out
+
+    def _call_without_padding(self, tokens, padding_index, mask, bias, rotary, key_value, cache, training):
+        if self.cross_attention or key_value is not None or cache is not None:
+            raise ValueError(f"{self.name}: padding_index (tokens without padding) is for self-attention without "
+                             "key_value or cache.")
+        positions, slots = padding_index
+        qkv = _padded_from_tokens(self.qkv_dense(tokens), positions, slots)  # zeros at padding
+        qkv = self._split_heads(qkv, 3)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if rotary is not None:
+            q, k = (backend.apply_rotary(t, *(ops.expand_dims(r, -2) for r in rotary)) for t in (q, k))
+        out = self._attend(q, k, v, mask, bias, training)
+        shape = ops.shape(out)
+        out = ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size))
+        return self.output_dense(_tokens_from_padded(out, positions, slots))
 
     def _leading_queries_projections(self, query, key_value):
         """q from `query`, k and v from `key_value`, through the slices of the fused `qkv` kernel (so the sequence's
@@ -769,6 +793,114 @@ class FirstToken(keras.layers.Layer):
         config = super().get_config()
         config.update(keepdims=self.keepdims)
         return config
+
+
+def _rows_with_zero(x):
+    return ops.concatenate([x, ops.zeros((1, ops.shape(x)[-1]), x.dtype)], axis=0)
+
+
+def _padded_from_tokens(tokens, positions, slots):
+    """`[n, dim]` non-padding rows -> `[batch, len, dim]` in the layout of `slots` (zeros at padding)."""
+    def forward(t):
+        return ops.take(_rows_with_zero(t), slots, axis=0)
+
+    if keras.backend.backend() == "jax":  # jax keeps every position (RemovePadding): plain autodiff will do
+        return forward(tokens)
+
+    # Each non-padding row lands in exactly one place, so the gradient is a gather too, not autodiff's
+    # scatter-add (which tensorflow runs as a slow segment sum on CPU).
+    @ops.custom_gradient
+    def padded(t):
+        def grad(*args, upstream=None):
+            upstream = backend.upstream_gradient(args, upstream)
+            return ops.take(ops.reshape(upstream, (-1, ops.shape(upstream)[-1])), positions, axis=0)
+
+        return forward(t), grad
+
+    return padded(tokens)
+
+
+def _tokens_from_padded(x, positions, slots):
+    """`[batch, len, dim]` -> its `[n, dim]` non-padding rows (the inverse of `_padded_from_tokens`)."""
+    def forward(t):
+        return ops.take(ops.reshape(t, (-1, ops.shape(t)[-1])), positions, axis=0)
+
+    if keras.backend.backend() == "jax":
+        return forward(x)
+
+    @ops.custom_gradient
+    def tokens(t):
+        def grad(*args, upstream=None):
+            upstream = backend.upstream_gradient(args, upstream)
+            return ops.reshape(ops.take(_rows_with_zero(upstream), slots, axis=0), ops.shape(t))
+
+        return forward(t), grad
+
+    return tokens(x)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RemovePadding(keras.layers.Layer):
+    """Keeps the non-padding tokens: `[batch, len, dim]` and token ids -> `(tokens, positions, slots)`.
+
+    `tokens` is `[n, dim]`, the rows whose token id is not `pad_id`, in order; `positions` (`[n]`) their flat
+    index in `batch * len`; `slots` (`[batch, len]`) each position's row in `tokens`, or `n` at padding.
+    Position-wise layers (dense, LayerNorm, dropout, feed-forward) then skip padding altogether;
+    `MultiHeadAttention(padding_index=(positions, slots))` attends in the padded layout and `RestorePadding` brings
+    the sequence back, with zeros at padding.
+
+    `n` depends on the data, which tensorflow (with or without XLA) and torch handle; jax compiles with static shapes,
+    so there every position is kept (the same results, without the saving).
+
+    Example:
+    >>> ids = keras.ops.convert_to_tensor([[5, 6, 0], [7, 0, 0]])
+    >>> tokens, positions, slots = RemovePadding()(keras.ops.ones((2, 3, 4)), ids)
+    >>> tuple(slots.shape), tokens.shape[-1]
+    ((2, 3), 4)
+    """
+
+    def __init__(self, pad_id: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.pad_id = pad_id
+
+    def call(self, inputs, token_ids):
+        shape = ops.shape(token_ids)
+        if keras.backend.backend() == "jax":  # static shapes: keep every position
+            positions = ops.arange(shape[0] * shape[1], dtype="int32")
+            return _tokens_from_padded(inputs, positions, None), positions, ops.reshape(positions, shape)
+        keep = ops.reshape(ops.not_equal(token_ids, self.pad_id), (-1,))
+        positions = ops.cast(ops.nonzero(keep)[0], "int32")
+        count = ops.shape(positions)[0]
+        slots = ops.reshape(ops.where(keep, ops.cumsum(ops.cast(keep, "int32")) - 1, count), shape)
+        return _tokens_from_padded(inputs, positions, slots), positions, slots
+
+    def compute_output_spec(self, inputs, token_ids):
+        return (keras.KerasTensor((None, inputs.shape[-1]), dtype=inputs.dtype),
+                keras.KerasTensor((None,), dtype="int32"),
+                keras.KerasTensor(tuple(token_ids.shape), dtype="int32"))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(pad_id=self.pad_id)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RestorePadding(keras.layers.Layer):
+    """The inverse of `RemovePadding`: `[n, dim]` tokens, positions, slots -> `[batch, len, dim]`, zeros at padding.
+
+    Example:
+    >>> ids = keras.ops.convert_to_tensor([[5, 6, 0]])
+    >>> tokens, positions, slots = RemovePadding()(keras.ops.ones((1, 3, 2)), ids)
+    >>> RestorePadding()(tokens, positions, slots).shape
+    (1, 3, 2)
+    """
+
+    def call(self, tokens, positions, slots):
+        return _padded_from_tokens(tokens, positions, slots)
+
+    def compute_output_shape(self, tokens_shape, positions_shape, slots_shape):
+        return tuple(slots_shape) + (tokens_shape[-1],)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

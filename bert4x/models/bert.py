@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from bert4x.layers import (AttentionMask, BiasAdd, Dropout, Embedding, FeedForward, FirstToken, LayerNormalization,
-                          MultiHeadAttention, PositionEmbedding)
+                          MultiHeadAttention, PositionEmbedding, RemovePadding, RestorePadding)
 from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import Transformer, register_model, src
 
@@ -101,6 +101,13 @@ class BERT(Transformer):
     last layer is computed at [CLS] alone (same outputs and gradients, less work; its sequence output is then
     `[batch, 1, hidden]`); `prune_last_layer=False` keeps it at every position.
 
+    `remove_padding` skips padding tokens (id 0) in every position-wise computation (projections, feed-forward,
+    LayerNorm, dropout), leaving only attention in the padded layout. The default (None) turns it on where it
+    changes no output and the backend allows data-dependent shapes: outputs read [CLS] only, on tensorflow without a
+    GPU (where Keras does not compile with XLA) or on torch. `True` turns it on for any outputs (the sequence output
+    is then zero at padding, instead of values computed from padding tokens); jax compiles with static shapes, so
+    there it raises.
+
     Example:
     >>> from bert4x.models import build_transformer_model
     >>> model = build_transformer_model({"vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 2,
@@ -136,6 +143,7 @@ class BERT(Transformer):
         with_nsp: bool | str = False,
         with_mlm: bool | str = False,
         prune_last_layer: bool = True,
+        remove_padding: bool | None = None,
         layer_norm_cond=None,
         layer_norm_cond_hidden_size: int | None = None,
         layer_norm_cond_hidden_act: str | None = None,
@@ -158,6 +166,38 @@ class BERT(Transformer):
         # As in bert4keras, 'lm' and 'unilm' output the MLM head (the next-token distribution) unless told otherwise.
         self.with_mlm = with_mlm or (self.application in ("lm", "unilm"))
         self.prune_last_layer = prune_last_layer
+        self.remove_padding = self._resolve_remove_padding(remove_padding)
+        self.padding_index = None  # (positions, slots) while the hidden states hold non-padding tokens only
+
+    # Subclasses whose layers do not take `padding_index` set this to False.
+    supports_padding_removal = True
+
+    def _resolve_remove_padding(self, option: bool | None) -> bool:
+        backend_name = keras.backend.backend()
+        dynamic_shapes = backend_name == "torch" or (
+            backend_name == "tensorflow" and not keras.distribution.list_devices("gpu"))
+        if option is None:
+            reads_first_token_only = bool(self.with_pool) and not self.with_mlm
+            return (reads_first_token_only and dynamic_shapes and self.layer_norm_cond is None
+                    and self.supports_padding_removal)
+        if option:
+            if backend_name == "jax":
+                raise ValueError("remove_padding=True needs data-dependent shapes (tensorflow or torch backends); "
+                                 "jax compiles with static shapes, so padding tokens cannot be skipped there.")
+            if self.layer_norm_cond is not None:
+                raise ValueError("remove_padding=True does not combine with layer_norm_cond (the condition is "
+                                 "per row, the hidden states per token).")
+            if not self.supports_padding_removal:
+                raise ValueError(f"remove_padding=True is not supported by {type(self).__name__}.")
+        return bool(option)
+
+    def restore_padding(self, x):
+        """Brings non-padding hidden states back to `[batch, len, hidden]` (zeros at padding); else returns x."""
+        if self.padding_index is None:
+            return x
+        x = RestorePadding(name="Restore-Padding")(x, *self.padding_index)
+        self.padding_index = None
+        return x
 
     def first_token_only(self, index: int) -> bool:
         """Whether layer `index` computes its output at the first token ([CLS]) alone: the last layer, when every
@@ -233,6 +273,9 @@ class BERT(Transformer):
         self.attention_mask = AttentionMask(
             {"encoder": "encoder", "lm": "lm", "unilm": "unilm"}[self.application], name="Attention-Mask"
         )(token_ids, segment_ids)
+        if self.remove_padding:
+            x, *padding_index = RemovePadding(name="Remove-Padding")(x, token_ids)
+            self.padding_index = tuple(padding_index)
         return x
 
     def apply_position_embedding(self, x):
@@ -247,13 +290,16 @@ class BERT(Transformer):
     def apply_main_layers(self, x, index):
         attention = f"Transformer-{index}-MultiHeadSelfAttention"
         feed_forward = f"Transformer-{index}-FeedForward"
-        sequence = None
+        sequence, extra = None, self.attention_kwargs()
         if self.first_token_only(index):
+            x = self.restore_padding(x)
             sequence, x = x, FirstToken(keepdims=True, name=f"Transformer-{index}-FirstToken")(x)
+        if self.padding_index is not None:
+            extra["padding_index"] = self.padding_index
         y = MultiHeadAttention(
             self.num_attention_heads, self.attention_head_size, attention_dropout=self.attention_dropout_rate,
             kernel_initializer=self.initializer(), name=attention, **self.attention_variant_kwargs(),
-        )(x, key_value=sequence, attention_mask=self.attention_mask, **self.attention_kwargs())
+        )(x, key_value=sequence, attention_mask=self.attention_mask, **extra)
         y = Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
         x = keras.layers.Add(name=f"{attention}-Add")([x, y])
         x = self.apply_layer_norm(x, f"{attention}-Norm")
@@ -265,6 +311,7 @@ class BERT(Transformer):
         return self.apply_layer_norm(x, f"{feed_forward}-Norm")
 
     def apply_final_layers(self, x):
+        x = self.restore_padding(x)
         outputs = []
         if self.with_pool:
             pooled = FirstToken(name="Pooler")(x)

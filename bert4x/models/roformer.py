@@ -200,6 +200,8 @@ class RoFormerV2(RoFormer):
     (None, None, 50)
     """
 
+    supports_padding_removal = False  # its own main layers
+
     model_types = ("roformer_v2",)
 
     def __init__(self, hidden_act="relu", **kwargs):

@@ -13,6 +13,8 @@ Peers (each runs in its own subprocess, with its Keras backend set before import
   bert4x_full_tf, bert4x_full_jax        bert4x with prune_last_layer=False: the last layer at every position, as the
                                          other peers compute it (bert4x computes it at [CLS] alone, the classifier's
                                          only input)
+  bert4x_padded_tf, bert4x_padded_torch  bert4x with remove_padding=False: padding tokens computed, as the other peers
+                                         do (on tensorflow and torch bert4x skips them by default for this model)
   keras_hub_jax, keras_hub_tf            keras-hub BertBackbone + BertTextClassifier head, same config
   hf_torch                               transformers BertForSequenceClassification (sdpa attention), torch eager
 
@@ -38,7 +40,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 PEERS = ("bert4x_tf", "bert4x_jax", "keras_hub_jax", "keras_hub_tf", "hf_torch")
-OPTIONAL_PEERS = ("bert4x_torch", "bert4x_full_tf", "bert4x_full_jax")
+OPTIONAL_PEERS = ("bert4x_torch", "bert4x_full_tf", "bert4x_full_jax", "bert4x_padded_tf", "bert4x_padded_torch")
 FORWARD_SHAPES = ("8x128", "1x128")
 TRAIN_SHAPE = "8x128"
 
@@ -66,7 +68,8 @@ def _keras_model(peer: str, cfg: dict, dropout: float):
 
         bert = build_transformer_model(dict(cfg, hidden_act="gelu", hidden_dropout_prob=dropout,
                                             attention_probs_dropout_prob=dropout), with_pool=True,
-                                       prune_last_layer=not peer.startswith("bert4x_full"))
+                                       prune_last_layer=not peer.startswith("bert4x_full"),
+                                       **({"remove_padding": False} if peer.startswith("bert4x_padded") else {}))
         pooled = keras.layers.Dropout(dropout, name="Classifier-Dropout")(bert.output)
         logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(pooled)
         return keras.Model(bert.inputs, logits)
@@ -103,7 +106,7 @@ def run_keras(args, cfg: dict, rss_import: float) -> list[dict]:
         model.compile(jit_compile=jit)
         for shape in args.shapes.split(","):
             batch, seq = common.parse_shape(shape)
-            x = _keras_inputs(args.peer, common.random_batches(cfg, batch, seq, 1, seed=2))
+            x = _keras_inputs(args.peer, common.random_batches(cfg, batch, seq, 1, seed=2, full_rows=args.full_rows))
             first = time.perf_counter()
             base.predict_on_batch(model, x)
             compile_s = time.perf_counter() - first
@@ -111,7 +114,7 @@ def run_keras(args, cfg: dict, rss_import: float) -> list[dict]:
             records.append(_record(args, cfg, "forward", shape, median, times, compile_s))
     else:
         batch, seq = common.parse_shape(TRAIN_SHAPE)
-        data = common.random_batches(cfg, batch, seq, 1, seed=3)
+        data = common.random_batches(cfg, batch, seq, 1, seed=3, full_rows=args.full_rows)
         x, y = _keras_inputs(args.peer, data), data["labels"]
         model.compile(optimizer=keras.optimizers.AdamW(common.LEARNING_RATE, weight_decay=common.WEIGHT_DECAY),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
@@ -150,7 +153,7 @@ def run_torch(args, cfg: dict, rss_import: float) -> list[dict]:
         model.eval()
         for shape in args.shapes.split(","):
             batch, seq = common.parse_shape(shape)
-            batch_tensors = tensors(common.random_batches(cfg, batch, seq, 1, seed=2))
+            batch_tensors = tensors(common.random_batches(cfg, batch, seq, 1, seed=2, full_rows=args.full_rows))
 
             def forward():
                 with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "bfloat16"):
@@ -164,7 +167,7 @@ def run_torch(args, cfg: dict, rss_import: float) -> list[dict]:
     else:
         model.train()
         batch, seq = common.parse_shape(TRAIN_SHAPE)
-        data = common.random_batches(cfg, batch, seq, 1, seed=3)
+        data = common.random_batches(cfg, batch, seq, 1, seed=3, full_rows=args.full_rows)
         batch_tensors, labels = tensors(data), torch.from_numpy(data["labels"]).long()
         optimizer = torch.optim.AdamW(model.parameters(), lr=common.LEARNING_RATE, weight_decay=common.WEIGHT_DECAY)
 
@@ -188,7 +191,8 @@ def run_torch(args, cfg: dict, rss_import: float) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- shared
 def _record(args, cfg, op: str, shape: str, median: float, times: list[float], first_call_s: float) -> dict:
     batch, seq = common.parse_shape(shape)
-    return dict(op=op, shape=shape, dtype=args.dtype, dropout=args.dropout, median_s=round(median, 4),
+    return dict(op=op, shape=shape, dtype=args.dtype, dropout=args.dropout, full_rows=args.full_rows,
+                median_s=round(median, 4),
                 times_s=[round(t, 4) for t in times], first_call_s=round(first_call_s, 2),
                 tokens_per_s=round(batch * seq / median, 1))
 
@@ -257,6 +261,8 @@ def main(argv=None) -> None:
                              "weights stay float32")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="dropout rate of every peer in training (hidden, attention probabilities, classifier)")
+    parser.add_argument("--full-rows", action="store_true",
+                        help="every row as long as the shape (no padding); by default lengths are random in [L/2, L]")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -277,7 +283,7 @@ def main(argv=None) -> None:
             argv_ = [os.path.abspath(__file__), "--worker", "--peer", peer, "--mode", mode, "--config", args.config,
                      "--shapes", args.shapes, "--repeats", str(args.repeats),
                      "--train-repeats", str(args.train_repeats), "--jit-compile", args.jit_compile,
-                     "--dtype", args.dtype, "--dropout", str(args.dropout)]
+                     "--dtype", args.dtype, "--dropout", str(args.dropout)] + (["--full-rows"] * args.full_rows)
             env = {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
             if not peer.startswith("hf_"):
                 env["KERAS_BACKEND"] = _backend_of(peer)

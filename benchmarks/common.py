@@ -66,16 +66,19 @@ def forward_flops_per_token(cfg: dict, seq_len: int) -> float:
     return train_flops_per_token(cfg, seq_len) / 3
 
 
-def random_batches(cfg: dict, batch: int, seq_len: int, count: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_batches(cfg: dict, batch: int, seq_len: int, count: int, seed: int = 0,
+                   full_rows: bool = False) -> dict[str, np.ndarray]:
     """`count` batches of random fine-tuning data, stacked on the first axis (count * batch rows).
 
-    Each row starts with [CLS] (id 101), has a random length in [seq_len/2, seq_len] and is right-padded with id 0,
-    as `sequence_padding` makes them; labels are random classes.
+    Each row starts with [CLS] (id 101), has a random length in [seq_len/2, seq_len] (`full_rows`: seq_len) and is
+    right-padded with id 0, as `sequence_padding` makes them; labels are random classes.
     """
     rng = np.random.default_rng(seed)
     rows = count * batch
     token_ids = rng.integers(min(1000, cfg["vocab_size"] // 2), cfg["vocab_size"], size=(rows, seq_len), dtype=np.int32)
     lengths = rng.integers(max(1, seq_len // 2), seq_len + 1, size=rows)
+    if full_rows:
+        lengths[:] = seq_len
     keep = np.arange(seq_len)[None, :] < lengths[:, None]
     token_ids = np.where(keep, token_ids, 0).astype(np.int32)
     token_ids[:, 0] = 101

@@ -547,7 +547,7 @@ def build_transformer_model(
 
     Returns the `keras.Model`, or with `return_keras_model=False` the `Transformer` (its `.model` is the Keras model;
     it also saves checkpoints). kwargs override config entries and set options such as `with_pool`, `with_nsp`,
-    `with_mlm`, `prune_last_layer`, `keep_tokens`, `sequence_length`, `dropout_rate` and `name`.
+    `with_mlm`, `prune_last_layer`, `remove_padding`, `keep_tokens`, `sequence_length`, `dropout_rate` and `name`.
 
     Example:
     >>> bert = build_transformer_model({"vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1,

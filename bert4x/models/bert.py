@@ -106,7 +106,7 @@ class BERT(Transformer):
     changes no output and the backend allows data-dependent shapes: outputs read [CLS] only, on tensorflow without a
     GPU (where Keras does not compile with XLA) or on torch. `True` turns it on for any outputs (the sequence output
     is then zero at padding, instead of values computed from padding tokens); jax compiles with static shapes, so
-    there it raises.
+    there it raises. A row of padding only has no token to compute: its outputs are those of zero hidden states.
 
     Example:
     >>> from bert4x.models import build_transformer_model

@@ -21,6 +21,8 @@ SEGMENTS = np.zeros_like(IDS)
 SEGMENTS[:, 3:] = 1
 REAL = IDS != 0
 SKIPS = keras.backend.backend() != "jax"  # jax keeps every position (static shapes)
+SKIPS_BY_DEFAULT = keras.backend.backend() == "torch" or (
+    keras.backend.backend() == "tensorflow" and not keras.distribution.list_devices("gpu"))
 
 
 def _numpy(x):
@@ -131,9 +133,7 @@ def test_default_skips_padding_only_where_no_output_changes():
     def layer_names(**kwargs):
         return {layer.name for layer in build_transformer_model(TINY, **kwargs).layers}
 
-    backend = keras.backend.backend()
-    expected = backend == "torch" or (backend == "tensorflow" and not keras.distribution.list_devices("gpu"))
-    assert ("Remove-Padding" in layer_names(with_pool=True)) == expected
+    assert ("Remove-Padding" in layer_names(with_pool=True)) == SKIPS_BY_DEFAULT
     for kwargs in ({}, {"with_mlm": True}, {"with_pool": True, "with_mlm": "linear"},
                    {"with_pool": True, "layer_norm_cond": 4}):
         assert "Remove-Padding" not in layer_names(**kwargs), kwargs
@@ -175,3 +175,23 @@ def test_model_without_padding_after_int8_quantization():
         m.quantize("int8")
     np.testing.assert_allclose(skipping.predict([IDS[:3], SEGMENTS[:3]], verbose=0),
                                padded.predict([IDS[:3], SEGMENTS[:3]], verbose=0), rtol=1e-5, atol=1e-5)
+
+
+@needs_dynamic_shapes
+def test_theseus_asks_for_models_with_padding():
+    from bert4x.techniques import theseus_encoder
+
+    predecessor = build_transformer_model(TINY, with_pool=True, remove_padding=True, name="p")
+    successor = build_transformer_model(dict(TINY, num_hidden_layers=1), remove_padding=False, name="s")
+    with pytest.raises(ValueError, match="remove_padding=False"):
+        theseus_encoder(predecessor, successor)
+
+
+def test_prompt_tuning_keeps_padding_removal():
+    from bert4x.techniques import prompt_tuning_model
+
+    model = build_transformer_model(TINY, with_pool=True)
+    tuned = prompt_tuning_model(model, [1, 2, 3])
+    assert ({layer.name for layer in tuned.layers} >= {"Remove-Padding"}) == SKIPS_BY_DEFAULT
+    np.testing.assert_allclose(tuned.predict([IDS, SEGMENTS], verbose=0), model.predict([IDS, SEGMENTS], verbose=0),
+                               rtol=1e-6, atol=1e-6)

@@ -849,8 +849,8 @@ class RemovePadding(keras.layers.Layer):
     `MultiHeadAttention(padding_index=(positions, slots))` attends in the padded layout and `RestorePadding` brings
     the sequence back, with zeros at padding.
 
-    `n` depends on the data, which tensorflow (with or without XLA) and torch handle; jax compiles with static shapes,
-    so there every position is kept (the same results, without the saving).
+    `n` depends on the data, which tensorflow and torch handle (tensorflow's XLA pads it back to its bound: the same
+    results, without the saving); jax compiles with static shapes, so there every position is kept.
 
     Example:
     >>> ids = keras.ops.convert_to_tensor([[5, 6, 0], [7, 0, 0]])
@@ -867,7 +867,8 @@ class RemovePadding(keras.layers.Layer):
         shape = ops.shape(token_ids)
         if keras.backend.backend() == "jax":  # static shapes: keep every position
             positions = ops.arange(shape[0] * shape[1], dtype="int32")
-            return _tokens_from_padded(inputs, positions, None), positions, ops.reshape(positions, shape)
+            slots = ops.reshape(positions, shape)
+            return _tokens_from_padded(inputs, positions, slots), positions, slots
         keep = ops.reshape(ops.not_equal(token_ids, self.pad_id), (-1,))
         positions = ops.cast(ops.nonzero(keep)[0], "int32")
         count = ops.shape(positions)[0]

@@ -134,6 +134,8 @@ class BERT(Transformer):
     model_types = ("bert",)
     ignored_config_keys = frozenset({"position_embedding_type"})
     hf_prefix = "bert."
+    # Subclasses whose main layers do not pass `padding_index` to attention set this to False.
+    supports_padding_removal = True
 
     def __init__(
         self,
@@ -168,9 +170,6 @@ class BERT(Transformer):
         self.prune_last_layer = prune_last_layer
         self.remove_padding = self._resolve_remove_padding(remove_padding)
         self.padding_index = None  # (positions, slots) while the hidden states hold non-padding tokens only
-
-    # Subclasses whose layers do not take `padding_index` set this to False.
-    supports_padding_removal = True
 
     def _resolve_remove_padding(self, option: bool | None) -> bool:
         backend_name = keras.backend.backend()

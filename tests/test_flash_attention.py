@@ -180,6 +180,35 @@ def test_kernels_lower_to_triton_for_cuda(batch, length, blocks):
     assert exported.mlir_module().count("xla.gpu.triton") == 3
 
 
+@pytest.mark.parametrize("blocks", [SMALL_BLOCKS, SMALL_PAIRED_BLOCKS])
+def test_kernels_skipping_padded_queries_equal_plain_attention_at_real_queries(blocks):
+    """With skip_padded_queries, query blocks starting at or after a row's last visible key are skipped: the real
+    queries' outputs are the plain ones, skipped blocks are zero, and when nothing reads the padded queries (zero
+    upstream gradient there) every gradient is the plain one."""
+    q, k, v, weights, key_mask = _inputs(batch=3, heads=4)
+    weights = weights * key_mask[:, :, None, None]  # nothing reads the padded queries
+    seed = jnp.int32(99)
+
+    def fused(q, k, v):
+        out = fa.flash_attention(q, k, v, key_mask, seed, 0.3, 0.25, interpret=True, blocks=blocks,
+                                 skip_padded_queries=True)
+        return jnp.sum(out * weights), out
+
+    def plain(q, k, v):
+        out = fa.reference_attention(q, k, v, key_mask, seed, 0.3, 0.25)
+        return jnp.sum(out * weights), out
+
+    (_, fused_out), fused_grads = jax.value_and_grad(fused, (0, 1, 2), has_aux=True)(q, k, v)
+    (_, plain_out), plain_grads = jax.value_and_grad(plain, (0, 1, 2), has_aux=True)(q, k, v)
+    real = np.asarray(key_mask)
+    np.testing.assert_allclose(np.asarray(fused_out)[real], np.asarray(plain_out)[real], atol=2e-6)
+    block_q = blocks[0]
+    assert float(jnp.abs(fused_out[2, block_q:]).max()) == 0.0  # row of 5 keys: its second query block skipped
+    assert float(jnp.abs(fused_out[2, 5:block_q]).max()) > 0.0  # a block holding a real query is computed whole
+    for name, a, b in zip("qkv", fused_grads, plain_grads):
+        np.testing.assert_allclose(a, b, atol=5e-6, err_msg=f"d{name}")
+
+
 def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
     """The interpreter cannot see a mistyped Triton program: a loop bound that Pallas lowered as i1 (so 0 iterations:
     dK/dV all zero on a GPU) still exported. MLIR prints a module that fails verification in its generic form
@@ -191,16 +220,18 @@ def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
     monkeypatch.setattr(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))
     spec = jax.ShapeDtypeStruct((8, 512, 12, 64), jnp.bfloat16)
 
-    def loss(q, k, v, key_mask):
-        return jnp.sum(fa.flash_attention(q, k, v, key_mask, jnp.int32(3), 0.1, 0.125).astype(jnp.float32))
+    for skip in (False, True):
+        def loss(q, k, v, key_mask):
+            out = fa.flash_attention(q, k, v, key_mask, jnp.int32(3), 0.1, 0.125, skip_padded_queries=skip)
+            return jnp.sum(out.astype(jnp.float32))
 
-    jax.export.export(
-        jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(spec, spec, spec, jax.ShapeDtypeStruct((8, 512), jnp.bool_))
-    printed = capsys.readouterr().out
-    assert printed.count("scf.for") == 3  # one key or query loop in each of the three kernels
-    assert '"scf.for"(' not in printed and '"arith.' not in printed
+        jax.export.export(
+            jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(spec, spec, spec, jax.ShapeDtypeStruct((8, 512), jnp.bool_))
+        printed = capsys.readouterr().out
+        assert printed.count("scf.for") == 3, skip  # one key or query loop in each of the three kernels
+        assert '"scf.for"(' not in printed and '"arith.' not in printed, skip
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
@@ -284,6 +315,36 @@ def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
     assert len(attentions) >= 1  # and through the attention kernels (the first layer)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
+def test_pooled_bert_skips_padded_queries_with_the_same_training_step(monkeypatch):
+    """A model reading [CLS] only keeps its padding on jax, and its attention kernels skip the padded queries: one
+    SGD step gives the weights that it gives with every query computed (remove_padding=False)."""
+    from bert4x.models import build_transformer_model
+
+    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
+    skips, real_attention = [], fa.flash_attention
+    monkeypatch.setattr(fa, "flash_attention",
+                        lambda *a, **k: skips.append(k.get("skip_padded_queries")) or real_attention(*a, **k))
+    config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "intermediate_size": 64}
+    rng = np.random.default_rng(3)
+    ids = rng.integers(5, 40, size=(4, 128)).astype("int32")  # blocks of 64: rows of 20 and 3 skip their second
+    ids[np.arange(128)[None, :] >= np.array([128, 70, 20, 3])[:, None]] = 0
+    skipping = build_transformer_model(config, with_pool=True)
+    padded = build_transformer_model(config, with_pool=True, remove_padding=False)
+    weights = [rng.normal(scale=0.3, size=w.shape).astype("float32") for w in padded.get_weights()]
+    target = rng.normal(size=(4, 32)).astype("float32")
+    for m in (skipping, padded):
+        m.set_weights(weights)
+        m.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        m.fit([ids, np.zeros_like(ids)], target, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    assert True in skips and False in skips and None not in skips, skips
+    for w, a, b in zip(padded.weights, skipping.get_weights(), padded.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=w.path)
+    assert not np.allclose(padded.get_weights()[0], weights[0])
+
+
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
 def test_flash_attention_layer_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_flash_attention.py", "-k", "layer_runs or bert_fit or layer_uses")
+    run_pytest_on_backend("jax", "tests/test_flash_attention.py", "-k",
+                          "layer_runs or bert_fit or layer_uses or skips_padded")

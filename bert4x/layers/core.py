@@ -205,6 +205,9 @@ class MultiHeadAttention(keras.layers.Layer):
         padding_index: `(positions, slots)` from `RemovePadding`: `query` then holds only the non-padding tokens,
             `[tokens, dim]`. The projections run on those rows; attention (mask, bias, rotary) runs in the padded
             `[batch, len]` layout, with zero keys/values at padding (the mask hides them); returns `[tokens, out]`.
+        skip_padded_queries: a promise that outputs at padded query positions (past each row's last visible key)
+            are never read; the attention kernels then skip them (zeros there). Self-attention over a key-padding
+            mask on jax GPUs in training; elsewhere ignored.
 
     Example:
     >>> mha = MultiHeadAttention(heads=2, head_size=4)
@@ -300,11 +303,13 @@ class MultiHeadAttention(keras.layers.Layer):
         cache=None,
         cache_update_index=None,
         padding_index=None,
+        skip_padded_queries=False,
         training=None,
     ):
         if padding_index is not None:
             return self._call_without_padding(query, padding_index, attention_mask, attention_bias, rotary, key_value,
                                               cache, training)
+        skip_padded_queries = skip_padded_queries and not self.cross_attention and key_value is None and cache is None
         precomputed_kv = cache is not None and cache_update_index is None
         query_rotary = rotary
         if self.cross_attention:
@@ -336,7 +341,7 @@ class MultiHeadAttention(keras.layers.Layer):
             k, v = cache[:, 0], cache[:, 1]
         elif cache is not None and not precomputed_kv:
             cache = ops.stack([k, v], axis=1)
-        out = self._attend(q, k, v, attention_mask, attention_bias, training)
+        out = self._attend(q, k, v, attention_mask, attention_bias, training, skip_padded_queries)
         shape = ops.shape(out)
         out = self.output_dense(ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size)))
         return (out, cache) if cache is not None else out
@@ -372,7 +377,7 @@ class MultiHeadAttention(keras.layers.Layer):
             q, kv = self._split_heads(q, 1)[:, :, 0], self._split_heads(kv, 2)
         return q, kv[:, :, 0], kv[:, :, 1]
 
-    def _attend(self, q, k, v, mask, bias, training):
+    def _attend(self, q, k, v, mask, bias, training, skip_padded_queries: bool = False):
         scale = backend.attention_scale(self.head_size) if self.scaled else 1.0
         if self.attention_type != "softmax":
             q, k, scale, out = self._attend_variant(q, k, v, mask, bias)
@@ -381,7 +386,8 @@ class MultiHeadAttention(keras.layers.Layer):
         if bias is not None:
             bias = ops.cast(bias, q.dtype)
         if training and bias is None and isinstance(scale, float):
-            out = _jax_training_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout)
+            out = _jax_training_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout,
+                                          skip_padded_queries)
             if out is not None:
                 return out
         if not (training and self.attention_dropout > 0):
@@ -536,7 +542,7 @@ def _kernel_mode(variable: str, choices: tuple) -> str:
     return mode
 
 
-def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer):
+def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer, skip_padded_queries=False):
     """Training-time attention on jax that keeps no `[batch, heads, q_len, k_len]` tensor for the backward pass
     (`bert4x.layers.flash_attention`), or None to fall back to the Keras/XLA path.
 
@@ -570,7 +576,8 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (k.shape[0], k.shape[1]))
     seed = dropout_layer.draw_seed() if rate > 0 else 0
     return flash_attention.flash_attention(
-        q, k, v, key_mask, seed, rate, scale, interpret=mode == "interpret", implementation=implementation
+        q, k, v, key_mask, seed, rate, scale, interpret=mode == "interpret", implementation=implementation,
+        skip_padded_queries=skip_padded_queries,
     )
 
 

@@ -258,8 +258,15 @@ def _key_blocks(length_ref, block_k: int):
     return (length_ref[0] + block_k - 1) // block_k
 
 
+def _query_blocks_visible(length_ref, q_start):
+    """1 if this query block starts before the row's last visible key, else 0 (int32; a product-friendly flag)."""
+    import jax.numpy as jnp
+
+    return (q_start < length_ref[0]).astype(jnp.int32)
+
+
 def _forward_kernel(seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, rate, block_k,
-                    heads):
+                    heads, skip_queries=False):
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -293,7 +300,13 @@ def _forward_kernel(seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, 
          jnp.zeros((block_q,), jnp.float32))
         for _ in halves
     )
-    for j, (acc, row_max, row_sum) in enumerate(lax.fori_loop(0, _key_blocks(length_ref, block_k), step, init)):
+    key_blocks = _key_blocks(length_ref, block_k)
+    if skip_queries:  # a block of padded queries only: zeros out, no work (see `flash_attention`)
+        key_blocks = key_blocks * _query_blocks_visible(length_ref, q_start)
+    for j, (acc, row_max, row_sum) in enumerate(lax.fori_loop(0, key_blocks, step, init)):
+        if skip_queries:
+            computed = row_sum > 0
+            row_sum, row_max = jnp.where(computed, row_sum, 1.0), jnp.where(computed, row_max, 0.0)
         o_ref[:, j, :] = (acc * (1.0 / ((1.0 - rate) * row_sum))[:, None]).astype(o_ref.dtype)
         lse_ref[j, :] = row_max + jnp.log2(row_sum)
 
@@ -315,7 +328,7 @@ def _probs_and_score_grads(q, k, v, do, bias, lse, delta, keep, scale, rate):
 
 def _dkdv_kernel(
     seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, rate,
-    block_q, heads
+    block_q, heads, skip_queries=False
 ):
     import jax.numpy as jnp
     from jax import lax
@@ -346,7 +359,9 @@ def _dkdv_kernel(
     zeros = jnp.zeros((block_k, head_size), jnp.float32)
     # A key block past the row's last visible key has p = 0 for every query: zero gradients, no work.
     # (A product, not jnp.where: Pallas' Triton lowering typed a select of two int literals as i1, i.e. 0 and 0.)
-    query_blocks = (k_start < length_ref[0]).astype(jnp.int32) * (q_len // block_q)
+    visible = (k_start < length_ref[0]).astype(jnp.int32)
+    # Skipping padded queries: only the query blocks that start before the row's last visible key.
+    query_blocks = visible * ((length_ref[0] + block_q - 1) // block_q if skip_queries else q_len // block_q)
     for j, (dk, dv) in enumerate(lax.fori_loop(0, query_blocks, step, tuple((zeros, zeros) for _ in halves))):
         dk_ref[:, j, :] = dk.astype(dk_ref.dtype)
         dv_ref[:, j, :] = dv.astype(dv_ref.dtype)
@@ -354,7 +369,7 @@ def _dkdv_kernel(
 
 def _dq_kernel(
     seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, rate, block_k,
-    heads
+    heads, skip_queries=False
 ):
     import jax.numpy as jnp
     from jax import lax
@@ -379,7 +394,10 @@ def _dq_kernel(
         return tuple(updated)
 
     zeros = jnp.zeros((block_q, head_size), jnp.float32)
-    for j, dq in enumerate(lax.fori_loop(0, _key_blocks(length_ref, block_k), step, tuple(zeros for _ in halves))):
+    key_blocks = _key_blocks(length_ref, block_k)
+    if skip_queries:
+        key_blocks = key_blocks * _query_blocks_visible(length_ref, q_start)
+    for j, dq in enumerate(lax.fori_loop(0, key_blocks, step, tuple(zeros for _ in halves))):
         dq_ref[:, j, :] = dq.astype(dq_ref.dtype)
 
 
@@ -450,8 +468,8 @@ def _visible_lengths(bias):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
-    """The custom-VJP attention function for one (scale, rate, interpret, tiles) combination."""
+def _build(scale: float, rate: float, interpret: bool, blocks: tuple, skip_queries: bool = False):
+    """The custom-VJP attention function for one (scale, rate, interpret, tiles, query skipping) combination."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
@@ -475,7 +493,8 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
         block_q, block_k = _block(q_len, fwd_q), _block(k_len, fwd_k)
         per_program = _heads_per_program(pairing, heads, q_len // block_q, batch)
         return _call(
-            functools.partial(_forward_kernel, scale=scale, rate=rate, block_k=block_k, heads=heads),
+            functools.partial(_forward_kernel, scale=scale, rate=rate, block_k=block_k, heads=heads,
+                              skip_queries=skip_queries),
             (q_len // block_q, batch, heads // per_program),
             [seed_spec, length_spec, _specs(block_q, per_program, head_size),
              _specs(k_len, per_program, head_size, True), _specs(k_len, per_program, head_size, True),
@@ -490,7 +509,7 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple):
         k_len = k.shape[1]
         block_q, block_k = _block(q_len, bwd_q), _block(k_len, bwd_k)
         delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
-        common = dict(scale=scale, rate=rate, heads=heads)
+        common = dict(scale=scale, rate=rate, heads=heads, skip_queries=skip_queries)
         args = (seed, _visible_lengths(bias), q, k, v, bias, do, lse, delta)
         per_program = _heads_per_program(pairing, heads, k_len // block_k, batch)
         whole, key_rows = _specs(q_len, per_program, head_size, True), _specs(block_k, per_program, head_size)
@@ -579,6 +598,7 @@ def flash_attention(
     interpret: bool = False,
     blocks: tuple = DEFAULT_BLOCKS,
     implementation: str = "pallas",
+    skip_padded_queries: bool = False,
 ):
     """`dropout(softmax(q k^T * scale, keys hidden by key_mask)) @ v` in fused kernels.
 
@@ -593,6 +613,10 @@ def flash_attention(
         implementation: "pallas" (the fused kernels, NVIDIA GPUs) or "recompute" (the same algorithm on whole arrays
             in XLA, any jax device and shape: it saves only the log-sum-exp for the backward pass, not the
             `[batch, heads, q_len, k_len]` probabilities and mask; what jax uses on CPU).
+        skip_padded_queries: the Pallas kernels skip query blocks that start at or after each row's last visible
+            key: their outputs are 0 and they add nothing to the gradients. Meant for self-attention over
+            right-padded rows whose padded positions are never read (a model whose outputs read [CLS] only).
+            Off (the default), every query gets its exact output.
     """
     import jax.numpy as jnp
 
@@ -615,4 +639,4 @@ def flash_attention(
     rate = attention_rate(float(rate))
     if implementation == "recompute":
         return _build_recomputed(float(scale), rate)(seed, q, k, v, bias)
-    return _build(float(scale), rate, bool(interpret), tuple(blocks))(seed, q, k, v, bias)
+    return _build(float(scale), rate, bool(interpret), tuple(blocks), bool(skip_padded_queries))(seed, q, k, v, bias)

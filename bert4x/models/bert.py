@@ -107,6 +107,7 @@ class BERT(Transformer):
     GPU (where Keras does not compile with XLA) or on torch. `True` turns it on for any outputs (the sequence output
     is then zero at padding, instead of values computed from padding tokens); jax compiles with static shapes, so
     there it raises. A row of padding only has no token to compute: its outputs are those of zero hidden states.
+    Where padding stays under the default (jax), such a model's attention kernels skip the padded queries instead.
 
     Example:
     >>> from bert4x.models import build_transformer_model
@@ -169,6 +170,10 @@ class BERT(Transformer):
         self.with_mlm = with_mlm or (self.application in ("lm", "unilm"))
         self.prune_last_layer = prune_last_layer
         self.remove_padding = self._resolve_remove_padding(remove_padding)
+        # Where padding stays (jax: static shapes), a model reading [CLS] only still lets attention skip the padded
+        # queries, whose outputs nothing reads (remove_padding=False keeps them).
+        self.skip_padded_queries = (remove_padding is None and not self.remove_padding
+                                    and bool(self.with_pool) and not self.with_mlm)
         self.padding_index = None  # (positions, slots) while the hidden states hold non-padding tokens only
 
     def _resolve_remove_padding(self, option: bool | None) -> bool:
@@ -295,6 +300,8 @@ class BERT(Transformer):
             sequence, x = x, FirstToken(keepdims=True, name=f"Transformer-{index}-FirstToken")(x)
         if self.padding_index is not None:
             extra["padding_index"] = self.padding_index
+        elif self.skip_padded_queries and sequence is None:
+            extra["skip_padded_queries"] = True
         y = MultiHeadAttention(
             self.num_attention_heads, self.attention_head_size, attention_dropout=self.attention_dropout_rate,
             kernel_initializer=self.initializer(), name=attention, **self.attention_variant_kwargs(),

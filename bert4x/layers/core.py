@@ -306,9 +306,9 @@ class MultiHeadAttention(keras.layers.Layer):
         skip_padded_queries=False,
         training=None,
     ):
-        if padding_index is not None:
-            return self._call_without_padding(query, padding_index, attention_mask, attention_bias, rotary, key_value,
-                                              cache, training)
+        if padding_index is not None and (self.cross_attention or key_value is not None or cache is not None):
+            raise ValueError(f"{self.name}: padding_index (tokens without padding) is for self-attention without "
+                             "key_value or cache.")
         skip_padded_queries = skip_padded_queries and not self.cross_attention and key_value is None and cache is None
         precomputed_kv = cache is not None and cache_update_index is None
         query_rotary = rotary
@@ -320,7 +320,10 @@ class MultiHeadAttention(keras.layers.Layer):
                 kv = self._split_heads(self.kv_dense(query if key_value is None else key_value), 2)
                 k, v = kv[:, :, 0], kv[:, :, 1]
         elif key_value is None:
-            qkv = self._split_heads(self.qkv_dense(query), 3)
+            qkv = self.qkv_dense(query)
+            if padding_index is not None:  # attention runs in the padded layout, zeros at padding (masked keys)
+                qkv = _padded_from_tokens(qkv, *padding_index)
+            qkv = self._split_heads(qkv, 3)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
             if cache is not None:
@@ -343,23 +346,11 @@ class MultiHeadAttention(keras.layers.Layer):
             cache = ops.stack([k, v], axis=1)
         out = self._attend(q, k, v, attention_mask, attention_bias, training, skip_padded_queries)
         shape = ops.shape(out)
-        out = self.output_dense(ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size)))
-        return (out, cache) if cache is not None else out
-
-    def _call_without_padding(self, tokens, padding_index, mask, bias, rotary, key_value, cache, training):
-        if self.cross_attention or key_value is not None or cache is not None:
-            raise ValueError(f"{self.name}: padding_index (tokens without padding) is for self-attention without "
-                             "key_value or cache.")
-        positions, slots = padding_index
-        qkv = _padded_from_tokens(self.qkv_dense(tokens), positions, slots)  # zeros at padding
-        qkv = self._split_heads(qkv, 3)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if rotary is not None:
-            q, k = (backend.apply_rotary(t, *(ops.expand_dims(r, -2) for r in rotary)) for t in (q, k))
-        out = self._attend(q, k, v, mask, bias, training)
-        shape = ops.shape(out)
         out = ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size))
-        return self.output_dense(_tokens_from_padded(out, positions, slots))
+        if padding_index is not None:
+            out = _tokens_from_padded(out, *padding_index)
+        out = self.output_dense(out)
+        return (out, cache) if cache is not None else out
 
     def _leading_queries_projections(self, query, key_value):
         """q from `query`, k and v from `key_value`, through the slices of the fused `qkv` kernel (so the sequence's
@@ -802,48 +793,42 @@ class FirstToken(keras.layers.Layer):
         return config
 
 
-def _rows_with_zero(x):
-    return ops.concatenate([x, ops.zeros((1, ops.shape(x)[-1]), x.dtype)], axis=0)
+def _gather_padded(tokens, slots):
+    """`[n, dim]` rows -> `[batch, len, dim]` in the layout of `slots` (`n` = a zero row, at padding)."""
+    rows = ops.concatenate([tokens, ops.zeros((1, ops.shape(tokens)[-1]), tokens.dtype)], axis=0)
+    return ops.take(rows, slots, axis=0)
+
+
+def _gather_tokens(x, positions):
+    """`[batch, len, dim]` -> its rows at the flat `positions`, `[n, dim]`."""
+    return ops.take(ops.reshape(x, (-1, ops.shape(x)[-1])), positions, axis=0)
+
+
+def _gather_with_inverse_gradient(x, gather, inverse):
+    """`gather(x)` whose gradient is `inverse(upstream)`. Between the token and padded layouts every row lands in
+    exactly one place, so the gradient is the inverse gather, not autodiff's scatter-add (which tensorflow runs as a
+    slow segment sum on CPU). On jax, where RemovePadding keeps every position, plain autodiff does."""
+    if keras.backend.backend() == "jax":
+        return gather(x)
+
+    @ops.custom_gradient
+    def gathered(t):
+        def grad(*args, upstream=None):
+            return inverse(backend.upstream_gradient(args, upstream))
+
+        return gather(t), grad
+
+    return gathered(x)
 
 
 def _padded_from_tokens(tokens, positions, slots):
-    """`[n, dim]` non-padding rows -> `[batch, len, dim]` in the layout of `slots` (zeros at padding)."""
-    def forward(t):
-        return ops.take(_rows_with_zero(t), slots, axis=0)
-
-    if keras.backend.backend() == "jax":  # jax keeps every position (RemovePadding): plain autodiff will do
-        return forward(tokens)
-
-    # Each non-padding row lands in exactly one place, so the gradient is a gather too, not autodiff's
-    # scatter-add (which tensorflow runs as a slow segment sum on CPU).
-    @ops.custom_gradient
-    def padded(t):
-        def grad(*args, upstream=None):
-            upstream = backend.upstream_gradient(args, upstream)
-            return ops.take(ops.reshape(upstream, (-1, ops.shape(upstream)[-1])), positions, axis=0)
-
-        return forward(t), grad
-
-    return padded(tokens)
+    return _gather_with_inverse_gradient(tokens, lambda t: _gather_padded(t, slots),
+                                         lambda g: _gather_tokens(g, positions))
 
 
 def _tokens_from_padded(x, positions, slots):
-    """`[batch, len, dim]` -> its `[n, dim]` non-padding rows (the inverse of `_padded_from_tokens`)."""
-    def forward(t):
-        return ops.take(ops.reshape(t, (-1, ops.shape(t)[-1])), positions, axis=0)
-
-    if keras.backend.backend() == "jax":
-        return forward(x)
-
-    @ops.custom_gradient
-    def tokens(t):
-        def grad(*args, upstream=None):
-            upstream = backend.upstream_gradient(args, upstream)
-            return ops.reshape(ops.take(_rows_with_zero(upstream), slots, axis=0), ops.shape(t))
-
-        return forward(t), grad
-
-    return tokens(x)
+    return _gather_with_inverse_gradient(x, lambda t: _gather_tokens(t, positions),
+                                         lambda g: ops.reshape(_gather_padded(g, slots), ops.shape(x)))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -874,8 +859,7 @@ class RemovePadding(keras.layers.Layer):
         shape = ops.shape(token_ids)
         if keras.backend.backend() == "jax":  # static shapes: keep every position
             positions = ops.arange(shape[0] * shape[1], dtype="int32")
-            slots = ops.reshape(positions, shape)
-            return _tokens_from_padded(inputs, positions, slots), positions, slots
+            return ops.reshape(inputs, (-1, ops.shape(inputs)[-1])), positions, ops.reshape(positions, shape)
         keep = ops.reshape(ops.not_equal(token_ids, self.pad_id), (-1,))
         positions = ops.cast(ops.nonzero(keep)[0], "int32")
         count = ops.shape(positions)[0]

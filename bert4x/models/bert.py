@@ -172,8 +172,7 @@ class BERT(Transformer):
         self.remove_padding = self._resolve_remove_padding(remove_padding)
         # Where padding stays (jax: static shapes), a model reading [CLS] only still lets attention skip the padded
         # queries, whose outputs nothing reads (remove_padding=False keeps them).
-        self.skip_padded_queries = (remove_padding is None and not self.remove_padding
-                                    and bool(self.with_pool) and not self.with_mlm)
+        self.skip_padded_queries = remove_padding is None and not self.remove_padding and self.reads_first_token_only
         self.padding_index = None  # (positions, slots) while the hidden states hold non-padding tokens only
 
     def _resolve_remove_padding(self, option: bool | None) -> bool:
@@ -181,8 +180,7 @@ class BERT(Transformer):
         dynamic_shapes = backend_name == "torch" or (
             backend_name == "tensorflow" and not keras.distribution.list_devices("gpu"))
         if option is None:
-            reads_first_token_only = bool(self.with_pool) and not self.with_mlm
-            return (reads_first_token_only and dynamic_shapes and self.layer_norm_cond is None
+            return (self.reads_first_token_only and dynamic_shapes and self.layer_norm_cond is None
                     and self.supports_padding_removal)
         if option:
             if backend_name == "jax":
@@ -203,13 +201,17 @@ class BERT(Transformer):
         self.padding_index = None
         return x
 
+    @property
+    def reads_first_token_only(self) -> bool:
+        """Whether every output reads only [CLS] (pooler / NSP without the MLM head)."""
+        return bool(self.with_pool) and not self.with_mlm
+
     def first_token_only(self, index: int) -> bool:
         """Whether layer `index` computes its output at the first token ([CLS]) alone: the last layer, when every
         output (pooler, NSP) reads only that token and `prune_last_layer` is on. Keys and values still come from the
         whole sequence, so the outputs are those of the full layer, at 1/seq_len of its queries, attention output
         and feed-forward work (BERT-base at 128 tokens: ≈5% of a forward pass)."""
-        return (self.prune_last_layer and bool(self.with_pool) and not self.with_mlm
-                and index == self.num_hidden_layers - 1)
+        return self.prune_last_layer and self.reads_first_token_only and index == self.num_hidden_layers - 1
 
     @classmethod
     def applications(cls):

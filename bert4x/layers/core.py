@@ -654,7 +654,7 @@ def _layer_norm_path(shape, training: bool) -> str | None:
         return "interpret" if kernels_fit else None
     if jax.default_backend() == "gpu":
         return "kernels" if kernels_fit else None
-    return "recompute" if jax.default_backend() == "cpu" else None
+    return "recompute" if backend.on_jax_cpu() else None
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -17,12 +17,23 @@ MASK_VALUE = -1e9
 def recompute_barrier(saved, upstream):
     """Ties the values a custom gradient recomputes from to the incoming gradient, so that XLA can neither merge the
     recomputation with the forward pass's identical ops nor schedule it early (either keeps forward-sized
-    intermediates alive and undoes the saving); what `jax.checkpoint` does. jax only: an identity elsewhere."""
-    if keras.backend.backend() == "jax":
-        import jax
+    intermediates alive and undoes the saving); what `jax.checkpoint` means to do. jax only: an identity elsewhere.
 
-        return jax.lax.optimization_barrier((saved, upstream))
-    return saved, upstream
+    The optimization barrier stops the merging. XLA:CPU drops barriers before it schedules, though, so the order comes
+    from a data dependency: each floating array gets `0 * upstream[0]` added (itself for any finite gradient; with a
+    non-finite one the gradient is non-finite anyway)."""
+    if keras.backend.backend() != "jax":
+        return saved, upstream
+    import jax
+    import jax.numpy as jnp
+
+    saved, upstream = jax.lax.optimization_barrier((saved, upstream))
+    zero = jnp.ravel(upstream)[0] * 0
+
+    def tie(value):
+        return value + zero.astype(value.dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
+
+    return jax.tree_util.tree_map(tie, saved), upstream
 
 
 def on_jax_cpu() -> bool:

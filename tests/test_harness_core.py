@@ -121,6 +121,48 @@ def test_gelu_erf_backward_keeps_only_its_input_on_jax():
     assert temporaries(gelu_erf) <= temporaries(jnp.tanh) + layers * one_activation
 
 
+def test_feed_forward_recomputing_gelu_equals_autodiff_and_keeps_less(monkeypatch):
+    """In training on jax CPU, FeedForward recomputes gelu(inner(x)) and its dropout mask in the backward pass instead
+    of keeping them for the output projection's weight gradient: the same outputs and gradients as autodiff (same
+    seeds, dropout on), and by XLA's own accounting one [tokens, units] array a layer less."""
+    from bert4x.backend import on_jax_cpu
+
+    if not on_jax_cpu():
+        pytest.skip("the recomputation runs on jax's CPU backend (test_harness_on_jax_backend runs this there)")
+    import jax
+    import jax.numpy as jnp
+
+    layers, batch, length, width, units = 4, 4, 64, 64, 256
+    x = jnp.asarray(rng.normal(size=(batch, length, width)).astype("float32"))
+
+    def gradients_and_temporaries():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((length, width))
+        outputs = inputs
+        for _ in range(layers):
+            outputs = FeedForward(units, activation="gelu", dropout_rate=0.1)(outputs)
+        model = keras.Model(inputs, outputs)
+        weights = [v.value for v in model.trainable_variables]
+        state = [v.value for v in model.non_trainable_variables]
+
+        def loss(weights, x):
+            out, _ = model.stateless_call(weights, state, x, training=True)
+            return jnp.sum(out**2), out
+
+        step = jax.jit(jax.grad(loss, has_aux=True))
+        temporaries = step.lower(weights, x).compile().memory_analysis().temp_size_in_bytes
+        return step(weights, x), temporaries
+
+    (grads, out), recomputing = gradients_and_temporaries()
+    monkeypatch.setattr(FeedForward, "_recomputes_activation", lambda self: False)
+    (grads_autodiff, out_autodiff), kept = gradients_and_temporaries()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_autodiff), rtol=1e-6, atol=1e-6)
+    assert float(jnp.mean(out == 0)) < 0.01  # outputs are dense: dropout acts before the output projection
+    for g, g_autodiff in zip(grads, grads_autodiff):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_autodiff), rtol=1e-5, atol=1e-6)
+    assert recomputing <= kept - (layers - 1) * batch * length * units * 4
+
+
 def test_first_token_and_position_gradients_equal_autodiff():
     """FirstToken's and PositionEmbedding's own gradients (written so that XLA:GPU picks good layouts) equal the
     autodiff of the plain slice and broadcast add, for weighted sums so that every entry's gradient differs."""

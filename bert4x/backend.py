@@ -20,8 +20,8 @@ def recompute_barrier(saved, upstream):
     intermediates alive and undoes the saving); what `jax.checkpoint` means to do. jax only: an identity elsewhere.
 
     The optimization barrier stops the merging. XLA:CPU drops barriers before it schedules, though, so the order comes
-    from a data dependency: each floating array gets `0 * upstream[0]` added (itself for any finite gradient; with a
-    non-finite one the gradient is non-finite anyway)."""
+    from a data dependency: each array (integer ones too, such as a dropout seed) gets `0 * upstream[0]` added (itself
+    for any finite gradient; with a non-finite one the gradient is non-finite anyway)."""
     if keras.backend.backend() != "jax":
         return saved, upstream
     import jax
@@ -31,7 +31,7 @@ def recompute_barrier(saved, upstream):
     zero = jnp.ravel(upstream)[0] * 0
 
     def tie(value):
-        return value + zero.astype(value.dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
+        return value if value.dtype == jnp.bool_ else value + zero.astype(value.dtype)
 
     return jax.tree_util.tree_map(tie, saved), upstream
 

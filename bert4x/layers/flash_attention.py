@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 
+from bert4x import backend
+
 LOG2_E = math.log2(math.e)
 # Keys hidden by the mask get this added logit (float32, in the kernels' log2 domain): finite, so a row with no visible
 # key is a uniform average instead of NaN, and exp2 of it underflows to exactly 0 next to any visible key.
@@ -564,6 +566,7 @@ def _build_recomputed(scale: float, rate: float):
         return out.astype(q.dtype), lse
 
     def backward(seed, q, k, v, bias, out, lse, do):
+        (seed, q, k, bias, lse), do = backend.recompute_barrier((seed, q, k, bias, lse), do)
         p, z, _ = probabilities(seed, q, k, bias, lse)
         dropped, dp = p, jnp.einsum("bqhd,bkhd->bhqk", do, v, preferred_element_type=jnp.float32)
         if z is not None:

@@ -254,17 +254,26 @@ def _block_keeps(seed, stream, halves, q_start, k_start, block_q: int, block_k: 
     return tuple(_half_kept(bits, half, rate) for half in halves)
 
 
-def _key_blocks(length_ref, block_k: int):
-    """Key blocks a program walks: those up to the row's last visible key (`length_ref`, see `_visible_lengths`).
-    The blocks after it add exactly 0 to every sum (their probabilities underflow to 0), so skipping them is exact."""
-    return (length_ref[0] + block_k - 1) // block_k
+def _blocks_to_length(length_ref, block: int):
+    """Blocks of `block` positions up to the row's last visible key (`length_ref`, see `_visible_lengths`): the key
+    blocks a program walks (those after it add exactly 0 to every sum: their probabilities underflow to 0), or, when
+    padded queries are skipped, the query blocks that are not all padding."""
+    return (length_ref[0] + block - 1) // block
 
 
-def _query_blocks_visible(length_ref, q_start):
-    """1 if this query block starts before the row's last visible key, else 0 (int32; a product-friendly flag)."""
+def _starts_before_length(length_ref, start):
+    """1 if a block starting at `start` starts before the row's last visible key, else 0. An int32 to multiply a
+    loop bound by: Pallas' Triton lowering typed a select of two int literals as i1, i.e. 0 and 0."""
     import jax.numpy as jnp
 
-    return (q_start < length_ref[0]).astype(jnp.int32)
+    return (start < length_ref[0]).astype(jnp.int32)
+
+
+def _key_blocks_walked(length_ref, block_k: int, q_start, skip_queries: bool):
+    """The loop bound of a forward or dQ program: the key blocks to the row's last visible key, or none for a block
+    of padded queries only when those are skipped (its outputs are zeros; see `flash_attention`)."""
+    blocks = _blocks_to_length(length_ref, block_k)
+    return blocks * _starts_before_length(length_ref, q_start) if skip_queries else blocks
 
 
 def _forward_kernel(seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, rate, block_k,
@@ -302,9 +311,7 @@ def _forward_kernel(seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, 
          jnp.zeros((block_q,), jnp.float32))
         for _ in halves
     )
-    key_blocks = _key_blocks(length_ref, block_k)
-    if skip_queries:  # a block of padded queries only: zeros out, no work (see `flash_attention`)
-        key_blocks = key_blocks * _query_blocks_visible(length_ref, q_start)
+    key_blocks = _key_blocks_walked(length_ref, block_k, q_start, skip_queries)
     for j, (acc, row_max, row_sum) in enumerate(lax.fori_loop(0, key_blocks, step, init)):
         if skip_queries:
             computed = row_sum > 0
@@ -359,11 +366,10 @@ def _dkdv_kernel(
         return tuple(updated)
 
     zeros = jnp.zeros((block_k, head_size), jnp.float32)
-    # A key block past the row's last visible key has p = 0 for every query: zero gradients, no work.
-    # (A product, not jnp.where: Pallas' Triton lowering typed a select of two int literals as i1, i.e. 0 and 0.)
-    visible = (k_start < length_ref[0]).astype(jnp.int32)
-    # Skipping padded queries: only the query blocks that start before the row's last visible key.
-    query_blocks = visible * ((length_ref[0] + block_q - 1) // block_q if skip_queries else q_len // block_q)
+    # A key block past the row's last visible key has p = 0 for every query: zero gradients, no work. Skipping
+    # padded queries: only the query blocks that start before that key.
+    query_blocks = _starts_before_length(length_ref, k_start) * (
+        _blocks_to_length(length_ref, block_q) if skip_queries else q_len // block_q)
     for j, (dk, dv) in enumerate(lax.fori_loop(0, query_blocks, step, tuple((zeros, zeros) for _ in halves))):
         dk_ref[:, j, :] = dk.astype(dk_ref.dtype)
         dv_ref[:, j, :] = dv.astype(dv_ref.dtype)
@@ -396,9 +402,7 @@ def _dq_kernel(
         return tuple(updated)
 
     zeros = jnp.zeros((block_q, head_size), jnp.float32)
-    key_blocks = _key_blocks(length_ref, block_k)
-    if skip_queries:
-        key_blocks = key_blocks * _query_blocks_visible(length_ref, q_start)
+    key_blocks = _key_blocks_walked(length_ref, block_k, q_start, skip_queries)
     for j, dq in enumerate(lax.fori_loop(0, key_blocks, step, tuple(zeros for _ in halves))):
         dq_ref[:, j, :] = dq.astype(dq_ref.dtype)
 

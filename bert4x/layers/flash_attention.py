@@ -336,21 +336,13 @@ def _probs_and_score_grads(q, k, v, do, bias, lse, delta, keep, scale, rate):
 
 
 def _dkdv_kernel(
-    seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, *refs, scale, rate, block_q,
-    heads, skip_queries=False
+    seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, rate,
+    block_q, heads, skip_queries=False
 ):
-    """dK and dV of one key block, walking the query blocks. With `refs` = (dq_zeros, dk, dv, dq) it also adds each
-    block pair's dQ into the float32 dq (aliased to dq_zeros) atomically, so no separate dQ kernel recomputes the
-    probabilities and the dropout hash; otherwise `refs` = (dk, dv)."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as pltriton
 
-    if len(refs) == 2:
-        (dk_ref, dv_ref), dq_ref = refs, None
-    else:
-        _, dk_ref, dv_ref, dq_ref = refs
     block_k, per_program, head_size = k_ref.shape
     q_len, k_len = q_ref.shape[0], bias_ref.shape[0]
     k_start = pl.program_id(0) * block_k
@@ -370,9 +362,6 @@ def _dkdv_kernel(
             )
             dv = dv + jnp.dot(pz.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
             dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
-            if dq_ref is not None:
-                dq = jnp.dot(ds.astype(q.dtype), keys[j], preferred_element_type=jnp.float32)
-                pltriton.atomic_add(dq_ref, (rows, jnp.int32(j), slice(None)), dq)
             updated.append((dk, dv))
         return tuple(updated)
 
@@ -435,8 +424,7 @@ def _specs(block: int, per_program: int, head_size: int, full: bool = False):
     return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, i, g, 0))
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: str, num_warps: int, num_stages: int,
-          aliases: dict | None = None):
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: str, num_warps: int, num_stages: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -446,7 +434,6 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: s
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases=aliases or {},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
@@ -495,7 +482,6 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple, skip_queri
 
     fwd_q, fwd_k, bwd_q, bwd_k, warps, stages = blocks[:6]
     pairing = blocks[6] if len(blocks) > 6 else 1
-    atomic_dq = len(blocks) > 7 and blocks[7] == 1
     seed_spec = pl.BlockSpec((1,), lambda i, b, g: (0,))
     length_spec = pl.BlockSpec((1,), lambda i, b, g: (b,))
 
@@ -533,20 +519,13 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple, skip_queri
         args = (seed, _visible_lengths(bias), q, k, v, bias, do, lse, delta)
         per_program = _heads_per_program(pairing, heads, k_len // block_k, batch)
         whole, key_rows = _specs(q_len, per_program, head_size, True), _specs(block_k, per_program, head_size)
-        in_specs = [seed_spec, length_spec, whole, key_rows, key_rows, bias_spec(k_len), whole,
-                    lse_spec(q_len, per_program, True), lse_spec(q_len, per_program, True)]
-        out_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-        if atomic_dq:
-            dk, dv, dq = _call(
-                functools.partial(_dkdv_kernel, block_q=block_q, **common),
-                (k_len // block_k, batch, heads // per_program), in_specs + [whole], [key_rows, key_rows, whole],
-                out_shapes + [jax.ShapeDtypeStruct(q.shape, jnp.float32)],
-                interpret, "bert4x_flash_attention_dkdvdq", warps, stages, aliases={len(in_specs): 2},
-            )(*args, jnp.zeros(q.shape, jnp.float32))
-            return dq.astype(q.dtype), dk, dv
         dk, dv = _call(
             functools.partial(_dkdv_kernel, block_q=block_q, **common),
-            (k_len // block_k, batch, heads // per_program), in_specs, [key_rows, key_rows], out_shapes,
+            (k_len // block_k, batch, heads // per_program),
+            [seed_spec, length_spec, whole, key_rows, key_rows, bias_spec(k_len), whole,
+             lse_spec(q_len, per_program, True), lse_spec(q_len, per_program, True)],
+            [key_rows, key_rows],
+            [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
             interpret, "bert4x_flash_attention_dkdv", warps, stages,
         )(*args)
         per_program = _heads_per_program(pairing, heads, q_len // block_q, batch)
@@ -650,10 +629,9 @@ def flash_attention(
 
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"flash_attention: rate must be in [0, 1), got {rate}.")
-    if (len(blocks) not in (6, 7, 8) or (len(blocks) > 6 and blocks[6] not in (0, 1, 2))
-            or (len(blocks) > 7 and blocks[7] not in (0, 1))):
-        raise ValueError(f"flash_attention: blocks must be 6 tile sizes, optionally a head pairing of 0 (auto), 1 or "
-                         f"2, then optionally a dQ mode of 0 (own kernel) or 1 (atomic adds), got {blocks}.")
+    if len(blocks) not in (6, 7) or (len(blocks) == 7 and blocks[6] not in (0, 1, 2)):
+        raise ValueError(f"flash_attention: blocks must be 6 tile sizes and optionally a head pairing of 0 (auto), 1 "
+                         f"or 2, got {blocks}.")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"flash_attention: implementation must be 'pallas' or 'recompute', got {implementation!r}.")
     reason = supported(q.shape, k.shape, q.dtype, implementation)

@@ -85,18 +85,38 @@ def test_packing_index():
     np.testing.assert_array_equal(slots[~REAL.reshape(-1)], IDS.size)
 
 
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of a few rows, so that the tiny batches here run packed on jax (its CPU keeps 64 rows at least)."""
+    from bert4x.layers import core
+
+    monkeypatch.setitem(core.PACKING_MIN_ROWS, "cpu", 1)
+
+
+def test_packing_chunks():
+    from bert4x.layers.core import packing_chunks
+
+    assert packing_chunks(16384, 2048) == [4096, 4096] + [2048] * 4
+    assert packing_chunks(4096, 2048) == [4096]  # one chunk: no packing
+    assert packing_chunks(1000, 64) == [256, 256, 128, 128, 128, 104]
+    assert packing_chunks(28, 1) == [16, 12]
+
+
+LONG_IDS = np.where(np.arange(64)[None] < np.array([[64], [3], [40], [0]]), 7, 0).astype("int32")
+
+
 @pytest.mark.skipif(not JAX, reason="the packed feed-forward is jax's (other backends remove padding altogether)")
-@pytest.mark.parametrize("ids", [IDS, np.ones_like(IDS), np.where(np.arange(7) < 2, IDS, 0)],
+@pytest.mark.parametrize("ids", [LONG_IDS, np.ones_like(LONG_IDS), np.where(np.arange(64) < 20, LONG_IDS, 0)],
                          ids=["mixed", "no padding", "mostly padding"])
 def test_packed_feed_forward_equals_the_padded_one_at_real_tokens(ids):
-    """Outputs and gradients (input and weights) at real tokens, zeros at padding. Capacities for 28 positions are
-    8, 16 and 24 rows: the batches have 14 real tokens (16 rows), 28 (every position) and 6 (8 rows)."""
+    """Outputs and gradients (input and weights) at real tokens, zeros at padding. 256 positions run in chunks of
+    64, 64, 32, 32, 32, 32 rows: the batches have 107 real tokens (2 chunks), 256 (all 6) and 43 (1)."""
     import jax
 
     real = (ids != 0)[..., None]
     layer = FeedForward(12, gated=True)
-    x = rng.normal(size=(4, 7, 8)).astype("float32")
-    weights = rng.normal(size=(4, 7, 8)).astype("float32") * real
+    x = rng.normal(size=(4, 64, 8)).astype("float32")
+    weights = rng.normal(size=(4, 64, 8)).astype("float32") * real
     layer(x)
     packing = PackingIndex()(ids)
 

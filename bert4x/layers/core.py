@@ -702,9 +702,8 @@ class FeedForward(keras.layers.Layer):
     Call arguments:
         inputs: `[batch, len, dim]` (or `[tokens, dim]`).
         packing: `(order, slots)` from `PackingIndex` for `[batch, len, dim]` inputs, on jax: the layer then runs on
-            the non-padding tokens only, gathered into the smallest of a few fixed capacities that holds them
-            (`PACKING_CAPACITIES` of `batch * len`; static shapes for XLA, one compiled branch each), and returns
-            zeros at padding. Exact for the real tokens. Ignored on other backends (`RemovePadding` drops padding
+            the non-padding tokens only, gathered into as many fixed-size chunks as they need (`packing_chunks`;
+            static shapes for XLA, one compiled branch per count of chunks), and returns zeros at padding. Exact for the real tokens. Ignored on other backends (`RemovePadding` drops padding
             there), under a `keras.distribution` (the gather would cross devices) and with inner dropout.
 
     Example:
@@ -903,9 +902,21 @@ def _tokens_from_padded(x, positions, slots):
                                          lambda g: ops.reshape(_gather_padded(g, slots), ops.shape(x)))
 
 
-# Token capacities of a packed feed-forward, as fractions of batch * len: the smallest that holds a batch's real
-# tokens runs (the last, every position, when none does). More of them waste less on padding but add compiled branches.
-PACKING_CAPACITIES = (1 / 4, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+# Smallest chunk of a packed feed-forward, per jax platform: on a GPU, matmuls of fewer rows leave SMs idle.
+PACKING_MIN_ROWS = {"gpu": 2048, "cpu": 64}
+
+
+def packing_chunks(positions: int, min_rows: int) -> list[int]:
+    """Row counts of the chunks a packed feed-forward runs, for `positions` = batch * len: two of a quarter, then
+    eighths (each at least `min_rows`), summing to `positions`. A batch runs as many as its real tokens need, so it
+    computes at most an eighth of padding (or one chunk). Fixed chunk shapes make every such choice keep the same
+    arrays for the backward pass (a `lax.switch` keeps the union of its branches' arrays, by shape): no more memory
+    than without packing."""
+    eighth = max(min_rows, -(-positions // 64) * 8)
+    chunks = []
+    while sum(chunks) < positions:
+        chunks.append(min(2 * eighth if len(chunks) < 2 else eighth, positions - sum(chunks)))
+    return chunks
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -914,7 +925,7 @@ class PackingIndex(keras.layers.Layer):
 
     `order` lists the flat positions with the non-padding tokens first (in order), then the padding; `slots` gives
     each non-padding position its row among the packed tokens and `batch * len` at padding. `FeedForward(packing=...)`
-    uses it on jax to run on the real tokens within a static capacity.
+    uses it on jax to run on the real tokens in fixed-size chunks.
 
     Example:
     >>> order, slots = PackingIndex()(keras.ops.convert_to_tensor([[5, 6, 0], [7, 0, 0]]))
@@ -947,30 +958,36 @@ class PackingIndex(keras.layers.Layer):
 
 def _on_packed_tokens(position_wise, inputs, order, slots):
     """`position_wise` (a per-token function) applied to the non-padding rows of `inputs` `[batch, len, dim]` only,
-    zeros at padding (jax). The rows are gathered into the smallest capacity of `PACKING_CAPACITIES` that holds them,
-    as one branch of a `lax.switch` per capacity; gathers and their gradients are inverse gathers (no scatter-add)."""
+    zeros at padding (jax). The rows go through the first chunks of `packing_chunks` that hold them (one `lax.switch`
+    branch per count of chunks); gathers and their gradients are inverse gathers (no scatter-add). With a single
+    chunk (small batches) every position runs as is."""
     import jax
     import jax.numpy as jnp
 
     batch, length, width = inputs.shape
     total = batch * length
     flat = jnp.reshape(inputs, (total, width))
+    chunks = packing_chunks(total, PACKING_MIN_ROWS.get(jax.default_backend(), 64))
+    if len(chunks) == 1:
+        out = jnp.where((slots < total)[:, None], position_wise(flat), 0)
+        return jnp.reshape(out, (batch, length, out.shape[-1]))
     count = jnp.sum(slots < total)
-    capacities = sorted({c for c in (-(-int(total * f) // 8) * 8 for f in PACKING_CAPACITIES) if 0 < c < total})
+    starts = np.cumsum([0] + chunks)
     take_rows, put_rows = _jax_packing_gathers()
 
-    def packed(capacity):
+    def chunk_rows(i):  # chunk i's flat positions, and each position's row in the chunk (out of range: not in it)
+        local = slots - starts[i]
+        return order[starts[i]:starts[i + 1]], jnp.where((local >= 0) & (local < chunks[i]), local, total)
+
+    def first_chunks(used):
         def run(flat):
-            rows = order[:capacity]
-            return put_rows(position_wise(take_rows(flat, rows, slots)), slots, rows, count)
+            outs = [position_wise(take_rows(flat, *chunk_rows(i))) for i in range(used)]
+            return put_rows(jnp.concatenate(outs, axis=0), slots, order[:starts[used]], count)
 
         return run
 
-    def every_position(flat):
-        return jnp.where((slots < total)[:, None], position_wise(flat), 0)
-
-    branch = jnp.searchsorted(jnp.asarray(capacities, jnp.int32), count, side="left")
-    out = jax.lax.switch(branch, [packed(c) for c in capacities] + [every_position], flat)
+    branch = jnp.searchsorted(jnp.asarray(starts[1:-1], jnp.int32), count, side="left")
+    out = jax.lax.switch(branch, [first_chunks(used) for used in range(1, len(chunks) + 1)], flat)
     return jnp.reshape(out, (batch, length, out.shape[-1]))
 
 
@@ -979,7 +996,8 @@ _PACKING_GATHERS = []
 
 def _jax_packing_gathers():
     """`take_rows(flat, rows, slots)` = flat[rows] and `put_rows(packed, slots, rows, count)` = the packed rows back
-    at their positions (0 at padding), each with the other's gather as its gradient."""
+    at their positions (0 at padding), each with the other's gather as its gradient. `slots` holds each flat
+    position's row among the packed ones, out of range where it has none."""
     if not _PACKING_GATHERS:
         import jax
         import jax.numpy as jnp

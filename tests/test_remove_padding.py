@@ -90,7 +90,7 @@ def small_chunks(monkeypatch):
     """Chunks of a few rows, so that the tiny batches here run packed on jax (its CPU keeps 64 rows at least)."""
     from bert4x.layers import core
 
-    monkeypatch.setitem(core.PACKING_MIN_ROWS, "cpu", 1)
+    monkeypatch.setattr(core, "PACKING_MIN_ROWS", 1)
 
 
 def test_packing_chunks():

@@ -701,10 +701,12 @@ class FeedForward(keras.layers.Layer):
 
     Call arguments:
         inputs: `[batch, len, dim]` (or `[tokens, dim]`).
-        packing: `(order, slots)` from `PackingIndex` for `[batch, len, dim]` inputs, on jax: the layer then runs on
-            the non-padding tokens only, gathered into as many fixed-size chunks as they need (`packing_chunks`;
-            static shapes for XLA, one compiled branch per count of chunks), and returns zeros at padding. Exact for the real tokens. Ignored on other backends (`RemovePadding` drops padding
-            there), under a `keras.distribution` (the gather would cross devices) and with inner dropout.
+        packing: `(order, slots)` from `PackingIndex` for `[batch, len, dim]` inputs, on jax's CPU: the layer then
+            runs on the non-padding tokens only, gathered into as many fixed-size chunks as they need
+            (`packing_chunks`; static shapes for XLA, one compiled branch per count of chunks), and returns zeros at
+            padding. Exact for the real tokens. Ignored elsewhere: other backends drop padding with `RemovePadding`,
+            and on jax GPUs it was slower. Also ignored under a `keras.distribution` (the gather would cross
+            devices) and with inner dropout.
 
     Example:
     >>> FeedForward(16, activation="gelu")(keras.ops.ones((2, 3, 8))).shape
@@ -754,7 +756,9 @@ class FeedForward(keras.layers.Layer):
         return self._position_wise(inputs, training)
 
     def _packs_tokens(self, inputs) -> bool:
-        return (keras.backend.backend() == "jax" and len(inputs.shape) == 3 and self.dropout.rate == 0
+        # jax's CPU only: on an H200 the same packing made BERT-base training 28-34% slower (benchmarks/RESULTS.md),
+        # although the feed-forward chain alone ran 16% faster.
+        return (backend.on_jax_cpu() and len(inputs.shape) == 3 and self.dropout.rate == 0
                 and keras.distribution.distribution() is None)
 
     def _position_wise(self, inputs, training):
@@ -902,8 +906,8 @@ def _tokens_from_padded(x, positions, slots):
                                          lambda g: ops.reshape(_gather_padded(g, slots), ops.shape(x)))
 
 
-# Smallest chunk of a packed feed-forward, per jax platform: on a GPU, matmuls of fewer rows leave SMs idle.
-PACKING_MIN_ROWS = {"gpu": 2048, "cpu": 64}
+# Smallest chunk of a packed feed-forward (rows).
+PACKING_MIN_ROWS = 64
 
 
 def packing_chunks(positions: int, min_rows: int) -> list[int]:
@@ -967,7 +971,7 @@ def _on_packed_tokens(position_wise, inputs, order, slots):
     batch, length, width = inputs.shape
     total = batch * length
     flat = jnp.reshape(inputs, (total, width))
-    chunks = packing_chunks(total, PACKING_MIN_ROWS.get(jax.default_backend(), 64))
+    chunks = packing_chunks(total, PACKING_MIN_ROWS)
     if len(chunks) == 1:
         out = jnp.where((slots < total)[:, None], position_wise(flat), 0)
         return jnp.reshape(out, (batch, length, out.shape[-1]))

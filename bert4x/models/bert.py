@@ -107,9 +107,10 @@ class BERT(Transformer):
     GPU (where Keras does not compile with XLA) or on torch. `True` turns it on for any outputs (the sequence output
     is then zero at padding, instead of values computed from padding tokens). A row of padding only has no token to
     compute: its outputs are those of zero hidden states. jax compiles with static shapes, so there the same option
-    (None for [CLS]-only outputs, or True) skips padding in the feed-forward sublayers only (`PackingIndex`: the real
-    tokens in as many fixed-size chunks as they need; the sequence output at padding then has no feed-forward
-    term), and such a model's attention kernels skip the padded queries.
+    (None for [CLS]-only outputs, or True) skips padding in the feed-forward sublayers only, on jax's CPU
+    (`PackingIndex`: the real tokens in as many fixed-size chunks as they need; the sequence output at padding then
+    has no feed-forward term; on GPUs this measured slower and is not done), and on GPUs such a model's attention
+    kernels skip the padded queries.
 
     Example:
     >>> from bert4x.models import build_transformer_model
@@ -174,8 +175,9 @@ class BERT(Transformer):
         packs = self._resolve_remove_padding(remove_padding)
         static_shapes = keras.backend.backend() == "jax"
         self.remove_padding = packs and not static_shapes
-        # jax (static shapes): the feed-forward sublayers run on the real tokens in fixed-size chunks, and a model
-        # reading [CLS] only lets attention skip the padded queries, whose outputs nothing reads.
+        # jax (static shapes): the feed-forward sublayers run on the real tokens in fixed-size chunks (on its CPU,
+        # see FeedForward), and a model reading [CLS] only lets attention skip the padded queries, whose outputs
+        # nothing reads.
         self.pack_feed_forward = packs and static_shapes
         self.skip_padded_queries = remove_padding is None and static_shapes and self.reads_first_token_only
         self.padding_index = None  # (positions, slots) while the hidden states hold non-padding tokens only

@@ -301,8 +301,8 @@ def _num_layers(model: keras.Model) -> int:
 
 def _blocks(model: keras.Model, layers_per_block: int) -> list[keras.Model]:
     """Sub-models `[hidden, attention_mask] -> hidden`, each spanning `layers_per_block` consecutive layers."""
-    if any(layer.name in ("Remove-Padding", "Packing-Index") for layer in model.layers):
-        raise ValueError(f"{model.name}: built with remove_padding (its layers skip padding tokens); "
+    if any(layer.name == "Remove-Padding" for layer in model.layers):
+        raise ValueError(f"{model.name}: built with remove_padding (its layers see non-padding tokens only); "
                          "build the models for theseus_encoder with remove_padding=False.")
     mask = model.get_layer("Attention-Mask").output
     blocks = []

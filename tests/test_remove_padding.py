@@ -1,16 +1,14 @@
-"""Padding tokens skipped: `RemovePadding`/`RestorePadding`, self-attention on non-padding tokens, `PackingIndex` with
-the packed feed-forward (jax), and BERT/RoFormer built with `remove_padding`, which give the outputs and gradients of
-the padded computation at every real token."""
+"""Padding tokens skipped: `RemovePadding`/`RestorePadding`, self-attention on non-padding tokens, and BERT/RoFormer
+built with `remove_padding`, which give the outputs and gradients of the padded computation at every real token."""
 
 import keras
 import numpy as np
 import pytest
 
-from bert4x.layers import AttentionMask, FeedForward, MultiHeadAttention, PackingIndex, RemovePadding, RestorePadding
+from bert4x.layers import AttentionMask, MultiHeadAttention, RemovePadding, RestorePadding
 from bert4x.models import build_transformer_model
 from bert4x.models.roformer import RotaryEmbedding
 from harness import check_model
-from helpers import in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(11)
 TINY = {"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -22,11 +20,9 @@ IDS[3, :] = 0  # a row of padding only
 SEGMENTS = np.zeros_like(IDS)
 SEGMENTS[:, 3:] = 1
 REAL = IDS != 0
-JAX = keras.backend.backend() == "jax"
-SKIPS = not JAX  # RemovePadding keeps every position on jax (static shapes); the feed-forward packs tokens instead
-SKIPS_BY_DEFAULT = keras.backend.backend() in ("torch", "jax") or (
+SKIPS = keras.backend.backend() != "jax"  # jax keeps every position (static shapes)
+SKIPS_BY_DEFAULT = keras.backend.backend() == "torch" or (
     keras.backend.backend() == "tensorflow" and not keras.distribution.list_devices("gpu"))
-PADDING_LAYER = "Packing-Index" if JAX else "Remove-Padding"  # what remove_padding adds to a model
 
 
 def _numpy(x):
@@ -76,63 +72,6 @@ def test_self_attention_on_tokens_refuses_key_value():
         MultiHeadAttention(2, 4)(tokens, key_value=np.ones((4, 7, 8), "float32"), padding_index=(positions, slots))
 
 
-def test_packing_index():
-    order, slots = (_numpy(t) for t in PackingIndex()(IDS))
-    real = np.flatnonzero(REAL.reshape(-1))
-    np.testing.assert_array_equal(order[:real.size], real)  # real tokens first, in order, then the padding
-    np.testing.assert_array_equal(np.sort(order), np.arange(IDS.size))
-    np.testing.assert_array_equal(slots[real], np.arange(real.size))
-    np.testing.assert_array_equal(slots[~REAL.reshape(-1)], IDS.size)
-
-
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    """Chunks of a few rows, so that the tiny batches here run packed on jax (its CPU keeps 64 rows at least)."""
-    from bert4x.layers import core
-
-    monkeypatch.setattr(core, "PACKING_MIN_ROWS", 1)
-
-
-def test_packing_chunks():
-    from bert4x.layers.core import packing_chunks
-
-    assert packing_chunks(16384, 2048) == [4096, 4096] + [2048] * 4
-    assert packing_chunks(4096, 2048) == [4096]  # one chunk: no packing
-    assert packing_chunks(1000, 64) == [256, 256, 128, 128, 128, 104]
-    assert packing_chunks(28, 1) == [16, 12]
-
-
-LONG_IDS = np.where(np.arange(64)[None] < np.array([[64], [3], [40], [0]]), 7, 0).astype("int32")
-
-
-@pytest.mark.skipif(not JAX, reason="the packed feed-forward is jax's (other backends remove padding altogether)")
-@pytest.mark.parametrize("ids", [LONG_IDS, np.ones_like(LONG_IDS), np.where(np.arange(64) < 20, LONG_IDS, 0)],
-                         ids=["mixed", "no padding", "mostly padding"])
-def test_packed_feed_forward_equals_the_padded_one_at_real_tokens(ids):
-    """Outputs and gradients (input and weights) at real tokens, zeros at padding. 256 positions run in chunks of
-    64, 64, 32, 32, 32, 32 rows: the batches have 107 real tokens (2 chunks), 256 (all 6) and 43 (1)."""
-    import jax
-
-    real = (ids != 0)[..., None]
-    layer = FeedForward(12, gated=True)
-    x = rng.normal(size=(4, 64, 8)).astype("float32")
-    weights = rng.normal(size=(4, 64, 8)).astype("float32") * real
-    layer(x)
-    packing = PackingIndex()(ids)
-
-    def loss(variables, x, packed):
-        y, _ = layer.stateless_call(variables, [], x, packing=packing if packed else None)
-        return jax.numpy.sum(y * weights), y
-
-    variables = [v.value for v in layer.trainable_variables]
-    (_, packed_out), packed_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables, x, True)
-    (_, plain_out), plain_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables, x, False)
-    np.testing.assert_allclose(np.where(real, packed_out, 0), np.where(real, plain_out, 0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.where(real, 0, packed_out), 0.0)
-    for a, b in zip(jax.tree_util.tree_leaves(packed_grads), jax.tree_util.tree_leaves(plain_grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
 def _pair(**kwargs):
     """The same weights with padding removed and kept."""
     skipping = build_transformer_model(TINY, remove_padding=True, **kwargs)
@@ -144,6 +83,11 @@ def _pair(**kwargs):
     return skipping, padded
 
 
+needs_dynamic_shapes = pytest.mark.skipif(not SKIPS, reason="remove_padding=True raises on jax (static shapes); "
+                                          "test_remove_padding_raises_on_jax covers that")
+
+
+@needs_dynamic_shapes
 @pytest.mark.parametrize("model,kwargs", [
     ("bert", {"with_pool": True}),
     ("bert", {"with_pool": True, "prune_last_layer": False}),
@@ -155,16 +99,17 @@ def _pair(**kwargs):
 ])
 def test_models_without_padding_equal_padded_ones_at_every_real_token(model, kwargs):
     skipping, padded = _pair(model=model, **kwargs)
-    assert ({PADDING_LAYER} if JAX else {"Remove-Padding", "Restore-Padding"}) <= {x.name for x in skipping.layers}
+    assert {"Remove-Padding", "Restore-Padding"} <= {layer.name for layer in skipping.layers}
     a, b = (m.predict([IDS, SEGMENTS], verbose=0) for m in (skipping, padded))
-    if a.ndim == 3:  # sequence outputs: real tokens as the padded model, zeros at padding (not on jax)
+    if a.ndim == 3:  # sequence outputs: real tokens as the padded model, zeros at padding
         np.testing.assert_allclose(a[REAL], b[REAL], rtol=1e-5, atol=1e-5)
-        if not kwargs and not JAX:
+        if not kwargs:
             np.testing.assert_array_equal(a[~REAL], 0.0)
     else:  # [CLS]-only outputs; the all-padding row has no real token to compare
         np.testing.assert_allclose(a[REAL[:, 0]], b[REAL[:, 0]], rtol=1e-5, atol=1e-6)
 
 
+@needs_dynamic_shapes
 @pytest.mark.parametrize("kwargs", [{"with_pool": True}, {"with_mlm": "linear"}])
 def test_one_training_step_without_padding_equals_the_padded_one(kwargs):
     """Equal weights after an SGD step on rows with padding: the gradients (own gradients of the gathers included)
@@ -188,13 +133,14 @@ def test_default_skips_padding_only_where_no_output_changes():
     def layer_names(**kwargs):
         return {layer.name for layer in build_transformer_model(TINY, **kwargs).layers}
 
-    assert (PADDING_LAYER in layer_names(with_pool=True)) == SKIPS_BY_DEFAULT
+    assert ("Remove-Padding" in layer_names(with_pool=True)) == SKIPS_BY_DEFAULT
     for kwargs in ({}, {"with_mlm": True}, {"with_pool": True, "with_mlm": "linear"},
                    {"with_pool": True, "layer_norm_cond": 4}):
-        assert PADDING_LAYER not in layer_names(**kwargs), kwargs
-    assert PADDING_LAYER not in layer_names(with_pool=True, remove_padding=False)
+        assert "Remove-Padding" not in layer_names(**kwargs), kwargs
+    assert "Remove-Padding" not in layer_names(with_pool=True, remove_padding=False)
 
 
+@needs_dynamic_shapes
 def test_remove_padding_refusals():
     with pytest.raises(ValueError, match="layer_norm_cond"):
         build_transformer_model(TINY, with_pool=True, layer_norm_cond=4, remove_padding=True)
@@ -202,27 +148,27 @@ def test_remove_padding_refusals():
         build_transformer_model(TINY, model="roformer_v2", remove_padding=True)
 
 
-def test_remove_padding_on_jax_packs_the_feed_forward(monkeypatch):
+def test_remove_padding_raises_on_jax(monkeypatch):
     from bert4x.models.bert import BERT
 
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    for model in (BERT(**TINY, with_pool=True, remove_padding=True), BERT(**TINY, with_pool=True),
-                  BERT(**TINY, with_mlm=True, remove_padding=True)):
-        assert model.pack_feed_forward and not model.remove_padding
-    assert not BERT(**TINY, with_mlm=True).pack_feed_forward
-    assert not BERT(**TINY, with_pool=True, remove_padding=False).pack_feed_forward
+    with pytest.raises(ValueError, match="static shapes"):
+        BERT(**TINY, with_pool=True, remove_padding=True)
+    assert not BERT(**TINY, with_pool=True).remove_padding
 
 
+@needs_dynamic_shapes
 def test_saved_model_without_padding_reloads(tmp_path):
     skipping, _ = _pair(with_pool=True)
     path = str(tmp_path / "m.keras")
     skipping.save(path)
     loaded = keras.saving.load_model(path)
-    assert PADDING_LAYER in {layer.name for layer in loaded.layers}
+    assert "Remove-Padding" in {layer.name for layer in loaded.layers}
     np.testing.assert_allclose(loaded.predict([IDS, SEGMENTS], verbose=0),
                                skipping.predict([IDS, SEGMENTS], verbose=0), rtol=1e-6, atol=1e-6)
 
 
+@needs_dynamic_shapes
 def test_model_without_padding_after_int8_quantization():
     skipping, padded = _pair(with_pool=True)
     for m in (skipping, padded):
@@ -231,6 +177,7 @@ def test_model_without_padding_after_int8_quantization():
                                padded.predict([IDS[:3], SEGMENTS[:3]], verbose=0), rtol=1e-5, atol=1e-5)
 
 
+@needs_dynamic_shapes
 def test_theseus_asks_for_models_with_padding():
     from bert4x.techniques import theseus_encoder
 
@@ -245,13 +192,6 @@ def test_prompt_tuning_keeps_padding_removal():
 
     model = build_transformer_model(TINY, with_pool=True)
     tuned = prompt_tuning_model(model, [1, 2, 3])
-    assert ({layer.name for layer in tuned.layers} >= {PADDING_LAYER}) == SKIPS_BY_DEFAULT
+    assert ({layer.name for layer in tuned.layers} >= {"Remove-Padding"}) == SKIPS_BY_DEFAULT
     np.testing.assert_allclose(tuned.predict([IDS, SEGMENTS], verbose=0), model.predict([IDS, SEGMENTS], verbose=0),
                                rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.skipif(in_subprocess or JAX, reason="runs from the top-level process only")
-def test_packed_feed_forward_on_jax_backend():
-    """The jax-only tests above, and the models' packed feed-forward against padded ones, on jax."""
-    run_pytest_on_backend("jax", "tests/test_remove_padding.py", "-k", "packed or models_without or training_step "
-                          "or saved_model or quantization or theseus or prompt")

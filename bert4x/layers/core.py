@@ -22,7 +22,6 @@ __all__ = [
     "LayerNormalization",
     "Dropout",
     "RemovePadding",
-    "PackingIndex",
     "RestorePadding",
 ]
 
@@ -699,15 +698,6 @@ class FeedForward(keras.layers.Layer):
     seed) instead of keeping it for the output projection's weight gradient: the same gradients, one
     `[tokens, units]` array a layer less of host memory.
 
-    Call arguments:
-        inputs: `[batch, len, dim]` (or `[tokens, dim]`).
-        packing: `(order, slots)` from `PackingIndex` for `[batch, len, dim]` inputs, on jax's CPU: the layer then
-            runs on the non-padding tokens only, gathered into as many fixed-size chunks as they need
-            (`packing_chunks`; static shapes for XLA, one compiled branch per count of chunks), and returns zeros at
-            padding. Exact for the real tokens. Ignored elsewhere: other backends drop padding with `RemovePadding`,
-            and on jax GPUs it was slower. Also ignored under a `keras.distribution` (the gather would cross
-            devices) and with inner dropout.
-
     Example:
     >>> FeedForward(16, activation="gelu")(keras.ops.ones((2, 3, 8))).shape
     (2, 3, 8)
@@ -750,18 +740,7 @@ class FeedForward(keras.layers.Layer):
         )
         self.output_dense.build(tuple(input_shape[:-1]) + (self.units,))
 
-    def call(self, inputs, training=None, packing=None):
-        if packing is not None and self._packs_tokens(inputs):
-            return _on_packed_tokens(lambda x: self._position_wise(x, training), inputs, *packing)
-        return self._position_wise(inputs, training)
-
-    def _packs_tokens(self, inputs) -> bool:
-        # jax's CPU only: on an H200 the same packing made BERT-base training 28-34% slower (benchmarks/RESULTS.md),
-        # although the feed-forward chain alone ran 16% faster.
-        return (backend.on_jax_cpu() and len(inputs.shape) == 3 and self.dropout.rate == 0
-                and keras.distribution.distribution() is None)
-
-    def _position_wise(self, inputs, training):
+    def call(self, inputs, training=None):
         hidden = self.inner_dense(inputs)
         if training and self._recomputes_activation():
             return self._output_recomputing_activation(hidden)
@@ -904,138 +883,6 @@ def _padded_from_tokens(tokens, positions, slots):
 def _tokens_from_padded(x, positions, slots):
     return _gather_with_inverse_gradient(x, lambda t: _gather_tokens(t, positions),
                                          lambda g: ops.reshape(_gather_padded(g, slots), ops.shape(x)))
-
-
-# Smallest chunk of a packed feed-forward (rows).
-PACKING_MIN_ROWS = 64
-
-
-def packing_chunks(positions: int, min_rows: int) -> list[int]:
-    """Row counts of the chunks a packed feed-forward runs, for `positions` = batch * len: two of a quarter, then
-    eighths (each at least `min_rows`), summing to `positions`. A batch runs as many as its real tokens need, so it
-    computes at most an eighth of padding (or one chunk). Fixed chunk shapes make every such choice keep the same
-    arrays for the backward pass (a `lax.switch` keeps the union of its branches' arrays, by shape): no more memory
-    than without packing."""
-    eighth = max(min_rows, -(-positions // 64) * 8)
-    chunks = []
-    while sum(chunks) < positions:
-        chunks.append(min(2 * eighth if len(chunks) < 2 else eighth, positions - sum(chunks)))
-    return chunks
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class PackingIndex(keras.layers.Layer):
-    """Where the real tokens go when packed: token ids `[batch, len]` -> `(order, slots)`, both `[batch * len]` int32.
-
-    `order` lists the flat positions with the non-padding tokens first (in order), then the padding; `slots` gives
-    each non-padding position its row among the packed tokens and `batch * len` at padding. `FeedForward(packing=...)`
-    uses it on jax to run on the real tokens in fixed-size chunks.
-
-    Example:
-    >>> order, slots = PackingIndex()(keras.ops.convert_to_tensor([[5, 6, 0], [7, 0, 0]]))
-    >>> keras.ops.convert_to_numpy(order).tolist(), keras.ops.convert_to_numpy(slots).tolist()
-    ([0, 1, 3, 2, 4, 5], [0, 1, 6, 2, 6, 6])
-    """
-
-    def __init__(self, pad_id: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        self.pad_id = pad_id
-
-    def call(self, token_ids):
-        keep = ops.reshape(ops.not_equal(token_ids, self.pad_id), (-1,))
-        total = ops.shape(keep)[0]
-        real_before = ops.cumsum(ops.cast(keep, "int32"))  # counts include the position itself
-        padding_before = ops.cumsum(ops.cast(ops.logical_not(keep), "int32"))
-        place = ops.where(keep, real_before - 1, real_before[-1] + padding_before - 1)  # a permutation of positions
-        order = ops.cast(ops.argsort(place), "int32")
-        return order, ops.cast(ops.where(keep, place, total), "int32")
-
-    def compute_output_spec(self, token_ids):
-        flat = None if None in token_ids.shape else token_ids.shape[0] * token_ids.shape[1]
-        return keras.KerasTensor((flat,), dtype="int32"), keras.KerasTensor((flat,), dtype="int32")
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(pad_id=self.pad_id)
-        return config
-
-
-def _on_packed_tokens(position_wise, inputs, order, slots):
-    """`position_wise` (a per-token function) applied to the non-padding rows of `inputs` `[batch, len, dim]` only,
-    zeros at padding (jax). The rows go through the first chunks of `packing_chunks` that hold them (one `lax.switch`
-    branch per count of chunks); gathers and their gradients are inverse gathers (no scatter-add). With a single
-    chunk (small batches) every position runs as is."""
-    import jax
-    import jax.numpy as jnp
-
-    batch, length, width = inputs.shape
-    total = batch * length
-    flat = jnp.reshape(inputs, (total, width))
-    chunks = packing_chunks(total, PACKING_MIN_ROWS)
-    if len(chunks) == 1:
-        out = jnp.where((slots < total)[:, None], position_wise(flat), 0)
-        return jnp.reshape(out, (batch, length, out.shape[-1]))
-    count = jnp.sum(slots < total)
-    starts = np.cumsum([0] + chunks)
-    take_rows, put_rows = _jax_packing_gathers()
-
-    def chunk_rows(i):  # chunk i's flat positions, and each position's row in the chunk (out of range: not in it)
-        local = slots - starts[i]
-        return order[starts[i]:starts[i + 1]], jnp.where((local >= 0) & (local < chunks[i]), local, total)
-
-    def first_chunks(used):
-        def run(flat):
-            outs = [position_wise(take_rows(flat, *chunk_rows(i))) for i in range(used)]
-            return put_rows(jnp.concatenate(outs, axis=0), slots, order[:starts[used]], count)
-
-        return run
-
-    branch = jnp.searchsorted(jnp.asarray(starts[1:-1], jnp.int32), count, side="left")
-    out = jax.lax.switch(branch, [first_chunks(used) for used in range(1, len(chunks) + 1)], flat)
-    return jnp.reshape(out, (batch, length, out.shape[-1]))
-
-
-_PACKING_GATHERS = []
-
-
-def _jax_packing_gathers():
-    """`take_rows(flat, rows, slots)` = flat[rows] and `put_rows(packed, slots, rows, count)` = the packed rows back
-    at their positions (0 at padding), each with the other's gather as its gradient. `slots` holds each flat
-    position's row among the packed ones, out of range where it has none."""
-    if not _PACKING_GATHERS:
-        import jax
-        import jax.numpy as jnp
-
-        def scatter_free(rows_of, index):  # rows of `rows_of` at `index`, zeros where it is out of range
-            return jnp.take(rows_of, index, axis=0, mode="fill", fill_value=0)
-
-        @jax.custom_vjp
-        def take_rows(flat, rows, slots):
-            return flat[rows]
-
-        def take_forward(flat, rows, slots):
-            return flat[rows], slots
-
-        def take_backward(slots, grad):  # real positions get their packed row's gradient; padding none
-            return scatter_free(grad, slots), None, None
-
-        take_rows.defvjp(take_forward, take_backward)
-
-        @jax.custom_vjp
-        def put_rows(packed, slots, rows, count):
-            return scatter_free(packed, slots)
-
-        def put_forward(packed, slots, rows, count):
-            return scatter_free(packed, slots), (rows, count)
-
-        def put_backward(residuals, grad):  # packed rows past the real tokens (padding, discarded) get none
-            rows, count = residuals
-            real = jnp.where(jnp.arange(rows.shape[0]) < count, rows, grad.shape[0])
-            return scatter_free(grad, real), None, None, None
-
-        put_rows.defvjp(put_forward, put_backward)
-        _PACKING_GATHERS.extend((take_rows, put_rows))
-    return tuple(_PACKING_GATHERS)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

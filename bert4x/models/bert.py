@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from bert4x.layers import (AttentionMask, BiasAdd, Dropout, Embedding, FeedForward, FirstToken, LayerNormalization,
-                          MultiHeadAttention, PackingIndex, PositionEmbedding, RemovePadding, RestorePadding)
+                          MultiHeadAttention, PositionEmbedding, RemovePadding, RestorePadding)
 from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import Transformer, register_model, src
 
@@ -105,12 +105,9 @@ class BERT(Transformer):
     LayerNorm, dropout), leaving only attention in the padded layout. The default (None) turns it on where it
     changes no output and the backend allows data-dependent shapes: outputs read [CLS] only, on tensorflow without a
     GPU (where Keras does not compile with XLA) or on torch. `True` turns it on for any outputs (the sequence output
-    is then zero at padding, instead of values computed from padding tokens). A row of padding only has no token to
-    compute: its outputs are those of zero hidden states. jax compiles with static shapes, so there the same option
-    (None for [CLS]-only outputs, or True) skips padding in the feed-forward sublayers only, on jax's CPU
-    (`PackingIndex`: the real tokens in as many fixed-size chunks as they need; the sequence output at padding then
-    has no feed-forward term; on GPUs this measured slower and is not done), and on GPUs such a model's attention
-    kernels skip the padded queries.
+    is then zero at padding, instead of values computed from padding tokens); jax compiles with static shapes, so
+    there it raises. A row of padding only has no token to compute: its outputs are those of zero hidden states.
+    Where padding stays under the default (jax), such a model's attention kernels skip the padded queries instead.
 
     Example:
     >>> from bert4x.models import build_transformer_model
@@ -172,26 +169,23 @@ class BERT(Transformer):
         # As in bert4keras, 'lm' and 'unilm' output the MLM head (the next-token distribution) unless told otherwise.
         self.with_mlm = with_mlm or (self.application in ("lm", "unilm"))
         self.prune_last_layer = prune_last_layer
-        packs = self._resolve_remove_padding(remove_padding)
-        static_shapes = keras.backend.backend() == "jax"
-        self.remove_padding = packs and not static_shapes
-        # jax (static shapes): the feed-forward sublayers run on the real tokens in fixed-size chunks (on its CPU,
-        # see FeedForward), and a model reading [CLS] only lets attention skip the padded queries, whose outputs
-        # nothing reads.
-        self.pack_feed_forward = packs and static_shapes
-        self.skip_padded_queries = remove_padding is None and static_shapes and self.reads_first_token_only
+        self.remove_padding = self._resolve_remove_padding(remove_padding)
+        # Where padding stays (jax: static shapes), a model reading [CLS] only still lets attention skip the padded
+        # queries, whose outputs nothing reads (remove_padding=False keeps them).
+        self.skip_padded_queries = remove_padding is None and not self.remove_padding and self.reads_first_token_only
         self.padding_index = None  # (positions, slots) while the hidden states hold non-padding tokens only
-        self.packing = None  # PackingIndex's (order, slots), for the feed-forward sublayers on jax
 
     def _resolve_remove_padding(self, option: bool | None) -> bool:
-        """Whether padding is skipped: everywhere but attention (tensorflow, torch) or in the feed-forward (jax)."""
         backend_name = keras.backend.backend()
-        skips = backend_name in ("torch", "jax") or (
+        dynamic_shapes = backend_name == "torch" or (
             backend_name == "tensorflow" and not keras.distribution.list_devices("gpu"))
         if option is None:
-            return (self.reads_first_token_only and skips and self.layer_norm_cond is None
+            return (self.reads_first_token_only and dynamic_shapes and self.layer_norm_cond is None
                     and self.supports_padding_removal)
         if option:
+            if backend_name == "jax":
+                raise ValueError("remove_padding=True needs data-dependent shapes (tensorflow or torch backends); "
+                                 "jax compiles with static shapes, so padding tokens cannot be skipped there.")
             if self.layer_norm_cond is not None:
                 raise ValueError("remove_padding=True does not combine with layer_norm_cond (the condition is "
                                  "per row, the hidden states per token).")
@@ -288,8 +282,6 @@ class BERT(Transformer):
         if self.remove_padding:
             x, *padding_index = RemovePadding(name="Remove-Padding")(x, token_ids)
             self.padding_index = tuple(padding_index)
-        if self.pack_feed_forward:
-            self.packing = PackingIndex(name="Packing-Index")(token_ids)
         return x
 
     def apply_position_embedding(self, x):
@@ -321,7 +313,7 @@ class BERT(Transformer):
         x = self.apply_layer_norm(x, f"{attention}-Norm")
         y = FeedForward(
             self.intermediate_size, activation=self.hidden_act, kernel_initializer=self.initializer(), name=feed_forward
-        )(x, **({"packing": self.packing} if self.packing is not None and sequence is None else {}))
+        )(x)
         y = Dropout(self.dropout_rate, name=f"{feed_forward}-Dropout")(y)
         x = keras.layers.Add(name=f"{feed_forward}-Add")([x, y])
         return self.apply_layer_norm(x, f"{feed_forward}-Norm")

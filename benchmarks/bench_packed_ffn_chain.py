@@ -1,116 +1,123 @@
-"""A chain of 11 BERT-base feed-forward sublayers (no dropout), forward + backward, at 32 x 512 positions of which
-~75% are real tokens (row lengths uniform in [256, 512], as in bench_finetune.py), in plain jax (no Keras):
+"""The padding lever in isolation: a chain of BERT-base feed-forward sublayers, forward + backward, on every position
+or on the real tokens only, in plain jax (no Keras, no attention, no dropout).
 
-  padded               every position
-  packed_no_fallback   the real tokens gathered into a fixed capacity (83.6% of the positions), and back
-  packed_cond          the same inside a `lax.cond` whose other branch runs every position (exact for any batch)
-  packed_cond_overflow a capacity the batch exceeds, so the cond runs every position
+Rows of random length in [seq/2, seq] (as in bench_finetune.py), bfloat16 activations, float32 weights. Variants, one
+JSON line each (prefixed `BENCH `), per round:
+  padded                every position
+  packed_no_fallback    the real tokens gathered into a fixed capacity (`--capacity` of the positions) and back
+  packed_cond           the same inside a `lax.cond` whose other branch runs every position (exact for any batch)
+  packed_cond_overflow  a capacity the batch exceeds (a quarter), so the cond runs every position
 
-Gathers and their gradients are inverse gathers. What it showed on an H200 (RESULTS.md, ninth session): the packed
-chain 16% faster than the padded one and the cond nearly free in this tight loop; the same packing inside the Keras
-train step of the full model was slower.
+The gathers' gradients are the inverse gathers (no scatter-add). Each line also has the largest gradient difference
+against the padded chain (bfloat16 rounding). What it showed on an H200 is in RESULTS.md (ninth session): the packed
+chain 16% faster and the cond nearly free in this loop, while the same packing in the Keras train step was slower.
 
     python benchmarks/bench_packed_ffn_chain.py --out packed_ffn_chain.jsonl
 """
+
+from __future__ import annotations
+
 import argparse
-import json
-import time
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", default=None, help="append the JSON lines to this file")
-args = parser.parse_args()
-
-B, L, D, F, LAYERS = 32, 512, 768, 3072, 11
-N = B * L
-rng = np.random.default_rng(0)
-lengths = rng.integers(L // 2, L + 1, size=B)
-mask = jnp.asarray(np.arange(L)[None] < lengths[:, None]).reshape(N)
-x0 = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
-params = [(jnp.asarray(rng.standard_normal((D, F)) * 0.02, jnp.float32), jnp.zeros((F,), jnp.float32),
-           jnp.asarray(rng.standard_normal((F, D)) * 0.02, jnp.float32), jnp.zeros((D,), jnp.float32))
-          for _ in range(LAYERS)]
-wt = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16) * mask[:, None]
-
-def ffn(x, p):
-    w1, b1, w2, b2 = p
-    h = jnp.dot(x, w1.astype(x.dtype)) + b1.astype(x.dtype)
-    return jnp.dot(jax.nn.gelu(h, approximate=False), w2.astype(x.dtype)) + b2.astype(x.dtype)
-
-@jax.custom_vjp
-def take_rows(x, rows, inverse):
-    return x[rows]
-def take_fwd(x, rows, inverse):
-    return x[rows], (rows, inverse, x.shape[0])
-def take_bwd(res, g):
-    rows, inverse, n = res
-    gz = jnp.concatenate([g, jnp.zeros((1, g.shape[1]), g.dtype)])
-    return gz[inverse], None, None
-take_rows.defvjp(take_fwd, take_bwd)
-
-def packing(capacity):
-    order = jnp.argsort(~mask, stable=True).astype(jnp.int32)  # real positions first
-    rows = order[:capacity]
-    slot = jnp.cumsum(mask.astype(jnp.int32)) - 1
-    inverse = jnp.where(mask & (slot < capacity), slot, capacity).astype(jnp.int32)  # padded -> the zero row
-    back_inverse = jnp.where(jnp.arange(capacity) < jnp.sum(mask), rows, N).astype(jnp.int32)
-    return rows, inverse, back_inverse
-
-def packed_ffn(x, p, pk):
-    rows, inverse, back = pk
-    xp = take_rows(x, rows, inverse)
-    yp = ffn(xp, p)
-    return _unpack(yp, inverse, back)
+import common  # noqa: E402
 
 
-@jax.custom_vjp
-def _unpack(yp, inverse, back):
-    return jnp.concatenate([yp, jnp.zeros((1, yp.shape[1]), yp.dtype)])[inverse]
-def _unpack_fwd(yp, inverse, back):
-    return _unpack(yp, inverse, back), back
-def _unpack_bwd(back, g):
-    return jnp.concatenate([g, jnp.zeros((1, g.shape[1]), g.dtype)])[back], None, None
-_unpack.defvjp(_unpack_fwd, _unpack_bwd)
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="32x512")
+    parser.add_argument("--layers", type=int, default=11, help="BERT-base's full layers next to a [CLS]-only last one")
+    parser.add_argument("--capacity", type=float, default=0.83, help="packed rows, as a fraction of the positions")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
 
-def model(variant, capacity):
-    def loss(params, x):
-        pk = packing(capacity) if variant != "padded" else None
-        fits = jnp.sum(mask) <= capacity
-        for p in params:
-            if variant == "padded":
-                y = ffn(x, p)
-            elif variant == "packed_no_fallback":
-                y = packed_ffn(x, p, pk)
-            else:
-                y = lax.cond(fits, lambda x, p: packed_ffn(x, p, pk), lambda x, p: ffn(x, p) * mask[:, None].astype(x.dtype), x, p)
-            x = (x + y) * 0.5
-        return jnp.sum((x * wt).astype(jnp.float32))
-    return jax.jit(jax.grad(loss, (0, 1)))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
 
-def timeit(f, n=30):
-    jax.block_until_ready(f(params, x0))
-    t = time.perf_counter()
-    for _ in range(n):
-        out = f(params, x0)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / n * 1e3
+    batch, seq = common.parse_shape(args.shape)
+    hidden, inner = 768, 3072
+    positions = batch * seq
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(seq // 2, seq + 1, size=batch)
+    real = jnp.asarray(np.arange(seq)[None] < lengths[:, None]).reshape(positions)
+    x0 = jnp.asarray(rng.standard_normal((positions, hidden)), jnp.bfloat16)
+    params = [(jnp.asarray(rng.standard_normal((hidden, inner)) * 0.02, jnp.float32), jnp.zeros((inner,), jnp.float32),
+               jnp.asarray(rng.standard_normal((inner, hidden)) * 0.02, jnp.float32), jnp.zeros((hidden,), jnp.float32))
+              for _ in range(args.layers)]
+    loss_weights = jnp.asarray(rng.standard_normal((positions, hidden)), jnp.bfloat16) * real[:, None]
 
-res = []
-real = int(jnp.sum(mask))
-cap = int(np.ceil(N * 0.83 / 128) * 128)
-print("real fraction", real / N, "capacity", cap / N, flush=True)
-ref = model("padded", N)(params, x0)
-for rnd in range(2):
-    for variant, c in [("padded", N), ("packed_no_fallback", cap), ("packed_cond", cap), ("packed_cond_overflow", 4096)]:
-        f = model("packed_cond" if variant == "packed_cond_overflow" else variant, c)
-        g = f(params, x0)
-        err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)))
-        r = dict(variant=variant, capacity=c, round=rnd, ms=round(timeit(f), 4), max_abs_grad_diff=err)
-        res.append(r); print(r, flush=True)
-if args.out:
-    with open(args.out, "a") as f:
-        f.writelines(json.dumps(dict(r, bench="packed_ffn_chain", device=str(jax.devices()[0]))) + "\n" for r in res)
+    def feed_forward(x, layer):
+        w1, b1, w2, b2 = layer
+        h = jnp.dot(x, w1.astype(x.dtype)) + b1.astype(x.dtype)
+        return jnp.dot(jax.nn.gelu(h, approximate=False), w2.astype(x.dtype)) + b2.astype(x.dtype)
+
+    def with_zero_row(rows):
+        return jnp.concatenate([rows, jnp.zeros((1, rows.shape[1]), rows.dtype)])
+
+    @jax.custom_vjp
+    def gather_rows(x, rows, inverse):  # x[rows]; its gradient is the gather by `inverse` (the zero row where none)
+        return x[rows]
+
+    gather_rows.defvjp(lambda x, rows, inverse: (x[rows], inverse),
+                       lambda inverse, g: (with_zero_row(g)[inverse], None, None))
+
+    def packing(capacity: int):
+        """(rows, inverse, back): the real positions first, each position's packed row (or the zero row), and each
+        packed row's position for the gradient (the zero row past the real tokens, and for the zero row itself)."""
+        order = jnp.argsort(~real, stable=True).astype(jnp.int32)
+        rows = order[:capacity]
+        slot = jnp.cumsum(real.astype(jnp.int32)) - 1
+        inverse = jnp.where(real & (slot < capacity), slot, capacity).astype(jnp.int32)
+        back = jnp.where(jnp.arange(capacity + 1) < jnp.sum(real), jnp.append(rows, 0), positions).astype(jnp.int32)
+        return rows, inverse, back
+
+    def packed_feed_forward(x, layer, index):
+        rows, inverse, back = index
+        return gather_rows(with_zero_row(feed_forward(gather_rows(x, rows, inverse), layer)), inverse, back)
+
+    def train_step(variant: str, capacity: int):
+        def loss(params, x):
+            index = None if variant == "padded" else packing(capacity)
+            fits = jnp.sum(real) <= capacity
+            for layer in params:
+                if variant == "padded":
+                    y = feed_forward(x, layer)
+                elif variant == "packed_no_fallback":
+                    y = packed_feed_forward(x, layer, index)
+                else:
+                    y = jax.lax.cond(fits, lambda x, p: packed_feed_forward(x, p, index),
+                                     lambda x, p: feed_forward(x, p) * real[:, None].astype(x.dtype), x, layer)
+                x = (x + y) * 0.5
+            return jnp.sum((x * loss_weights).astype(jnp.float32))
+
+        return jax.jit(jax.grad(loss, (0, 1)))
+
+    capacity = int(np.ceil(positions * args.capacity / 128) * 128)
+    base = dict(bench="packed_ffn_chain", shape=args.shape, layers=args.layers,
+                real_fraction=round(float(jnp.mean(real)), 4), versions=common.versions(("jax", "jaxlib", "numpy")),
+                hardware=common.hardware(), commit=common.git_commit())
+    reference = train_step("padded", positions)(params, x0)
+    records = []
+    for round_ in range(args.rounds):
+        for variant, rows in (("padded", positions), ("packed_no_fallback", capacity), ("packed_cond", capacity),
+                              ("packed_cond_overflow", positions // 4)):
+            step = train_step("packed_cond" if variant == "packed_cond_overflow" else variant, rows)
+            grads = step(params, x0)
+            diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                       for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(reference)))
+            record = dict(base, variant=variant, capacity=rows, round=round_, max_abs_grad_diff=diff,
+                          ms=round(common.jax_call_seconds(step, (params, x0), args.repeats) * 1e3, 4))
+            common.emit(record)
+            records.append(record)
+    if args.out:
+        common.append_jsonl(args.out, records)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,11 +6,23 @@ import pytest
 
 from bert4x.layers import (AttentionMask, BiasAdd, Dropout, Embedding, FeedForward, FirstToken, LayerNormalization,
                            MultiHeadAttention, PositionEmbedding)
+from bert4x.backend import on_jax_cpu
 from bert4x.models import build_transformer_model
 from harness import check_model, layer_model
 from helpers import grad_of, in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(0)
+
+# Tests that compare XLA's own buffer accounting of two programs, which bert4x's recomputations target on jax's CPU.
+jax_cpu_only = pytest.mark.skipif(
+    not on_jax_cpu(), reason="XLA's buffer accounting on jax's CPU backend (test_harness_on_jax_backend runs this there)")
+
+
+def xla_temporaries(fn, *args) -> int:
+    """Bytes of temporaries XLA allocates for `jax.jit(fn)(*args)` (its deterministic accounting, not RSS)."""
+    import jax
+
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 X = rng.normal(size=(4, 6, 8)).astype("float32")
 IDS = rng.integers(1, 20, size=(4, 6)).astype("int32")
 IDS[1, 4:] = 0
@@ -90,16 +102,13 @@ def test_gelu_erf_gradient_is_the_closed_form():
     np.testing.assert_allclose(grad_of(gelu_erf, x), derivative, atol=1e-6)
 
 
+@jax_cpu_only
 def test_gelu_erf_backward_keeps_only_its_input_on_jax():
     """On jax CPU, erf-GELU's backward recomputes the normal CDF rather than sharing the forward's: XLA merges identical
     computations, which kept one more [tokens, width] array per GELU alive until the backward pass (+132 MiB of
     temporaries for BERT-base at 8 x 128). Measured with XLA's own buffer accounting of a chain of matmul + GELU
     against the same chain with tanh, whose autodiff keeps one array a layer: GELU may keep one more (its input).
     (On GPUs the shared CDF is kept: it was 0.8% faster there.)"""
-    from bert4x.backend import on_jax_cpu
-
-    if not on_jax_cpu():
-        pytest.skip("XLA's buffer accounting on jax's CPU backend (test_harness_on_jax_backend runs this there)")
     import jax
     import jax.numpy as jnp
 
@@ -114,21 +123,17 @@ def test_gelu_erf_backward_keeps_only_its_input_on_jax():
             return jnp.sum(x)
 
         weights = [jnp.full((width, width), 0.01)] * layers
-        compiled = jax.jit(jax.grad(loss)).lower(weights, jnp.ones((tokens, width))).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+        return xla_temporaries(jax.grad(loss), weights, jnp.ones((tokens, width)))
 
     one_activation = tokens * width * 4
     assert temporaries(gelu_erf) <= temporaries(jnp.tanh) + layers * one_activation
 
 
+@jax_cpu_only
 def test_feed_forward_recomputing_gelu_equals_autodiff_and_keeps_less(monkeypatch):
     """In training on jax CPU, FeedForward recomputes gelu(inner(x)) and its dropout mask in the backward pass instead
     of keeping them for the output projection's weight gradient: the same outputs and gradients as autodiff (same
     seeds, dropout on), and by XLA's own accounting one [tokens, units] array a layer less."""
-    from bert4x.backend import on_jax_cpu
-
-    if not on_jax_cpu():
-        pytest.skip("the recomputation runs on jax's CPU backend (test_harness_on_jax_backend runs this there)")
     import jax
     import jax.numpy as jnp
 
@@ -149,9 +154,8 @@ def test_feed_forward_recomputing_gelu_equals_autodiff_and_keeps_less(monkeypatc
             out, _ = model.stateless_call(weights, state, x, training=True)
             return jnp.sum(out**2), out
 
-        step = jax.jit(jax.grad(loss, has_aux=True))
-        temporaries = step.lower(weights, x).compile().memory_analysis().temp_size_in_bytes
-        return step(weights, x), temporaries
+        step = jax.grad(loss, has_aux=True)
+        return jax.jit(step)(weights, x), xla_temporaries(step, weights, x)
 
     (grads, out), recomputing = gradients_and_temporaries()
     monkeypatch.setattr(FeedForward, "_recomputes_activation", lambda self: False)
@@ -163,15 +167,12 @@ def test_feed_forward_recomputing_gelu_equals_autodiff_and_keeps_less(monkeypatc
     assert recomputing <= kept - (layers - 1) * batch * length * units * 4
 
 
+@jax_cpu_only
 def test_bert_model_training_keeps_no_dropout_masks_on_jax_cpu():
     """Dropout masks are hashes of a seed, recomputed in the backward pass (hidden states, attention, feed-forward);
     XLA:CPU used to compute the backward's copies early and keep them (a BERT-base 8 x 128 train step: 588 MiB of
     temporaries without dropout, 752 with). With the recomputation tied to the incoming gradient, dropout adds almost
     nothing (tiny config below: 45.1 -> 70.3 MB before, 36.2 -> 38.3 MB now)."""
-    from bert4x.backend import on_jax_cpu
-
-    if not on_jax_cpu():
-        pytest.skip("XLA's buffer accounting on jax's CPU backend (test_harness_on_jax_backend runs this there)")
     import jax
     import jax.numpy as jnp
 
@@ -189,7 +190,7 @@ def test_bert_model_training_keeps_no_dropout_masks_on_jax_cpu():
             out, _ = bert.stateless_call(weights, state, [ids, jnp.zeros_like(ids)], training=True)
             return jnp.sum(out**2)
 
-        return jax.jit(jax.grad(loss)).lower(weights).compile().memory_analysis().temp_size_in_bytes
+        return xla_temporaries(jax.grad(loss), weights)
 
     assert temporaries(0.1) <= 1.1 * temporaries(0.0)
 

@@ -681,7 +681,8 @@ def _activation_then_projection(activation, rate: float):
         return forward(hidden, kernel, bias, seed), (hidden, kernel, bias, seed)
 
     def project_backward(saved, upstream):
-        (hidden, kernel, bias, seed), upstream = backend.recompute_barrier(saved, upstream)
+        hidden, kernel, bias, seed = saved
+        (hidden, seed), upstream = backend.recompute_barrier((hidden, seed), upstream)  # what is recomputed from
         _, pullback = jax.vjp(lambda h, k, b: forward(h, k, b, seed), hidden, kernel, bias)
         return (*pullback(upstream), np.zeros(seed.shape, jax.dtypes.float0))
 

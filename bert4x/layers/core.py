@@ -856,9 +856,6 @@ def _gather_padded(tokens, slots):
 
 def _gather_tokens(x, positions):
     """`[batch, len, dim]` -> its rows at the flat `positions`, `[n, dim]`."""
-    if keras.backend.backend() == "jax":
-        import jax.numpy as jnp
-        return jnp.take(jnp.reshape(x, (-1, x.shape[-1])), positions, axis=0, mode="fill", fill_value=0)
     return ops.take(ops.reshape(x, (-1, ops.shape(x)[-1])), positions, axis=0)
 
 
@@ -866,7 +863,7 @@ def _gather_with_inverse_gradient(x, gather, inverse):
     """`gather(x)` whose gradient is `inverse(upstream)`. Between the token and padded layouts every row lands in
     exactly one place, so the gradient is the inverse gather, not autodiff's scatter-add (which tensorflow runs as a
     slow segment sum on CPU). On jax, where RemovePadding keeps every position, plain autodiff does."""
-    if keras.backend.backend() == "jax" and not os.environ.get("BERT4X_TOKEN_CAPACITY"):
+    if keras.backend.backend() == "jax":
         return gather(x)
 
     @ops.custom_gradient
@@ -915,15 +912,6 @@ class RemovePadding(keras.layers.Layer):
 
     def call(self, inputs, token_ids):
         shape = ops.shape(token_ids)
-        capacity = os.environ.get("BERT4X_TOKEN_CAPACITY")
-        if keras.backend.backend() == "jax" and capacity:  # measurement only: overflow beyond capacity is wrong
-            import jax.numpy as jnp
-            total = shape[0] * shape[1]
-            cap = min(total, -(-int(float(capacity) * total) // 128) * 128)
-            keep = jnp.reshape(token_ids != self.pad_id, (-1,))
-            positions = jnp.nonzero(keep, size=cap, fill_value=total)[0].astype("int32")
-            slots = jnp.reshape(jnp.where(keep, jnp.cumsum(keep.astype("int32")) - 1, cap), shape)
-            return _tokens_from_padded(inputs, positions, slots), positions, slots.astype("int32")
         if keras.backend.backend() == "jax":  # static shapes: keep every position
             positions = ops.arange(shape[0] * shape[1], dtype="int32")
             return ops.reshape(inputs, (-1, ops.shape(inputs)[-1])), positions, ops.reshape(positions, shape)

@@ -180,8 +180,6 @@ class BERT(Transformer):
         dynamic_shapes = backend_name == "torch" or (
             backend_name == "tensorflow" and not keras.distribution.list_devices("gpu"))
         if option is None:
-            import os
-            dynamic_shapes = dynamic_shapes or bool(os.environ.get("BERT4X_TOKEN_CAPACITY"))
             return (self.reads_first_token_only and dynamic_shapes and self.layer_norm_cond is None
                     and self.supports_padding_removal)
         if option:
@@ -304,7 +302,6 @@ class BERT(Transformer):
             sequence, x = x, FirstToken(keepdims=True, name=f"Transformer-{index}-FirstToken")(x)
         if self.padding_index is not None:
             extra["padding_index"] = self.padding_index
-            extra["skip_padded_queries"] = True
         elif self.skip_padded_queries and sequence is None:
             extra["skip_padded_queries"] = True
         y = MultiHeadAttention(

@@ -165,19 +165,28 @@ def test_unsupported_inputs_are_named():
     (32, 128, fa.DEFAULT_BLOCKS), (8, 512, fa.DEFAULT_BLOCKS[:6] + (2,)), (8, 512, fa.DEFAULT_BLOCKS[:6] + (1,)),
 ])
 def test_kernels_lower_to_triton_for_cuda(batch, length, blocks):
-    """The forward and both backward kernels lower to Triton for CUDA (no GPU needed to lower)."""
+    """The forward and both backward kernels lower to Triton for CUDA (no GPU needed to lower), for separate q, k, v
+    and for packed ones (whose dQ kernel writes into the dK/dV kernel's output buffer: an aliased operand)."""
     spec = jax.ShapeDtypeStruct((batch, length, 12, 64), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
+    disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
     def loss(q, k, v, key_mask):
         out = fa.flash_attention(q, k, v, key_mask, jnp.int32(3), 0.1, 0.125, blocks=blocks)
         return jnp.sum(out.astype(jnp.float32))
 
-    exported = jax.export.export(
-        jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(spec, spec, spec, mask)
+    exported = jax.export.export(jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"], disabled_checks=disabled)(
+        spec, spec, spec, mask)
     assert exported.mlir_module().count("xla.gpu.triton") == 3
+
+    def packed_loss(qkv, key_mask):
+        out = fa.flash_self_attention(qkv, key_mask, jnp.int32(3), 0.1, 0.125, blocks=blocks)
+        return jnp.sum(out.astype(jnp.float32))
+
+    packed = jax.ShapeDtypeStruct((batch, length, 3, 12, 64), jnp.bfloat16)
+    module = jax.export.export(jax.jit(jax.grad(packed_loss)), platforms=["cuda"], disabled_checks=disabled)(
+        packed, mask).mlir_module()
+    assert module.count("xla.gpu.triton") == 3 and module.count("output_operand_aliases") == 1
 
 
 @pytest.mark.parametrize("blocks", [SMALL_BLOCKS, SMALL_PAIRED_BLOCKS])
@@ -209,6 +218,47 @@ def test_kernels_skipping_padded_queries_equal_plain_attention_at_real_queries(b
         np.testing.assert_allclose(a, b, atol=5e-6, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("blocks", [SMALL_BLOCKS, SMALL_PAIRED_BLOCKS])
+@pytest.mark.parametrize("rate,skip", [(0.0, False), (0.3, False), (0.3, True)])
+def test_packed_self_attention_equals_attention_on_the_parts(blocks, rate, skip):
+    """q, k, v packed in one `[batch, len, 3, heads, head_size]` array: the kernels read the parts in place and write
+    d(qkv) as one array (dK/dV kernel parts 1-2, dQ kernel part 0 into the same buffer). Same outputs and gradients
+    as the kernels on the three parts (bit for bit: the same kernel code), and as plain attention."""
+    rng = np.random.default_rng(5)
+    qkv = jnp.asarray(rng.standard_normal((3, 64, 3, 4, 16)), jnp.float32)
+    _, _, _, weights, key_mask = _inputs(batch=3, heads=4)
+    if skip:
+        weights = weights * key_mask[:, :, None, None]  # nothing reads the skipped padded queries
+    seed = jnp.int32(77)
+    options = dict(interpret=True, blocks=blocks, skip_padded_queries=skip)
+
+    def packed(x):
+        out = fa.flash_self_attention(x, key_mask, seed, rate, 0.25, **options)
+        return jnp.sum(out * weights), out
+
+    def parts(x):
+        out = fa.flash_attention(x[:, :, 0], x[:, :, 1], x[:, :, 2], key_mask, seed, rate, 0.25, **options)
+        return jnp.sum(out * weights), out
+
+    def plain(x):
+        out = fa.reference_attention(x[:, :, 0], x[:, :, 1], x[:, :, 2], key_mask, seed, rate, 0.25)
+        return jnp.sum(out * weights), out
+
+    (_, packed_out), packed_grad = jax.value_and_grad(packed, has_aux=True)(qkv)
+    (_, parts_out), parts_grad = jax.value_and_grad(parts, has_aux=True)(qkv)
+    (_, plain_out), plain_grad = jax.value_and_grad(plain, has_aux=True)(qkv)
+    np.testing.assert_array_equal(packed_out, parts_out)
+    np.testing.assert_array_equal(packed_grad, parts_grad)
+    real = np.asarray(key_mask)
+    np.testing.assert_allclose(np.asarray(packed_out)[real], np.asarray(plain_out)[real], atol=2e-6)
+    np.testing.assert_allclose(packed_grad, plain_grad, atol=5e-6)
+    assert float(jnp.abs(packed_grad[:, :, 0]).max()) > 0.1  # dQ landed in part 0, next to dK and dV
+    with pytest.raises(ValueError, match=r"qkv must be \[batch, len, 3, heads, head_size\]"):
+        fa.flash_self_attention(qkv[:, :, :2], key_mask, seed, rate, 0.25, **options)
+    with pytest.raises(ValueError, match="flash_self_attention: unsupported input .*head size 24"):
+        fa.flash_self_attention(jnp.zeros((1, 16, 3, 2, 24)), None, seed, rate, 0.25, interpret=True)
+
+
 def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
     """The interpreter cannot see a mistyped Triton program: a loop bound that Pallas lowered as i1 (so 0 iterations:
     dK/dV all zero on a GPU) still exported. MLIR prints a module that fails verification in its generic form
@@ -232,6 +282,18 @@ def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
         printed = capsys.readouterr().out
         assert printed.count("scf.for") == 3, skip  # one key or query loop in each of the three kernels
         assert '"scf.for"(' not in printed and '"arith.' not in printed, skip
+
+        def packed_loss(qkv, key_mask):
+            out = fa.flash_self_attention(qkv, key_mask, jnp.int32(3), 0.1, 0.125, skip_padded_queries=skip)
+            return jnp.sum(out.astype(jnp.float32))
+
+        jax.export.export(
+            jax.jit(jax.grad(packed_loss)), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(jax.ShapeDtypeStruct((8, 512, 3, 12, 64), jnp.bfloat16), jax.ShapeDtypeStruct((8, 512), jnp.bool_))
+        printed = capsys.readouterr().out
+        assert printed.count("scf.for") == 3, ("packed", skip)
+        assert '"scf.for"(' not in printed and '"arith.' not in printed, ("packed", skip)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
@@ -295,8 +357,9 @@ def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
 
     norms, real_norm = [], fused_layer_norm.layer_norm
     monkeypatch.setattr(fused_layer_norm, "layer_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
-    attentions, real_attention = [], fa.flash_attention
-    monkeypatch.setattr(fa, "flash_attention", lambda *a, **k: attentions.append(1) or real_attention(*a, **k))
+    attentions, real_self_attention = [], fa.flash_self_attention
+    monkeypatch.setattr(fa, "flash_self_attention",
+                        lambda *a, **k: attentions.append(1) or real_self_attention(*a, **k))
     # Two layers: the last one attends from [CLS] alone (the pooled model prunes it), which the kernels do not take.
     config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "intermediate_size": 64, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
@@ -312,7 +375,7 @@ def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
         losses = model.fit([ids, np.zeros_like(ids)], labels, batch_size=16, epochs=10, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
     assert len(norms) >= 3  # fit traced its train step through them: embedding, attention and FFN LayerNorms
-    assert len(attentions) >= 1  # and through the attention kernels (the first layer)
+    assert len(attentions) >= 1  # and through the attention kernels (the first layer), on the packed q/k/v
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
@@ -322,8 +385,8 @@ def test_pooled_bert_skips_padded_queries_with_the_same_training_step(monkeypatc
     from bert4x.models import build_transformer_model
 
     monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
-    skips, real_attention = [], fa.flash_attention
-    monkeypatch.setattr(fa, "flash_attention",
+    skips, real_attention = [], fa.flash_self_attention
+    monkeypatch.setattr(fa, "flash_self_attention",
                         lambda *a, **k: skips.append(k.get("skip_padded_queries")) or real_attention(*a, **k))
     config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
               "intermediate_size": 64}

@@ -313,6 +313,7 @@ class MultiHeadAttention(keras.layers.Layer):
                              "key_value or cache.")
         skip_padded_queries = skip_padded_queries and not self.cross_attention and key_value is None and cache is None
         precomputed_kv = cache is not None and cache_update_index is None
+        packed_qkv = None
         query_rotary = rotary
         if self.cross_attention:
             q = self._split_heads(self.q_dense(query), 1)[:, :, 0]
@@ -327,6 +328,8 @@ class MultiHeadAttention(keras.layers.Layer):
                 qkv = _padded_from_tokens(qkv, *padding_index)
             qkv = self._split_heads(qkv, 3)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            if rotary is None and cache is None:  # the fused kernels read q, k, v in place (jax training)
+                packed_qkv = qkv
         else:
             if cache is not None:
                 raise ValueError(f"{self.name}: self-attention takes either key_value (queries at its leading "
@@ -346,7 +349,7 @@ class MultiHeadAttention(keras.layers.Layer):
             k, v = cache[:, 0], cache[:, 1]
         elif cache is not None and not precomputed_kv:
             cache = ops.stack([k, v], axis=1)
-        out = self._attend(q, k, v, attention_mask, attention_bias, training, skip_padded_queries)
+        out = self._attend(q, k, v, attention_mask, attention_bias, training, skip_padded_queries, packed_qkv)
         shape = ops.shape(out)
         out = ops.reshape(out, (shape[0], shape[1], self.heads * self.head_size))
         if padding_index is not None:
@@ -370,7 +373,9 @@ class MultiHeadAttention(keras.layers.Layer):
             q, kv = self._split_heads(q, 1)[:, :, 0], self._split_heads(kv, 2)
         return q, kv[:, :, 0], kv[:, :, 1]
 
-    def _attend(self, q, k, v, mask, bias, training, skip_padded_queries: bool = False):
+    def _attend(self, q, k, v, mask, bias, training, skip_padded_queries: bool = False, packed_qkv=None):
+        """`packed_qkv`: `[batch, len, 3, heads, head_size]` whose parts are q, k and v, when they are (self-attention
+        without rotary positions or cache); the fused training kernels then read them in place."""
         scale = backend.attention_scale(self.head_size) if self.scaled else 1.0
         if self.attention_type != "softmax":
             q, k, scale, out = self._attend_variant(q, k, v, mask, bias)
@@ -380,7 +385,7 @@ class MultiHeadAttention(keras.layers.Layer):
             bias = ops.cast(bias, q.dtype)
         if training and bias is None and isinstance(scale, float):
             out = _jax_training_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout,
-                                          skip_padded_queries)
+                                          skip_padded_queries, None if self.attention_type != "softmax" else packed_qkv)
             if out is not None:
                 return out
         if not (training and self.attention_dropout > 0):
@@ -535,7 +540,8 @@ def _kernel_mode(variable: str, choices: tuple) -> str:
     return mode
 
 
-def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer, skip_padded_queries=False):
+def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer, skip_padded_queries=False,
+                            packed_qkv=None):
     """Training-time attention on jax that keeps no `[batch, heads, q_len, k_len]` tensor for the backward pass
     (`bert4x.layers.flash_attention`), or None to fall back to the Keras/XLA path.
 
@@ -544,6 +550,8 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     recomputing XLA version, which saves memory), `recompute` (that version everywhere), `interpret` (the Pallas
     kernels through Pallas' interpreter, any device: how tests run them on CPU) or `off`. Only key-padding masks
     (`[batch or 1, 1, 1, k_len]`) are taken; not under a `keras.distribution` (the Pallas call is not sharded).
+    `packed_qkv` (`[batch, len, 3, heads, head_size]`, whose parts are q, k, v) lets the Pallas kernels read them
+    in place (`flash_self_attention`).
     """
     mode = _kernel_mode("BERT4X_FUSED_ATTENTION", ("auto", "recompute", "interpret", "off"))
     if keras.backend.backend() != "jax" or mode == "off" or keras.distribution.distribution() is not None:
@@ -568,6 +576,10 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
         return None
     key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (k.shape[0], k.shape[1]))
     seed = dropout_layer.draw_seed() if rate > 0 else 0
+    if packed_qkv is not None and implementation == "pallas":
+        return flash_attention.flash_self_attention(
+            packed_qkv, key_mask, seed, rate, scale, interpret=mode == "interpret",
+            skip_padded_queries=skip_padded_queries)
     return flash_attention.flash_attention(
         q, k, v, key_mask, seed, rate, scale, interpret=mode == "interpret", implementation=implementation,
         skip_padded_queries=skip_padded_queries,

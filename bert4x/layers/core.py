@@ -190,8 +190,9 @@ class MultiHeadAttention(keras.layers.Layer):
     the query with `q` and keys/values from `key_value` with one fused kernel `kv`. Scores go through
     `keras.ops.dot_product_attention` (flash/cuDNN where the backend has it). In training on jax, attention keeps no
     `[batch, heads, q_len, k_len]` tensor for the backward pass (`bert4x.layers.flash_attention`: with dropout, fused
-    Pallas kernels on NVIDIA GPUs; on CPU, a version that recomputes; `BERT4X_FUSED_ATTENTION=off` turns this off).
-    Elsewhere, attention dropout takes the explicit softmax path.
+    Pallas kernels on NVIDIA GPUs, which read self-attention's q, k and v in place from the `qkv` projection; on CPU,
+    a version that recomputes; `BERT4X_FUSED_ATTENTION=off` turns this off). Elsewhere, attention dropout takes the
+    explicit softmax path.
 
     Call arguments:
         query: `[batch, q_len, dim]`.

@@ -326,6 +326,30 @@ def test_attention_layer_runs_the_kernels_in_training(monkeypatch, mode):
         mha(x, attention_mask=mask, training=True)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
+def test_keynorm_attention_gives_the_kernels_its_own_q_and_k(monkeypatch):
+    """KeyNorm rescales q and normalises k before the kernels: they must get those, not the projection's packed
+    q, k, v (which plain softmax self-attention hands them to read in place)."""
+    from bert4x.layers import MultiHeadAttention
+    from bert4x.layers import attention_variants as av
+
+    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 32, 24)), jnp.float32)
+    mask = jnp.asarray(np.arange(32)[None, None, None, :] < np.array([32, 20])[:, None, None, None])
+    mha = MultiHeadAttention(heads=2, head_size=16, attention_dropout=0.2, attention_type="keynorm",
+                             keynorm_scale=3.0)
+    mha(x, attention_mask=mask)
+    state = np.asarray(mha.dropout.seed_generator.state.value)
+    out = mha(x, attention_mask=mask, training=True)
+    mha.dropout.seed_generator.state.assign(state)
+    seed = keras.random.randint((), 0, 2**31 - 1, seed=mha.dropout.seed_generator, dtype="int32")
+    qkv = jnp.reshape(mha.qkv_dense(x), (2, 32, 3, 2, 16))
+    q, k, scale = av.keynorm_inputs(qkv[:, :, 0], qkv[:, :, 1], 3.0)
+    expected = fa.reference_attention(q, k, qkv[:, :, 2], mask[:, 0, 0], seed, 0.2, scale)
+    np.testing.assert_allclose(out, mha.output_dense(jnp.reshape(expected, (2, 32, 32))), atol=1e-5)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the hashed dropout is jax-only; re-run on jax below")
 def test_dropout_layer_uses_the_hash_in_training():
     from bert4x.layers import Dropout
@@ -410,4 +434,4 @@ def test_pooled_bert_skips_padded_queries_with_the_same_training_step(monkeypatc
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
 def test_flash_attention_layer_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_flash_attention.py", "-k",
-                          "layer_runs or bert_fit or layer_uses or skips_padded")
+                          "layer_runs or bert_fit or layer_uses or skips_padded or keynorm")

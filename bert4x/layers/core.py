@@ -382,11 +382,12 @@ class MultiHeadAttention(keras.layers.Layer):
             q, k, scale, out = self._attend_variant(q, k, v, mask, bias)
             if out is not None:
                 return out
+            packed_qkv = None  # q and k were transformed: no longer the parts of qkv
         if bias is not None:
             bias = ops.cast(bias, q.dtype)
         if training and bias is None and isinstance(scale, float):
             out = _jax_training_attention(q, k, v, mask, scale, self.attention_dropout, self.dropout,
-                                          skip_padded_queries, None if self.attention_type != "softmax" else packed_qkv)
+                                          skip_padded_queries, packed_qkv)
             if out is not None:
                 return out
         if not (training and self.attention_dropout > 0):

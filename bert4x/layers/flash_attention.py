@@ -387,11 +387,11 @@ def _dq_kernel(
 ):
     """Writes dQ to the last of `refs`. For packed q/k/v, `refs` = (d(qkv) from the dK/dV kernel, the same buffer
     aliased as the output, seen at part 0): the kernel never reads the input, it only fills in part 0."""
-    dq_ref = refs[-1]
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
 
+    dq_ref = refs[-1]
     block_q, per_program, head_size = q_ref.shape
     k_len = k_ref.shape[0]
     q_start = pl.program_id(0) * block_q
@@ -430,13 +430,12 @@ def _specs(block: int, per_program: int, head_size: int, full: bool = False, par
     shape, read in place (no copy of q, k and v out of the projection's output)."""
     from jax.experimental import pallas as pl
 
+    def rows(i):
+        return 0 if full else i
+
     if part is None:
-        if full:
-            return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, 0, g, 0))
-        return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, i, g, 0))
-    if full:
-        return pl.BlockSpec((None, block, None, per_program, head_size), lambda i, b, g: (b, 0, part, g, 0))
-    return pl.BlockSpec((None, block, None, per_program, head_size), lambda i, b, g: (b, i, part, g, 0))
+        return pl.BlockSpec((None, block, per_program, head_size), lambda i, b, g: (b, rows(i), g, 0))
+    return pl.BlockSpec((None, block, None, per_program, head_size), lambda i, b, g: (b, rows(i), part, g, 0))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, name: str, num_warps: int, num_stages: int,

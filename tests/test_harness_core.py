@@ -23,6 +23,8 @@ def xla_temporaries(fn, *args) -> int:
     import jax
 
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
 X = rng.normal(size=(4, 6, 8)).astype("float32")
 IDS = rng.integers(1, 20, size=(4, 6)).astype("int32")
 IDS[1, 4:] = 0

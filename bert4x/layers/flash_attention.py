@@ -572,18 +572,15 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple, skip_queri
                     *(_specs(k_len, per_program, head_size, True, part) for part in parts[1:]), bias_spec(k_len),
                     _specs(block_q, per_program, head_size), lse_spec(block_q, per_program),
                     lse_spec(block_q, per_program)]
-        if packed:  # d(qkv) again, aliased as the output: this kernel fills in part 0
-            dq = _call(functools.partial(_dq_kernel, block_k=block_k, **common),
-                       (q_len // block_q, batch, heads // per_program), in_specs + [query_rows], query_rows,
-                       jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, "bert4x_flash_attention_dq", warps, stages,
-                       aliases={len(args): 0})(*args, dkdv)
-            return (dq,)
+        # Packed: d(qkv) again, aliased as the output, of which this kernel fills in part 0.
+        filled = (dkdv,) if packed else ()
         dq = _call(
             functools.partial(_dq_kernel, block_k=block_k, **common),
-            (q_len // block_q, batch, heads // per_program), in_specs, query_rows,
+            (q_len // block_q, batch, heads // per_program), in_specs + [query_rows] * len(filled), query_rows,
             jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, "bert4x_flash_attention_dq", warps, stages,
-        )(*args)
-        return (dq, *dkdv)
+            aliases={len(args): 0} if packed else None,
+        )(*args, *filled)
+        return (dq,) if packed else (dq, *dkdv)
 
     return _with_vjp(forward, backward)
 

@@ -165,8 +165,9 @@ def test_unsupported_inputs_are_named():
     (32, 128, fa.DEFAULT_BLOCKS), (8, 512, fa.DEFAULT_BLOCKS[:6] + (2,)), (8, 512, fa.DEFAULT_BLOCKS[:6] + (1,)),
 ])
 def test_kernels_lower_to_triton_for_cuda(batch, length, blocks):
-    """The forward and both backward kernels lower to Triton for CUDA (no GPU needed to lower), for separate q, k, v
-    and for packed ones (whose dQ kernel writes into the dK/dV kernel's output buffer: an aliased operand)."""
+    """The forward and both backward kernels lower to Triton for CUDA (no GPU needed to lower), for separate q, k, v,
+    for packed ones (whose dQ kernel writes into the dK/dV kernel's output buffer: an aliased operand) and for the
+    token layout."""
     spec = jax.ShapeDtypeStruct((batch, length, 12, 64), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
     disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
@@ -186,6 +187,15 @@ def test_kernels_lower_to_triton_for_cuda(batch, length, blocks):
     packed = jax.ShapeDtypeStruct((batch, length, 3, 12, 64), jnp.bfloat16)
     module = jax.export.export(jax.jit(jax.grad(packed_loss)), platforms=["cuda"], disabled_checks=disabled)(
         packed, mask).mlir_module()
+    assert module.count("xla.gpu.triton") == 3 and module.count("output_operand_aliases") == 1
+
+    def varlen_loss(qkv, lengths):
+        out = fa.flash_varlen_self_attention(qkv, lengths, jnp.int32(3), 0.1, 0.125, length, blocks=blocks)
+        return jnp.sum(out.astype(jnp.float32))
+
+    tokens = jax.ShapeDtypeStruct((batch * length * 3 // 4 + 5, 3, 12, 64), jnp.bfloat16)  # any capacity
+    module = jax.export.export(jax.jit(jax.grad(varlen_loss)), platforms=["cuda"], disabled_checks=disabled)(
+        tokens, jax.ShapeDtypeStruct((batch,), jnp.int32)).mlir_module()
     assert module.count("xla.gpu.triton") == 3 and module.count("output_operand_aliases") == 1
 
 
@@ -259,6 +269,50 @@ def test_packed_self_attention_equals_attention_on_the_parts(blocks, rate, skip)
         fa.flash_self_attention(jnp.zeros((1, 16, 3, 2, 24)), None, seed, rate, 0.25, interpret=True)
 
 
+def _tokens(padded, keep, capacity: int, fill: float = 7.0):
+    """Rows of `padded` ([batch, len, ...]) at `keep`, one after another, then `fill` up to `capacity` slots."""
+    flat = padded.reshape((-1,) + padded.shape[2:])[np.flatnonzero(keep)]
+    tail = jnp.full((capacity - flat.shape[0],) + padded.shape[2:], fill, padded.dtype)
+    return jnp.concatenate([flat, tail])
+
+
+@pytest.mark.parametrize("blocks", [SMALL_BLOCKS, SMALL_PAIRED_BLOCKS])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_varlen_self_attention_equals_the_padded_kernels_at_real_tokens(blocks, rate):
+    """Rows stored one after another without padding (the token layout): the same outputs and d(qkv) at every real
+    token as the padded kernels on the same rows, bit for bit (same blocks, same dropout counters), and zeros in the
+    unused tail slots, which the interpreter would otherwise leave as NaN (it does not zero outputs)."""
+    rng = np.random.default_rng(8)
+    lengths = np.array([64, 37, 5, 0, 50])
+    keep = np.arange(64)[None, :] < lengths[:, None]
+    qkv = jnp.asarray(rng.standard_normal((5, 64, 3, 4, 16)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((5, 64, 4, 16)), jnp.float32) * keep[:, :, None, None]
+    real, capacity = int(keep.sum()), int(keep.sum()) + 21
+    seed = jnp.int32(31)
+
+    def padded(x):
+        out = fa.flash_self_attention(x, jnp.asarray(keep), seed, rate, 0.25, interpret=True, blocks=blocks)
+        return jnp.sum(out * weights), out
+
+    def varlen(x):
+        out = fa.flash_varlen_self_attention(x, jnp.asarray(lengths, jnp.int32), seed, rate, 0.25, 64,
+                                             interpret=True, blocks=blocks)
+        return jnp.sum(out * _tokens(weights, keep, capacity)), out
+
+    (_, padded_out), padded_grad = jax.value_and_grad(padded, has_aux=True)(qkv)
+    (_, varlen_out), varlen_grad = jax.value_and_grad(varlen, has_aux=True)(_tokens(qkv, keep, capacity))
+    np.testing.assert_array_equal(varlen_out[:real], _tokens(padded_out, keep, real))
+    np.testing.assert_array_equal(varlen_grad[:real], _tokens(padded_grad, keep, real))
+    assert float(jnp.abs(varlen_out[real:]).max()) == 0.0 and float(jnp.abs(varlen_grad[real:]).max()) == 0.0
+    assert float(jnp.abs(varlen_grad[:real, 0]).max()) > 0.1  # dQ landed in part 0, next to dK and dV
+    with pytest.raises(ValueError, match=r"qkv must be \[tokens, 3, heads, head_size\]"):
+        fa.flash_varlen_self_attention(qkv, jnp.asarray(lengths), seed, rate, 0.25, 64, interpret=True)
+    with pytest.raises(ValueError, match=r"lengths must be a \[batch\] integer array, got float32\(5,\)"):
+        fa.flash_varlen_self_attention(qkv[0], jnp.ones(5), seed, rate, 0.25, 64, interpret=True)
+    with pytest.raises(ValueError, match="flash_varlen_self_attention: unsupported input .*lengths 40/40"):
+        fa.flash_varlen_self_attention(qkv[0], jnp.asarray(lengths), seed, rate, 0.25, 40, interpret=True)
+
+
 def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
     """The interpreter cannot see a mistyped Triton program: a loop bound that Pallas lowered as i1 (so 0 iterations:
     dK/dV all zero on a GPU) still exported. MLIR prints a module that fails verification in its generic form
@@ -294,6 +348,18 @@ def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
         printed = capsys.readouterr().out
         assert printed.count("scf.for") == 3, ("packed", skip)
         assert '"scf.for"(' not in printed and '"arith.' not in printed, ("packed", skip)
+
+    def varlen_loss(qkv, lengths):
+        out = fa.flash_varlen_self_attention(qkv, lengths, jnp.int32(3), 0.1, 0.125, 512)
+        return jnp.sum(out.astype(jnp.float32))
+
+    jax.export.export(
+        jax.jit(jax.grad(varlen_loss)), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(jax.ShapeDtypeStruct((3000, 3, 12, 64), jnp.bfloat16), jax.ShapeDtypeStruct((8,), jnp.int32))
+    printed = capsys.readouterr().out
+    assert printed.count("scf.for") == 5  # key/query loops, and the tail's zeroing loops in the forward and dK/dV
+    assert '"scf.for"(' not in printed and '"arith.' not in printed
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")

@@ -497,7 +497,45 @@ def test_pooled_bert_skips_padded_queries_with_the_same_training_step(monkeypatc
     assert not np.allclose(padded.get_weights()[0], weights[0])
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
+def test_packed_bert_trains_through_the_token_layout_kernels(monkeypatch):
+    """remove_padding=True on jax: the layers run on the batch's real tokens (`Input-Packing`) and attention in the
+    token-layout kernels. With attention dropout 0.1 (the same mask as the padded kernels draw) and no hidden
+    dropout, two SGD steps give the weights of the padded model."""
+    from bert4x.layers import MultiHeadAttention
+    from bert4x.models import build_transformer_model
+    from bert4x.snippets import packing_positions
+
+    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
+    capacities, real_attention = [], fa.flash_varlen_self_attention
+    monkeypatch.setattr(fa, "flash_varlen_self_attention",
+                        lambda *a, **k: capacities.append(a[0].shape[0]) or real_attention(*a, **k))
+    config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "intermediate_size": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.1}
+    rng = np.random.default_rng(3)
+    ids = rng.integers(5, 40, size=(4, 32)).astype("int32")
+    ids[np.arange(32)[None, :] >= np.array([32, 17, 9, 3])[:, None]] = 0
+    packed = build_transformer_model(config, with_pool=True, remove_padding=True)
+    padded = build_transformer_model(config, with_pool=True, remove_padding=False)
+    weights = [rng.normal(scale=0.3, size=w.shape).astype("float32") for w in padded.get_weights()]
+    target = rng.normal(size=(4, 32)).astype("float32")
+    inputs = [ids, np.zeros_like(ids)]
+    for layer in padded.layers:  # the same dropout seeds (each model's generators start from their own)
+        if isinstance(layer, MultiHeadAttention):
+            packed.get_layer(layer.name).dropout.seed_generator.state.assign(
+                np.array(layer.dropout.seed_generator.state.value))
+    for m, x in ((packed, inputs + [packing_positions(ids, buckets=8)]), (padded, inputs)):
+        m.set_weights(weights)
+        m.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        m.fit([np.concatenate([a, a]) for a in x], np.concatenate([target, target]), batch_size=4, epochs=1,
+              shuffle=False, verbose=0)
+    assert capacities == [64, 64], capacities  # layers 0 and 1 on 61 tokens in 64 slots (the last is at [CLS])
+    for w, a, b in zip(padded.weights, packed.get_weights(), padded.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=w.path)
+    assert not np.allclose(padded.get_weights()[0], weights[0])
+
+
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
 def test_flash_attention_layer_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_flash_attention.py", "-k",
-                          "layer_runs or bert_fit or layer_uses or skips_padded or keynorm")
+                          "layer_runs or bert_fit or layer_uses or skips_padded or keynorm or packed_bert")

@@ -1,5 +1,7 @@
 """Padding tokens skipped: `RemovePadding`/`RestorePadding`, self-attention on non-padding tokens, and BERT/RoFormer
-built with `remove_padding`, which give the outputs and gradients of the padded computation at every real token."""
+built with `remove_padding`, which give the outputs and gradients of the padded computation at every real token.
+On jax such a model takes the positions of the real tokens as a last input (`packing_positions`); the models' tests
+run there too (test_remove_padding_on_jax_backend)."""
 
 import keras
 import numpy as np
@@ -8,7 +10,9 @@ import pytest
 from bert4x.layers import AttentionMask, MultiHeadAttention, RemovePadding, RestorePadding
 from bert4x.models import build_transformer_model
 from bert4x.models.roformer import RotaryEmbedding
+from bert4x.snippets import packing_positions
 from harness import check_model
+from helpers import in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(11)
 TINY = {"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -72,6 +76,13 @@ def test_self_attention_on_tokens_refuses_key_value():
         MultiHeadAttention(2, 4)(tokens, key_value=np.ones((4, 7, 8), "float32"), padding_index=(positions, slots))
 
 
+def _inputs(model, ids, segments, buckets: int = 32):
+    """`[ids, segments]`, and the packing positions where the model takes them (jax)."""
+    if "Input-Packing" in [t.name for t in model.inputs]:
+        return [ids, segments, packing_positions(ids, buckets=buckets)]
+    return [ids, segments]
+
+
 def _pair(**kwargs):
     """The same weights with padding removed and kept."""
     skipping = build_transformer_model(TINY, remove_padding=True, **kwargs)
@@ -83,11 +94,6 @@ def _pair(**kwargs):
     return skipping, padded
 
 
-needs_dynamic_shapes = pytest.mark.skipif(not SKIPS, reason="remove_padding=True raises on jax (static shapes); "
-                                          "test_remove_padding_raises_on_jax covers that")
-
-
-@needs_dynamic_shapes
 @pytest.mark.parametrize("model,kwargs", [
     ("bert", {"with_pool": True}),
     ("bert", {"with_pool": True, "prune_last_layer": False}),
@@ -100,7 +106,7 @@ needs_dynamic_shapes = pytest.mark.skipif(not SKIPS, reason="remove_padding=True
 def test_models_without_padding_equal_padded_ones_at_every_real_token(model, kwargs):
     skipping, padded = _pair(model=model, **kwargs)
     assert {"Remove-Padding", "Restore-Padding"} <= {layer.name for layer in skipping.layers}
-    a, b = (m.predict([IDS, SEGMENTS], verbose=0) for m in (skipping, padded))
+    a, b = (m.predict(_inputs(m, IDS, SEGMENTS), verbose=0) for m in (skipping, padded))
     if a.ndim == 3:  # sequence outputs: real tokens as the padded model, zeros at padding
         np.testing.assert_allclose(a[REAL], b[REAL], rtol=1e-5, atol=1e-5)
         if not kwargs:
@@ -109,7 +115,6 @@ def test_models_without_padding_equal_padded_ones_at_every_real_token(model, kwa
         np.testing.assert_allclose(a[REAL[:, 0]], b[REAL[:, 0]], rtol=1e-5, atol=1e-6)
 
 
-@needs_dynamic_shapes
 @pytest.mark.parametrize("kwargs", [{"with_pool": True}, {"with_mlm": "linear"}])
 def test_one_training_step_without_padding_equals_the_padded_one(kwargs):
     """Equal weights after an SGD step on rows with padding: the gradients (own gradients of the gathers included)
@@ -121,7 +126,8 @@ def test_one_training_step_without_padding_equals_the_padded_one(kwargs):
     weights = None if kwargs.get("with_pool") else REAL[:3].astype("float32")  # loss at real tokens only
     for m in (skipping, padded):
         m.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
-        m.fit([ids, SEGMENTS[:3]], target, sample_weight=weights, batch_size=3, epochs=1, shuffle=False, verbose=0)
+        m.fit(_inputs(m, ids, SEGMENTS[:3]), target, sample_weight=weights, batch_size=3, epochs=1, shuffle=False,
+              verbose=0)
     changed = 0
     for w, a, b, old in zip(padded.weights, skipping.get_weights(), padded.get_weights(), before):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=w.path)
@@ -140,7 +146,6 @@ def test_default_skips_padding_only_where_no_output_changes():
     assert "Remove-Padding" not in layer_names(with_pool=True, remove_padding=False)
 
 
-@needs_dynamic_shapes
 def test_remove_padding_refusals():
     with pytest.raises(ValueError, match="layer_norm_cond"):
         build_transformer_model(TINY, with_pool=True, layer_norm_cond=4, remove_padding=True)
@@ -148,36 +153,42 @@ def test_remove_padding_refusals():
         build_transformer_model(TINY, model="roformer_v2", remove_padding=True)
 
 
-def test_remove_padding_raises_on_jax(monkeypatch):
-    from bert4x.models.bert import BERT
-
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(ValueError, match="static shapes"):
-        BERT(**TINY, with_pool=True, remove_padding=True)
-    assert not BERT(**TINY, with_pool=True).remove_padding
+def test_remove_padding_on_jax_takes_the_packing_input():
+    model = build_transformer_model(TINY, with_pool=True, remove_padding=True)
+    names = [t.name for t in model.inputs]
+    assert names == (["Input-Token", "Input-Segment", "Input-Packing"] if keras.backend.backend() == "jax"
+                     else ["Input-Token", "Input-Segment"])
 
 
-@needs_dynamic_shapes
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the packing input is jax's; re-run on jax below")
+def test_packing_too_small_for_the_batch_gives_nan_not_a_partial_result():
+    skipping, _ = _pair(with_pool=True)
+    small = packing_positions(IDS, buckets=7)[:, :2]  # 8 slots for the batch's 13 real tokens
+    out = skipping.predict([IDS, SEGMENTS, small], verbose=0)
+    assert np.isnan(out[REAL[:, 0]]).all()  # every row with a token (the padding-only row reads zeros, as always)
+    exact = skipping.predict(_inputs(skipping, IDS, SEGMENTS, buckets=7), verbose=0)
+    np.testing.assert_allclose(skipping.predict(_inputs(skipping, IDS, SEGMENTS, buckets=1), verbose=0), exact,
+                               rtol=1e-6, atol=1e-6)  # any capacity that holds the tokens: the same outputs
+
+
 def test_saved_model_without_padding_reloads(tmp_path):
     skipping, _ = _pair(with_pool=True)
     path = str(tmp_path / "m.keras")
     skipping.save(path)
     loaded = keras.saving.load_model(path)
     assert "Remove-Padding" in {layer.name for layer in loaded.layers}
-    np.testing.assert_allclose(loaded.predict([IDS, SEGMENTS], verbose=0),
-                               skipping.predict([IDS, SEGMENTS], verbose=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(loaded.predict(_inputs(loaded, IDS, SEGMENTS), verbose=0),
+                               skipping.predict(_inputs(skipping, IDS, SEGMENTS), verbose=0), rtol=1e-6, atol=1e-6)
 
 
-@needs_dynamic_shapes
 def test_model_without_padding_after_int8_quantization():
     skipping, padded = _pair(with_pool=True)
     for m in (skipping, padded):
         m.quantize("int8")
-    np.testing.assert_allclose(skipping.predict([IDS[:3], SEGMENTS[:3]], verbose=0),
+    np.testing.assert_allclose(skipping.predict(_inputs(skipping, IDS[:3], SEGMENTS[:3]), verbose=0),
                                padded.predict([IDS[:3], SEGMENTS[:3]], verbose=0), rtol=1e-5, atol=1e-5)
 
 
-@needs_dynamic_shapes
 def test_theseus_asks_for_models_with_padding():
     from bert4x.techniques import theseus_encoder
 
@@ -195,3 +206,8 @@ def test_prompt_tuning_keeps_padding_removal():
     assert ({layer.name for layer in tuned.layers} >= {"Remove-Padding"}) == SKIPS_BY_DEFAULT
     np.testing.assert_allclose(tuned.predict([IDS, SEGMENTS], verbose=0), model.predict([IDS, SEGMENTS], verbose=0),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
+def test_remove_padding_on_jax_backend():
+    run_pytest_on_backend("jax", "tests/test_remove_padding.py")

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from bert4x.snippets.data import DataGenerator, sequence_padding, truncate_sequences
+from bert4x.snippets.data import DataGenerator, packing_positions, sequence_padding, truncate_sequences
 
 # --------------------------------------------------------------------------
 # sequence_padding
@@ -273,3 +273,17 @@ def test_pydataset_style_subclass():
     seen = []
     tiny_model(seen).fit(generator, epochs=1, verbose=0)
     assert sorted(i for b in seen for i in b) == list(range(9))
+
+
+def test_packing_positions_lists_the_real_tokens_in_a_bucketed_capacity():
+    ids = sequence_padding([[101, 5, 6], [101], [101, 7, 8, 9, 10, 11, 12]], length=8)
+    packed = packing_positions(ids, buckets=4)  # 11 tokens in a capacity of 12 (steps of 3 rows x 2 positions)
+    assert packed.shape == (3, 4) and packed.dtype == np.int32
+    np.testing.assert_array_equal(packed.reshape(-1)[:11], np.flatnonzero(ids))
+    np.testing.assert_array_equal(packed.reshape(-1)[11:], -1)
+    assert packing_positions(np.ones((2, 5), "int32"), buckets=2).shape == (2, 5)  # never above len
+    assert packing_positions(np.ones((2, 8), "int32") * (np.arange(8) < 3), buckets=64).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"token_ids must be \[batch, len\], got shape \(8,\)"):
+        packing_positions(ids[0])
+    with pytest.raises(ValueError, match="buckets must be a positive int, got 0"):
+        packing_positions(ids, buckets=0)

@@ -325,6 +325,10 @@ class MultiHeadAttention(keras.layers.Layer):
                 k, v = kv[:, :, 0], kv[:, :, 1]
         elif key_value is None:
             qkv = self.qkv_dense(query)
+            if padding_index is not None and rotary is None and attention_bias is None and training:
+                out = self._attend_tokens(qkv, padding_index[1], attention_mask)
+                if out is not None:
+                    return self.output_dense(out)
             if padding_index is not None:  # attention runs in the padded layout, zeros at padding (masked keys)
                 qkv = _padded_from_tokens(qkv, *padding_index)
             qkv = self._split_heads(qkv, 3)
@@ -373,6 +377,25 @@ class MultiHeadAttention(keras.layers.Layer):
                 q, kv = q + bias[:inner], kv + bias[inner:]
             q, kv = self._split_heads(q, 1)[:, :, 0], self._split_heads(kv, 2)
         return q, kv[:, :, 0], kv[:, :, 1]
+
+    def _attend_tokens(self, qkv, slots, mask):
+        """Training-time attention on the tokens without padding (`[tokens, 3 * width]`, rows one after another, as
+        `RemovePadding` leaves them) in the fused kernels for that layout, or None where they do not apply."""
+        if self.attention_type != "softmax" or not self.scaled or not _hides_keys_only(mask):
+            return None
+        tokens, (batch, length) = ops.shape(qkv)[0], ops.shape(slots)
+        shape = (batch, length, self.heads, self.head_size)
+        if _jax_training_implementation(shape, shape, qkv.dtype, self.attention_dropout, any_rate=True) != "pallas":
+            return None
+        from bert4x.layers import flash_attention
+
+        lengths = ops.sum(ops.cast(ops.less(slots, tokens), "int32"), axis=1)
+        seed = self.dropout.draw_seed() if self.attention_dropout > 0 else 0
+        out = flash_attention.flash_varlen_self_attention(
+            ops.reshape(qkv, (tokens, 3, self.heads, self.head_size)), lengths, seed, self.attention_dropout,
+            backend.attention_scale(self.head_size), length,
+            interpret=_kernel_mode("BERT4X_FUSED_ATTENTION", _FUSED_MODES) == "interpret")
+        return ops.reshape(out, (tokens, self.heads * self.head_size))
 
     def _attend(self, q, k, v, mask, bias, training, skip_padded_queries: bool = False, packed_qkv=None):
         """`packed_qkv`: `[batch, len, 3, heads, head_size]` whose parts are q, k and v, when they are (self-attention
@@ -542,6 +565,32 @@ def _kernel_mode(variable: str, choices: tuple) -> str:
     return mode
 
 
+_FUSED_MODES = ("auto", "recompute", "interpret", "off")
+
+
+def _jax_training_implementation(q_shape, k_shape, dtype, rate: float, any_rate: bool = False) -> str | None:
+    """The `bert4x.layers.flash_attention` implementation that jax training attention takes for these inputs
+    ("pallas" or "recompute"), or None for the Keras/XLA path (see `_jax_training_attention`). `any_rate`: the
+    Pallas kernels also without attention dropout (the token layout, which cuDNN does not take)."""
+    mode = _kernel_mode("BERT4X_FUSED_ATTENTION", _FUSED_MODES)
+    if keras.backend.backend() != "jax" or mode == "off" or keras.distribution.distribution() is not None:
+        return None
+    import jax
+
+    from bert4x.layers import flash_attention
+
+    half = keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
+    if mode == "interpret":
+        implementation = "pallas"
+    elif mode == "recompute" or jax.default_backend() != "gpu":
+        implementation = "recompute"
+    elif (rate > 0 or any_rate) and half:
+        implementation = "pallas"
+    else:
+        return None  # GPUs: cuDNN without dropout, XLA in float32
+    return implementation if flash_attention.supported(q_shape, k_shape, dtype, implementation) is None else None
+
+
 def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_layer, skip_padded_queries=False,
                             packed_qkv=None):
     """Training-time attention on jax that keeps no `[batch, heads, q_len, k_len]` tensor for the backward pass
@@ -555,27 +604,16 @@ def _jax_training_attention(q, k, v, mask, scale: float, rate: float, dropout_la
     `packed_qkv` (`[batch, len, 3, heads, head_size]`, whose parts are q, k, v) lets the Pallas kernels read them
     in place (`flash_self_attention`).
     """
-    mode = _kernel_mode("BERT4X_FUSED_ATTENTION", ("auto", "recompute", "interpret", "off"))
-    if keras.backend.backend() != "jax" or mode == "off" or keras.distribution.distribution() is not None:
-        return None
     if not _hides_keys_only(mask):
         return None
-    import jax
+    implementation = _jax_training_implementation(q.shape, k.shape, q.dtype, rate)
+    if implementation is None:
+        return None
     import jax.numpy as jnp
 
     from bert4x.layers import flash_attention
 
-    half = keras.backend.standardize_dtype(q.dtype) in ("bfloat16", "float16")
-    if mode == "interpret":
-        implementation = "pallas"
-    elif mode == "recompute" or jax.default_backend() != "gpu":
-        implementation = "recompute"
-    elif rate > 0 and half:
-        implementation = "pallas"
-    else:
-        return None  # GPUs: cuDNN without dropout, XLA in float32
-    if flash_attention.supported(q.shape, k.shape, q.dtype, implementation) is not None:
-        return None
+    mode = _kernel_mode("BERT4X_FUSED_ATTENTION", _FUSED_MODES)
     key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (k.shape[0], k.shape[1]))
     seed = dropout_layer.draw_seed() if rate > 0 else 0
     if packed_qkv is not None and implementation == "pallas":
@@ -911,7 +949,10 @@ class RemovePadding(keras.layers.Layer):
     the sequence back, with zeros at padding.
 
     `n` depends on the data, which tensorflow and torch handle (tensorflow's XLA pads it back to its bound: the same
-    results, without the saving); jax compiles with static shapes, so there every position is kept.
+    results, without the saving). jax compiles with static shapes: there every position is kept, unless `packing`
+    (`[batch, capacity / batch]`, from `bert4x.snippets.packing_positions`) gives the positions on the host; then
+    `tokens` has `capacity` rows, the real tokens and then copies of a padding position, which nothing reads. A
+    batch with more real tokens than that comes out as NaN (it cannot raise inside a compiled step).
 
     Example:
     >>> ids = keras.ops.convert_to_tensor([[5, 6, 0], [7, 0, 0]])
@@ -924,8 +965,10 @@ class RemovePadding(keras.layers.Layer):
         super().__init__(**kwargs)
         self.pad_id = pad_id
 
-    def call(self, inputs, token_ids):
+    def call(self, inputs, token_ids, packing=None):
         shape = ops.shape(token_ids)
+        if keras.backend.backend() == "jax" and packing is not None:
+            return self._packed(inputs, token_ids, packing)
         if keras.backend.backend() == "jax":  # static shapes: keep every position
             positions = ops.arange(shape[0] * shape[1], dtype="int32")
             return ops.reshape(inputs, (-1, ops.shape(inputs)[-1])), positions, ops.reshape(positions, shape)
@@ -935,7 +978,18 @@ class RemovePadding(keras.layers.Layer):
         slots = ops.reshape(ops.where(keep, ops.cumsum(ops.cast(keep, "int32")) - 1, count), shape)
         return _tokens_from_padded(inputs, positions, slots), positions, slots
 
-    def compute_output_spec(self, inputs, token_ids):
+    def _packed(self, inputs, token_ids, packing):
+        keep = ops.reshape(ops.not_equal(token_ids, self.pad_id), (-1,))
+        positions = ops.reshape(ops.cast(packing, "int32"), (-1,))
+        capacity = ops.shape(positions)[0]
+        # Unused slots take a padding position (there is one whenever the capacity exceeds the real tokens).
+        positions = ops.where(positions >= 0, positions, ops.cast(ops.argmin(ops.cast(keep, "int32")), "int32"))
+        slots = ops.reshape(ops.where(keep, ops.cumsum(ops.cast(keep, "int32")) - 1, capacity), ops.shape(token_ids))
+        tokens = _tokens_from_padded(inputs, positions, slots)
+        overflow = ops.sum(ops.cast(keep, "int32")) > capacity
+        return ops.where(overflow, ops.cast(float("nan"), tokens.dtype), tokens), positions, ops.cast(slots, "int32")
+
+    def compute_output_spec(self, inputs, token_ids, packing=None):
         return (keras.KerasTensor((None, inputs.shape[-1]), dtype=inputs.dtype),
                 keras.KerasTensor((None,), dtype="int32"),
                 keras.KerasTensor(tuple(token_ids.shape), dtype="int32"))

@@ -105,9 +105,13 @@ class BERT(Transformer):
     LayerNorm, dropout), leaving only attention in the padded layout. The default (None) turns it on where it
     changes no output and the backend allows data-dependent shapes: outputs read [CLS] only, on tensorflow without a
     GPU (where Keras does not compile with XLA) or on torch. `True` turns it on for any outputs (the sequence output
-    is then zero at padding, instead of values computed from padding tokens); jax compiles with static shapes, so
-    there it raises. A row of padding only has no token to compute: its outputs are those of zero hidden states.
-    Where padding stays under the default (jax), such a model's attention kernels skip the padded queries instead.
+    is then zero at padding, instead of values computed from padding tokens). jax compiles with static shapes, so
+    there `True` adds a last input, `Input-Packing`: per batch, `bert4x.snippets.packing_positions(token_ids)`, which
+    picks how many tokens the step computes (jax compiles one step per such capacity, 32 at most by default); in
+    training on NVIDIA GPUs attention then runs in kernels that read the rows without padding
+    (`flash_varlen_self_attention`). A row of padding only has no token to compute: its outputs are those of zero
+    hidden states. Where padding stays under the default (jax), such a model's attention kernels skip the padded
+    queries instead.
 
     Example:
     >>> from bert4x.models import build_transformer_model
@@ -183,9 +187,6 @@ class BERT(Transformer):
             return (self.reads_first_token_only and dynamic_shapes and self.layer_norm_cond is None
                     and self.supports_padding_removal)
         if option:
-            if backend_name == "jax":
-                raise ValueError("remove_padding=True needs data-dependent shapes (tensorflow or torch backends); "
-                                 "jax compiles with static shapes, so padding tokens cannot be skipped there.")
             if self.layer_norm_cond is not None:
                 raise ValueError("remove_padding=True does not combine with layer_norm_cond (the condition is "
                                  "per row, the hidden states per token).")
@@ -232,7 +233,15 @@ class BERT(Transformer):
         inputs = [token]
         if self.segment_vocab_size > 0:
             inputs.append(keras.Input((self.sequence_length,), dtype="int32", name="Input-Segment"))
+        if self.packing_input:  # jax: the positions of the real tokens, chosen per batch on the host
+            inputs.append(keras.Input((None,), dtype="int32", name="Input-Packing"))
         return inputs + self.condition_inputs()
+
+    @property
+    def packing_input(self) -> bool:
+        """Whether the model takes `Input-Packing` (`bert4x.snippets.packing_positions`): padding removed on jax,
+        whose static shapes need the number of tokens chosen before the step is compiled."""
+        return self.remove_padding and keras.backend.backend() == "jax"
 
     def condition_inputs(self) -> list:
         """Sets `self.condition` from `layer_norm_cond` and returns the extra model inputs it needs."""
@@ -280,7 +289,8 @@ class BERT(Transformer):
             {"encoder": "encoder", "lm": "lm", "unilm": "unilm"}[self.application], name="Attention-Mask"
         )(token_ids, segment_ids)
         if self.remove_padding:
-            x, *padding_index = RemovePadding(name="Remove-Padding")(x, token_ids)
+            packing = inputs[2 if self.segment_vocab_size > 0 else 1] if self.packing_input else None
+            x, *padding_index = RemovePadding(name="Remove-Padding")(x, token_ids, packing=packing)
             self.padding_index = tuple(padding_index)
         return x
 

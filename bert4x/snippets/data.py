@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import keras
 import numpy as np
 
-__all__ = ["sequence_padding", "truncate_sequences", "DataGenerator"]
+__all__ = ["sequence_padding", "truncate_sequences", "packing_positions", "DataGenerator"]
 
 
 def sequence_padding(
@@ -120,6 +120,34 @@ def truncate_sequences(
             )
         longest.pop(index)
     return [s for s, _ in pairs]
+
+
+def packing_positions(token_ids: np.ndarray, pad_id: int = 0, buckets: int = 32) -> np.ndarray:
+    """The `Input-Packing` array of a batch for a jax model built with `remove_padding=True`.
+
+    It lists the flat positions (`row * len + column`) of the batch's non-padding tokens, row after row, then -1 up
+    to a capacity: the smallest multiple of `batch * len / buckets` positions that holds them, shaped
+    `[batch, capacity / batch]`. The model then runs its layers on that many tokens instead of `batch * len`.
+    jax compiles one training step per capacity, so `buckets` bounds the compilations (and the rounding wastes at
+    most `1 / buckets` of the positions).
+
+    Example:
+        >>> packing_positions(np.array([[101, 5, 0, 0], [101, 0, 0, 0]]), buckets=4)
+        array([[ 0,  1],
+               [ 4, -1]])
+    """
+    token_ids = np.asarray(token_ids)
+    if token_ids.ndim != 2:
+        raise ValueError(f"packing_positions: token_ids must be [batch, len], got shape {token_ids.shape}")
+    if not isinstance(buckets, (int, np.integer)) or buckets < 1:
+        raise ValueError(f"packing_positions: buckets must be a positive int, got {buckets!r}")
+    batch, length = token_ids.shape
+    positions = np.flatnonzero(token_ids != pad_id)
+    per_row = max(1, -(-length // buckets))  # capacity granularity: batch * per_row positions
+    width = min(length, -(-positions.size // (batch * per_row)) * per_row)
+    packed = np.full(batch * width, -1, np.int32)
+    packed[: positions.size] = positions
+    return packed.reshape(batch, width)
 
 
 _END = object()

@@ -10,6 +10,10 @@ Peers:
                   runs in bert4x's fused Pallas kernels (bert4x.layers.flash_attention)
   bert4x_xla      the same with those kernels off (BERT4X_FUSED_ATTENTION=off): XLA attention + dropout
   bert4x_fast     the same with attention_probs_dropout_prob=0, so attention can take the fused cuDNN path
+  bert4x_packed   bert4x with remove_padding=True: each batch's real tokens listed on the host
+                  (`bert4x.snippets.packing_positions`, inside the timed input pipeline), every layer but the last
+                  on those tokens only, attention in the token-layout kernels; one compiled step per capacity, all
+                  compiled before timing (the record lists them)
   bert4x_full     (optional) bert4x with prune_last_layer=False: the last layer at every position, as the other
                   peers compute it (bert4x computes it at [CLS] alone, the only position the classifier reads)
   keras_hub       keras-hub BertBackbone + BertTextClassifier head, same config and dropout, `model.fit` on jax
@@ -33,7 +37,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 
-PEERS = ("bert4x", "bert4x_xla", "bert4x_fast", "keras_hub", "hf_eager", "hf_compile")
+PEERS = ("bert4x", "bert4x_xla", "bert4x_fast", "bert4x_packed", "keras_hub", "hf_eager", "hf_compile")
 OPTIONAL_PEERS = ("bert4x_full",)
 SHAPES = ("32x128", "128x128", "32x512")
 
@@ -48,7 +52,8 @@ def build_keras_classifier(peer: str, cfg: dict):
 
         hf_config = dict(cfg, hidden_act="gelu", hidden_dropout_prob=common.DROPOUT,
                          attention_probs_dropout_prob=0.0 if peer == "bert4x_fast" else common.DROPOUT)
-        bert = build_transformer_model(hf_config, with_pool=True, prune_last_layer=peer != "bert4x_full")
+        bert = build_transformer_model(hf_config, with_pool=True, prune_last_layer=peer != "bert4x_full",
+                                       remove_padding=True if peer == "bert4x_packed" else None)
         x = keras.layers.Dropout(common.DROPOUT, name="Classifier-Dropout")(bert.output)
         logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(x)
         return keras.Model(bert.inputs, logits)
@@ -77,6 +82,21 @@ def slice_rows(x, start: int, stop: int):
     if isinstance(x, dict):
         return {k: v[start:stop] for k, v in x.items()}
     return [v[start:stop] for v in x]
+
+
+def packing_width(token_ids) -> int:
+    from bert4x.snippets import packing_positions
+
+    return packing_positions(token_ids).shape[1]
+
+
+def packed_batches(x: list, y, batch: int, indices):
+    """((token ids, segment ids, packing positions), labels) of the batches at `indices`."""
+    from bert4x.snippets import packing_positions
+
+    for i in indices:
+        rows = slice(i * batch, (i + 1) * batch)
+        yield (x[0][rows], x[1][rows], packing_positions(x[0][rows])), y[rows]
 
 
 def run_keras(args) -> dict:
@@ -108,19 +128,36 @@ def run_keras(args) -> dict:
     # a preprocessor; keras.Model.fit runs the same Keras training loop as bert4x's on the arrays directly.
     fit_method = keras.Model.fit if args.peer == "keras_hub" else type(model).fit
 
-    def fit(start, count):
+    packed = "Input-Packing" in [t.name for t in model.inputs]
+
+    def fit(start, count, indices=None):
+        indices = range(start, start + count) if indices is None else indices
         begin = time.perf_counter()
-        history = fit_method(model, slice_rows(x, start * batch, (start + count) * batch),
-                            y[start * batch:(start + count) * batch], batch_size=batch, epochs=1,
-                            shuffle=False, verbose=0)
+        if packed:  # per-batch inputs of different shapes: a generator, the host packing timed with the steps
+            history = model.fit(packed_batches(x, y, batch, indices), steps_per_epoch=len(indices), epochs=1,
+                                verbose=0)
+        else:
+            history = fit_method(model, slice_rows(x, start * batch, (start + count) * batch),
+                                 y[start * batch:(start + count) * batch], batch_size=batch, epochs=1,
+                                 shuffle=False, verbose=0)
         loss = float(history.history["loss"][-1])  # forces the device to finish
         return time.perf_counter() - begin, loss
 
     compile_s, first_loss = fit(0, warm)
+    extra = {}
+    if packed:  # compile the step of every capacity the timed batches need, on one batch of each
+        widths = {i: packing_width(x[0][i * batch:(i + 1) * batch]) for i in range(warm, warm + steps)}
+        seen = {packing_width(x[0][i * batch:(i + 1) * batch]) for i in range(warm)}
+        first = {w: i for i, w in sorted(widths.items(), reverse=True) if w not in seen}
+        if first:
+            compile_s += fit(0, 0, sorted(first.values()))[0]
+        extra = dict(capacities=sorted(seen | set(widths.values())),
+                     mean_capacity_fraction=round(sum(widths.values()) / (steps * seq), 4),
+                     real_token_fraction=round(float((x[0][warm * batch:(warm + steps) * batch] != 0).mean()), 4))
     elapsed, loss = fit(warm, steps)
     record = dict(
         peer=args.peer, backend=keras.backend.backend(), loss_first=first_loss, loss_last=loss,
-        warmup_and_compile_s=round(compile_s, 2),
+        warmup_and_compile_s=round(compile_s, 2), **extra,
         **_throughput(cfg, batch, seq, steps, elapsed), **_jax_memory(),
     )
     if args.profile_dir:

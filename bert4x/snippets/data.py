@@ -132,9 +132,8 @@ def packing_positions(token_ids: np.ndarray, pad_id: int = 0, buckets: int = 32)
     most `1 / buckets` of the positions).
 
     Example:
-        >>> packing_positions(np.array([[101, 5, 0, 0], [101, 0, 0, 0]]), buckets=4)
-        array([[ 0,  1],
-               [ 4, -1]])
+        >>> packing_positions(np.array([[101, 5, 0, 0], [101, 0, 0, 0]]), buckets=4).tolist()
+        [[0, 1], [4, -1]]
     """
     token_ids = np.asarray(token_ids)
     if token_ids.ndim != 2:

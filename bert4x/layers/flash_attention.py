@@ -276,6 +276,22 @@ def _key_blocks_walked(length_ref, block_k: int, q_start, skip_queries: bool):
     return blocks * _starts_before_length(length_ref, q_start) if skip_queries else blocks
 
 
+def _online_softmax_step(s, keep, load_v, acc, row_max, row_sum):
+    """One key block of the forward pass: the running (acc, max, sum) updated with logits `s` (log2 domain),
+    the dropout keep mask (or None) applied after the row sum, and `load_v()`'s values accumulated."""
+    import jax.numpy as jnp
+
+    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+    correction = jnp.exp2(row_max - new_max)
+    p = jnp.exp2(s - new_max[:, None])
+    row_sum = row_sum * correction + jnp.sum(p, axis=1)
+    if keep is not None:
+        p = jnp.where(keep, p, 0.0)
+    v = load_v()
+    acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, new_max, row_sum
+
+
 def _forward_kernel(seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, rate, block_k,
                     heads, skip_queries=False):
     import jax.numpy as jnp
@@ -293,17 +309,9 @@ def _forward_kernel(seed_ref, length_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, 
         bias = bias_ref[keys]
         keeps = _block_keeps(seed, stream, halves, q_start, i * block_k, block_q, block_k, k_len, rate)
         updated = []
-        for j, (acc, row_max, row_sum) in enumerate(carry):
+        for j, state in enumerate(carry):
             s = _scores(queries[j], k_ref[keys, j, :], bias, scale)
-            new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-            correction = jnp.exp2(row_max - new_max)
-            p = jnp.exp2(s - new_max[:, None])
-            row_sum = row_sum * correction + jnp.sum(p, axis=1)
-            if keeps[j] is not None:
-                p = jnp.where(keeps[j], p, 0.0)
-            v = v_ref[keys, j, :]
-            acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-            updated.append((acc, new_max, row_sum))
+            updated.append(_online_softmax_step(s, keeps[j], lambda j=j: v_ref[keys, j, :], *state))
         return tuple(updated)
 
     init = tuple(
@@ -480,17 +488,24 @@ def _zero_tail(ref, start, block: int, parts: tuple, program_heads: list):
     lax.fori_loop(0, (chunks - first + stride - 1) // stride, zero, 0)
 
 
+def _varlen_program(seed_ref, start_ref, length_ref, lse_ref, heads: int):
+    """A token-layout program's row (first slot, length), its dropout maps (see `_program_maps`) and its heads."""
+    from jax.experimental import pallas as pl
+
+    per_program = lse_ref.shape[0]
+    program_heads = [pl.program_id(2) * per_program + j for j in range(per_program)]
+    return start_ref[0], length_ref[0], _program_maps(seed_ref, heads, per_program), program_heads
+
+
 def _varlen_forward_kernel(seed_ref, start_ref, length_ref, qkv_ref, o_ref, lse_ref, *, scale, rate, block_q,
                            block_k, heads, max_len):
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
 
-    per_program = lse_ref.shape[0]
-    start, length = start_ref[0], length_ref[0]
+    start, length, (seed, stream, halves), program_heads = _varlen_program(seed_ref, start_ref, length_ref, lse_ref,
+                                                                            heads)
     q_start = pl.program_id(0) * block_q
-    seed, stream, halves = _program_maps(seed_ref, heads, per_program)
-    program_heads = [pl.program_id(2) * per_program + j for j in range(per_program)]
     rows, row_valid = _token_rows(q_start, block_q, start, length)
     queries = [_load_rows(qkv_ref, rows, row_valid, 0, head) for head in program_heads]
 
@@ -499,17 +514,11 @@ def _varlen_forward_kernel(seed_ref, start_ref, length_ref, qkv_ref, o_ref, lse_
         bias = jnp.where(key_valid, 0.0, MASKED_LOGIT)
         keeps = _block_keeps(seed, stream, halves, q_start, i * block_k, block_q, block_k, max_len, rate)
         updated = []
-        for j, (acc, row_max, row_sum) in enumerate(carry):
-            s = _scores(queries[j], _load_rows(qkv_ref, keys, key_valid, 1, program_heads[j]), bias, scale)
-            new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-            correction = jnp.exp2(row_max - new_max)
-            p = jnp.exp2(s - new_max[:, None])
-            row_sum = row_sum * correction + jnp.sum(p, axis=1)
-            if keeps[j] is not None:
-                p = jnp.where(keeps[j], p, 0.0)
-            v = _load_rows(qkv_ref, keys, key_valid, 2, program_heads[j])
-            acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-            updated.append((acc, new_max, row_sum))
+        for j, state in enumerate(carry):
+            head = program_heads[j]
+            s = _scores(queries[j], _load_rows(qkv_ref, keys, key_valid, 1, head), bias, scale)
+            updated.append(_online_softmax_step(s, keeps[j], lambda h=head: _load_rows(qkv_ref, keys, key_valid, 2, h),
+                                                *state))
         return tuple(updated)
 
     head_size = qkv_ref.shape[-1]
@@ -534,11 +543,9 @@ def _varlen_dkdv_kernel(seed_ref, start_ref, length_ref, qkv_ref, do_ref, lse_re
     from jax import lax
     from jax.experimental import pallas as pl
 
-    per_program = lse_ref.shape[0]
-    start, length = start_ref[0], length_ref[0]
+    start, length, (seed, stream, halves), program_heads = _varlen_program(seed_ref, start_ref, length_ref, lse_ref,
+                                                                            heads)
     k_start = pl.program_id(0) * block_k
-    seed, stream, halves = _program_maps(seed_ref, heads, per_program)
-    program_heads = [pl.program_id(2) * per_program + j for j in range(per_program)]
     keys, key_valid = _token_rows(k_start, block_k, start, length)
     bias = jnp.where(key_valid, 0.0, MASKED_LOGIT)
     kv = [(_load_rows(qkv_ref, keys, key_valid, 1, head), _load_rows(qkv_ref, keys, key_valid, 2, head))
@@ -574,11 +581,9 @@ def _varlen_dq_kernel(seed_ref, start_ref, length_ref, qkv_ref, do_ref, lse_ref,
     from jax import lax
     from jax.experimental import pallas as pl
 
-    per_program = lse_ref.shape[0]
-    start, length = start_ref[0], length_ref[0]
+    start, length, (seed, stream, halves), program_heads = _varlen_program(seed_ref, start_ref, length_ref, lse_ref,
+                                                                            heads)
     q_start = pl.program_id(0) * block_q
-    seed, stream, halves = _program_maps(seed_ref, heads, per_program)
-    program_heads = [pl.program_id(2) * per_program + j for j in range(per_program)]
     rows, row_valid = _token_rows(q_start, block_q, start, length)
     inputs = [(_load_rows(qkv_ref, rows, row_valid, 0, head), _load_rows(do_ref, rows, row_valid, head),
                lse_ref[j, :], _load_deltas(delta_ref, rows, row_valid, head))

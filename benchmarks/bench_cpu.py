@@ -15,6 +15,9 @@ Peers (each runs in its own subprocess, with its Keras backend set before import
                                          only input)
   bert4x_padded_tf, bert4x_padded_torch  bert4x with remove_padding=False: padding tokens computed, as the other peers
                                          do (on tensorflow and torch bert4x skips them by default for this model)
+  bert4x_packed_jax                      bert4x on jax with remove_padding=True: each batch's real tokens listed on the
+                                         host (`packing_positions`, inside the timed call), padding skipped as on
+                                         tensorflow
   keras_hub_jax, keras_hub_tf            keras-hub BertBackbone + BertTextClassifier head, same config
   hf_torch                               transformers BertForSequenceClassification (sdpa attention), torch eager
 
@@ -40,7 +43,8 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 PEERS = ("bert4x_tf", "bert4x_jax", "keras_hub_jax", "keras_hub_tf", "hf_torch")
-OPTIONAL_PEERS = ("bert4x_torch", "bert4x_full_tf", "bert4x_full_jax", "bert4x_padded_tf", "bert4x_padded_torch")
+OPTIONAL_PEERS = ("bert4x_torch", "bert4x_full_tf", "bert4x_full_jax", "bert4x_padded_tf", "bert4x_padded_torch",
+                  "bert4x_packed_jax")
 FORWARD_SHAPES = ("8x128", "1x128")
 TRAIN_SHAPE = "8x128"
 
@@ -69,7 +73,8 @@ def _keras_model(peer: str, cfg: dict, dropout: float):
         bert = build_transformer_model(dict(cfg, hidden_act="gelu", hidden_dropout_prob=dropout,
                                             attention_probs_dropout_prob=dropout), with_pool=True,
                                        prune_last_layer=not peer.startswith("bert4x_full"),
-                                       **({"remove_padding": False} if peer.startswith("bert4x_padded") else {}))
+                                       remove_padding={"bert4x_padded": False, "bert4x_packed": True}.get(
+                                           peer.rsplit("_", 1)[0]))
         pooled = keras.layers.Dropout(dropout, name="Classifier-Dropout")(bert.output)
         logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(pooled)
         return keras.Model(bert.inputs, logits)
@@ -90,6 +95,16 @@ def _keras_inputs(peer: str, data: dict):
     return [data["token_ids"], data["segment_ids"]]
 
 
+def _call_inputs(peer: str, x):
+    """What each timed call passes: for bert4x_packed the packing positions, made in the call as a user's data
+    pipeline makes them."""
+    if peer.startswith("bert4x_packed"):
+        from bert4x.snippets import packing_positions
+
+        return x + [packing_positions(x[0])]
+    return x
+
+
 def run_keras(args, cfg: dict, rss_import: float) -> list[dict]:
     import keras
 
@@ -108,9 +123,10 @@ def run_keras(args, cfg: dict, rss_import: float) -> list[dict]:
             batch, seq = common.parse_shape(shape)
             x = _keras_inputs(args.peer, common.random_batches(cfg, batch, seq, 1, seed=2, full_rows=args.full_rows))
             first = time.perf_counter()
-            base.predict_on_batch(model, x)
+            base.predict_on_batch(model, _call_inputs(args.peer, x))
             compile_s = time.perf_counter() - first
-            median, times = common.median_time(lambda: base.predict_on_batch(model, x), args.repeats, warmup=1)
+            median, times = common.median_time(lambda: base.predict_on_batch(model, _call_inputs(args.peer, x)),
+                                               args.repeats, warmup=1)
             records.append(_record(args, cfg, "forward", shape, median, times, compile_s))
     else:
         batch, seq = common.parse_shape(TRAIN_SHAPE)
@@ -119,9 +135,10 @@ def run_keras(args, cfg: dict, rss_import: float) -> list[dict]:
         model.compile(optimizer=keras.optimizers.AdamW(common.LEARNING_RATE, weight_decay=common.WEIGHT_DECAY),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
         first = time.perf_counter()
-        base.train_on_batch(model, x, y)
+        base.train_on_batch(model, _call_inputs(args.peer, x), y)
         compile_s = time.perf_counter() - first
-        median, times = common.median_time(lambda: base.train_on_batch(model, x, y), args.train_repeats, warmup=1)
+        median, times = common.median_time(lambda: base.train_on_batch(model, _call_inputs(args.peer, x), y),
+                                           args.train_repeats, warmup=1)
         records.append(_record(args, cfg, "train_step", TRAIN_SHAPE, median, times, compile_s))
     for r in records:
         r.update(backend=keras.backend.backend(), jit_compile=args.jit_compile)

@@ -161,11 +161,13 @@ def test_remove_padding_on_jax_takes_the_packing_input():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the packing input is jax's; re-run on jax below")
-def test_packing_too_small_for_the_batch_gives_nan_not_a_partial_result():
+def test_a_packing_too_small_or_of_another_batch_gives_nan_not_a_wrong_result():
     skipping, _ = _pair(with_pool=True)
     small = packing_positions(IDS, buckets=7)[:, :2]  # 8 slots for the batch's 13 real tokens
     out = skipping.predict([IDS, SEGMENTS, small], verbose=0)
     assert np.isnan(out[REAL[:, 0]]).all()  # every row with a token (the padding-only row reads zeros, as always)
+    other = packing_positions(np.roll(IDS, 1, axis=0), buckets=7)  # another batch's list, of the same size
+    assert np.isnan(skipping.predict([IDS, SEGMENTS, other], verbose=0)[REAL[:, 0]]).all()
     exact = skipping.predict(_inputs(skipping, IDS, SEGMENTS, buckets=7), verbose=0)
     np.testing.assert_allclose(skipping.predict(_inputs(skipping, IDS, SEGMENTS, buckets=1), verbose=0), exact,
                                rtol=1e-6, atol=1e-6)  # any capacity that holds the tokens: the same outputs

@@ -938,6 +938,18 @@ def _tokens_from_padded(x, positions, slots):
                                          lambda g: ops.reshape(_gather_padded(g, slots), ops.shape(x)))
 
 
+def _lists_the_real_tokens(positions, keep):
+    """Whether `positions` (`[capacity]`, -1 for unused slots) is `packing_positions`' list for the flat mask `keep`:
+    the real tokens' positions in increasing order, then -1 only. A scalar bool, computed on the device."""
+    listed = positions >= 0
+    count = ops.sum(ops.cast(listed, "int32"))
+    prefix = ops.all(ops.equal(listed, ops.arange(ops.shape(positions)[0]) < count))
+    increasing = ops.all(ops.logical_or(ops.logical_not(listed[1:]), positions[1:] > positions[:-1]))
+    real = ops.all(ops.logical_or(ops.logical_not(listed), ops.take(keep, ops.maximum(positions, 0))))
+    return ops.logical_and(ops.logical_and(prefix, increasing),
+                           ops.logical_and(real, ops.equal(count, ops.sum(ops.cast(keep, "int32")))))
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class RemovePadding(keras.layers.Layer):
     """Keeps the non-padding tokens: `[batch, len, dim]` and token ids -> `(tokens, positions, slots)`.
@@ -952,7 +964,8 @@ class RemovePadding(keras.layers.Layer):
     results, without the saving). jax compiles with static shapes: there every position is kept, unless `packing`
     (`[batch, capacity / batch]`, from `bert4x.snippets.packing_positions`) gives the positions on the host; then
     `tokens` has `capacity` rows, the real tokens and then copies of a padding position, which nothing reads. A
-    batch with more real tokens than that comes out as NaN (it cannot raise inside a compiled step).
+    `packing` that is not this batch's list (too small a capacity, another batch's positions) makes `tokens` NaN: a
+    compiled step cannot raise, and nothing is computed from a partial or wrong list.
 
     Example:
     >>> ids = keras.ops.convert_to_tensor([[5, 6, 0], [7, 0, 0]])
@@ -980,14 +993,14 @@ class RemovePadding(keras.layers.Layer):
 
     def _packed(self, inputs, token_ids, packing):
         keep = ops.reshape(ops.not_equal(token_ids, self.pad_id), (-1,))
-        positions = ops.reshape(ops.cast(packing, "int32"), (-1,))
-        capacity = ops.shape(positions)[0]
+        given = ops.reshape(ops.cast(packing, "int32"), (-1,))
+        capacity = ops.shape(given)[0]
         # Unused slots take a padding position (there is one whenever the capacity exceeds the real tokens).
-        positions = ops.where(positions >= 0, positions, ops.cast(ops.argmin(ops.cast(keep, "int32")), "int32"))
+        positions = ops.where(given >= 0, given, ops.cast(ops.argmin(ops.cast(keep, "int32")), "int32"))
         slots = ops.reshape(ops.where(keep, ops.cumsum(ops.cast(keep, "int32")) - 1, capacity), ops.shape(token_ids))
         tokens = _tokens_from_padded(inputs, positions, slots)
-        overflow = ops.sum(ops.cast(keep, "int32")) > capacity
-        return ops.where(overflow, ops.cast(float("nan"), tokens.dtype), tokens), positions, ops.cast(slots, "int32")
+        wrong = ops.logical_not(_lists_the_real_tokens(given, keep))
+        return ops.where(wrong, ops.cast(float("nan"), tokens.dtype), tokens), positions, ops.cast(slots, "int32")
 
     def compute_output_spec(self, inputs, token_ids, packing=None):
         return (keras.KerasTensor((None, inputs.shape[-1]), dtype=inputs.dtype),

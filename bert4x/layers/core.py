@@ -867,7 +867,8 @@ def _first_token_kept(inputs):
 
 def _first_token(inputs, keepdims: bool = False):
     first = _first_token_kept(inputs)
-    return first if keepdims else ops.squeeze(first, 1)
+    # Indexing, not squeeze: tensorflow's custom gradient drops the static length 1, and squeeze then refuses it.
+    return first if keepdims else first[:, 0]
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -25,6 +25,7 @@ import numpy as np
 
 from bert4x import backend
 from bert4x.checkpoints import open_checkpoint, write_google_checkpoint, write_safetensors
+from bert4x.training import Model
 
 logger = logging.getLogger("bert4x")
 
@@ -293,13 +294,13 @@ class Transformer:
     def initializer(self):
         return backend.TruncatedNormal(stddev=self.initializer_range)
 
-    def build(self) -> keras.Model:
+    def build(self) -> Model:
         inputs = self.get_inputs()
         x = self.apply_embeddings(inputs)
         for index in range(self.num_hidden_layers):
             x = self.apply_main_layers(x, index)
         outputs = self.apply_final_layers(x)
-        self.model = keras.Model(inputs, outputs, name=self.name)
+        self.model = Model(inputs, outputs, name=self.name)
         return self.model
 
     # ----------------------------------------------------------------- checkpoints

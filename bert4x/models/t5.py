@@ -62,6 +62,7 @@ import numpy as np
 from keras import ops
 
 from bert4x import backend
+from bert4x.training import Model
 from bert4x.generation import DecodingAdapter, register_adapter
 from bert4x.layers import AttentionMask, Dropout, Embedding, FeedForward, MultiHeadAttention
 from bert4x.layers.t5 import ContextMask, MaskPadding, RelativePositionBias
@@ -421,7 +422,7 @@ class T5(Transformer):
         decoder_ids = keras.Input((None,), dtype="int32", name="Decoder-Input-Token")
         self.decoder = keras.Model([context_in, decoder_ids], self.apply_decoder(context_in, decoder_ids),
                                    name=f"{self.name}_decoder" if self.name else "decoder")
-        self.model = keras.Model([encoder_ids, decoder_ids], self.apply_decoder(context, decoder_ids), name=self.name)
+        self.model = Model([encoder_ids, decoder_ids], self.apply_decoder(context, decoder_ids), name=self.name)
         return self.model
 
     # ----------------------------------------------------------------------------------------------- cached decoding

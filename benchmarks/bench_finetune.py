@@ -48,7 +48,7 @@ def build_keras_classifier(peer: str, cfg: dict):
     import keras
 
     if peer.startswith("bert4x"):
-        from bert4x.models import build_transformer_model
+        from bert4x.models import Model, build_transformer_model
 
         hf_config = dict(cfg, hidden_act="gelu", hidden_dropout_prob=common.DROPOUT,
                          attention_probs_dropout_prob=0.0 if peer == "bert4x_fast" else common.DROPOUT)
@@ -56,7 +56,7 @@ def build_keras_classifier(peer: str, cfg: dict):
                                        remove_padding=True if peer == "bert4x_packed" else None)
         x = keras.layers.Dropout(common.DROPOUT, name="Classifier-Dropout")(bert.output)
         logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(x)
-        return keras.Model(bert.inputs, logits)
+        return Model(bert.inputs, logits)  # keras.Model whose jax fit runs steps_per_execution steps per dispatch
     if peer == "keras_hub":
         import keras_hub
 
@@ -154,15 +154,54 @@ def run_keras(args) -> dict:
         extra = dict(capacities=sorted(seen | set(widths.values())),
                      mean_capacity_fraction=round(sum(widths.values()) / (steps * seq), 4),
                      real_token_fraction=round(float((x[0][warm * batch:(warm + steps) * batch] != 0).mean()), 4))
+    host = HostTiming(model)
     elapsed, loss = fit(warm, steps)
     record = dict(
         peer=args.peer, backend=keras.backend.backend(), loss_first=first_loss, loss_last=loss,
         warmup_and_compile_s=round(compile_s, 2), **extra,
-        **_throughput(cfg, batch, seq, steps, elapsed), **_jax_memory(),
+        **_throughput(cfg, batch, seq, steps, elapsed), **_jax_memory(), host=host.summary(steps),
     )
     if args.profile_dir:
         record["profile"] = profile_keras_steps(fit, warm + steps, profile_steps, args.profile_dir)
     return record
+
+
+class HostTiming:
+    """What the host's training loop spends per step, to tell a host-bound step from a device-bound one.
+
+    Wraps the compiled ``model.train_function`` (Keras reuses it in later ``fit`` calls): the wall and CPU time of the
+    main thread inside each call (taking the next batch, dispatching the step) and the interval between calls. With
+    asynchronous dispatch the interval is the step time; if the thread's CPU time in a call is close to it, the host
+    is the bottleneck, and if the call's wall time exceeds its CPU time the thread waited for the device.
+    """
+
+    def __init__(self, model):
+        self.starts, self.walls, self.cpus = [], [], []
+        self._fit_cpu = (time.thread_time(), time.process_time())
+        inner = model.train_function
+
+        def timed(*args, **kwargs):
+            start, cpu = time.perf_counter(), time.thread_time()
+            out = inner(*args, **kwargs)
+            self.walls.append(time.perf_counter() - start)
+            self.cpus.append(time.thread_time() - cpu)
+            self.starts.append(start)
+            return out
+
+        model.train_function = timed
+
+    def summary(self, steps: int) -> dict:
+        import numpy as np
+
+        thread_cpu = time.thread_time() - self._fit_cpu[0]
+        process_cpu = time.process_time() - self._fit_cpu[1]
+        gaps = np.diff(self.starts) * 1000 if len(self.starts) > 1 else np.zeros(1)
+        ms = lambda v: round(float(v), 3)  # noqa: E731
+        return dict(
+            calls=len(self.starts), call_wall_ms=ms(1000 * np.mean(self.walls)), call_cpu_ms=ms(1000 * np.mean(self.cpus)),
+            interval_ms_p10_p50_p90_max=[ms(np.percentile(gaps, q)) for q in (10, 50, 90, 100)],
+            main_thread_cpu_ms_per_step=ms(1000 * thread_cpu / steps), process_cpu_ms_per_step=ms(1000 * process_cpu / steps),
+        )
 
 
 def _jax_memory() -> dict:
@@ -498,7 +537,7 @@ def main(argv=None) -> None:
             # than as CUDA graphs, so that the trace attributes every kernel. Its own timing is labelled profile_run.
             flags = env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
             env["XLA_FLAGS"] = (flags + f" --xla_dump_to={env['BENCH_HLO_DUMP']}"
-                                " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train.*"
+                                " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*(train|run_steps).*"
                                 " --xla_gpu_enable_command_buffer=").strip()
         found, tail = common.run_worker(argv_, env=env, timeout=args.timeout)
         for r in found:

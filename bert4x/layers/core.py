@@ -988,8 +988,7 @@ class RemovePadding(keras.layers.Layer):
             return ops.reshape(inputs, (-1, ops.shape(inputs)[-1])), positions, ops.reshape(positions, shape)
         keep = ops.reshape(ops.not_equal(token_ids, self.pad_id), (-1,))
         positions = ops.cast(ops.nonzero(keep)[0], "int32")
-        count = ops.shape(positions)[0]
-        slots = ops.reshape(ops.where(keep, ops.cumsum(ops.cast(keep, "int32")) - 1, count), shape)
+        slots = _slots(keep, shape, padding_slot=ops.shape(positions)[0])
         return _tokens_from_padded(inputs, positions, slots), positions, slots
 
     def _packed(self, inputs, token_ids, packing):
@@ -998,7 +997,7 @@ class RemovePadding(keras.layers.Layer):
         capacity = ops.shape(given)[0]
         # Unused slots take a padding position (there is one whenever the capacity exceeds the real tokens).
         positions = ops.where(given >= 0, given, ops.cast(ops.argmin(ops.cast(keep, "int32")), "int32"))
-        slots = ops.reshape(ops.where(keep, ops.cumsum(ops.cast(keep, "int32")) - 1, capacity), ops.shape(token_ids))
+        slots = _slots(keep, ops.shape(token_ids), padding_slot=capacity)
         tokens = _tokens_from_padded(inputs, positions, slots)
         wrong = ops.logical_not(_lists_the_real_tokens(given, keep))
         return ops.where(wrong, ops.cast(float("nan"), tokens.dtype), tokens), positions, ops.cast(slots, "int32")
@@ -1012,6 +1011,11 @@ class RemovePadding(keras.layers.Layer):
         config = super().get_config()
         config.update(pad_id=self.pad_id)
         return config
+
+
+def _slots(keep, shape, padding_slot):
+    """Each position's row among the kept tokens (`keep`, flat, in order), `padding_slot` at padding; as `shape`."""
+    return ops.reshape(ops.where(keep, ops.cumsum(ops.cast(keep, "int32")) - 1, padding_slot), shape)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

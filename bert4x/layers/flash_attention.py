@@ -443,13 +443,20 @@ def _token_rows(first, block: int, start, length):
     return pl.ds(start + first, block), valid
 
 
-def _load_rows(ref, rows, valid, *index):
-    """`ref[rows, *index, :]` where `valid`, else 0 (masked: no read past the row, nor past the array)."""
+def _row_view(ref, rows, valid, index: tuple):
+    """(`ref.at[rows, *index, :]`, `valid` broadcast to it as the mask of a masked load or store)."""
     import jax.numpy as jnp
-    from jax.experimental.pallas import triton as pltriton
 
     view = ref.at[(rows, *(jnp.int32(i) if isinstance(i, int) else i for i in index), slice(None))]
-    return pltriton.load(view, mask=jnp.broadcast_to(valid[:, None], view.shape), other=0)
+    return view, jnp.broadcast_to(valid[:, None], view.shape)
+
+
+def _load_rows(ref, rows, valid, *index):
+    """`ref[rows, *index, :]` where `valid`, else 0 (masked: no read past the row, nor past the array)."""
+    from jax.experimental.pallas import triton as pltriton
+
+    view, mask = _row_view(ref, rows, valid, index)
+    return pltriton.load(view, mask=mask, other=0)
 
 
 def _load_deltas(ref, rows, valid, head):
@@ -460,11 +467,11 @@ def _load_deltas(ref, rows, valid, head):
 
 
 def _store_rows(ref, rows, valid, value, *index):
-    import jax.numpy as jnp
+    """`ref[rows, *index, :] = value` where `valid` (masked: no write past the row, nor past the array)."""
     from jax.experimental.pallas import triton as pltriton
 
-    view = ref.at[(rows, *(jnp.int32(i) if isinstance(i, int) else i for i in index), slice(None))]
-    pltriton.store(view, value.astype(ref.dtype), mask=jnp.broadcast_to(valid[:, None], view.shape))
+    view, mask = _row_view(ref, rows, valid, index)
+    pltriton.store(view, value.astype(ref.dtype), mask=mask)
 
 
 def _zero_tail(ref, start, block: int, parts: tuple, program_heads: list):

@@ -27,7 +27,8 @@ class Model(keras.Model):
     A drop-in replacement for `keras.Model`: build it from inputs and outputs, compile with `steps_per_execution=k`
     and `fit` as usual. Callbacks see one batch end per `k` steps, as with Keras's own `steps_per_execution`. The
     batches of an execution must share their shapes to be stacked; a chunk whose shapes differ (a smaller last
-    batch, a generator of varying lengths) and the tail of an epoch shorter than `k` run one step per dispatch.
+    batch, a generator of varying lengths) and the tail of an epoch shorter than `k` run one step per dispatch (that
+    single step compiles once, on first use).
 
     Example:
         >>> import keras, numpy as np

@@ -40,11 +40,12 @@ class Model(keras.Model):
         True
     """
 
-    def make_train_function(self, force: bool = False):
+    def make_train_function(self, force: bool = False) -> None:
         if self.train_function is not None and not force:
-            return self.train_function
+            return
         if not self._fuses_steps():
-            return super().make_train_function(force)
+            super().make_train_function(force)
+            return
         import jax
 
         steps = self.steps_per_execution
@@ -77,7 +78,6 @@ class Model(keras.Model):
             return logs, state
 
         self.train_function = train_function
-        return train_function
 
     def _fuses_steps(self) -> bool:
         if keras.backend.backend() != "jax" or self.steps_per_execution <= 1:
@@ -88,11 +88,13 @@ class Model(keras.Model):
 
 
 def _same_shapes(batches: list) -> bool:
+    """Whether every batch has the first one's structure, shapes and dtypes (so that they stack)."""
+    first = _signature(batches[0])
+    return all(_signature(batch) == first for batch in batches[1:])
+
+
+def _signature(batch) -> tuple:
     import jax
 
-    first = jax.tree.structure(batches[0])
-    shapes = [getattr(leaf, "shape", None) for leaf in jax.tree.leaves(batches[0])]
-    return all(
-        jax.tree.structure(batch) == first and [getattr(leaf, "shape", None) for leaf in jax.tree.leaves(batch)] == shapes
-        for batch in batches[1:]
-    )
+    leaves, structure = jax.tree.flatten(batch)
+    return structure, [(getattr(leaf, "shape", None), getattr(leaf, "dtype", None)) for leaf in leaves]

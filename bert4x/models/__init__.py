@@ -12,5 +12,5 @@ from bert4x.models.base import (  # noqa: F401
 )
 from bert4x.models.bert import BERT, WoBERT  # noqa: F401
 from bert4x.models.roformer import RoFormer, RoFormerV2  # noqa: F401
-from bert4x.training import Model  # noqa: F401
 from bert4x.models.t5 import MT5, T5, T5_1_1, load_keep_tokens  # noqa: F401
+from bert4x.training import Model  # noqa: F401

@@ -62,11 +62,11 @@ import numpy as np
 from keras import ops
 
 from bert4x import backend
-from bert4x.training import Model
 from bert4x.generation import DecodingAdapter, register_adapter
 from bert4x.layers import AttentionMask, Dropout, Embedding, FeedForward, MultiHeadAttention
 from bert4x.layers.t5 import ContextMask, MaskPadding, RelativePositionBias
 from bert4x.models.base import Transformer, register_model, src
+from bert4x.training import Model
 
 logger = logging.getLogger("bert4x")
 

@@ -104,7 +104,8 @@ def test_model_saves_and_loads_as_itself(tmp_path):
     loaded = keras.saving.load_model(path)
     assert type(loaded) is Model
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
-    assert [(type(layer), layer.name) for layer in loaded.layers] == [(type(layer), layer.name) for layer in model.layers]
+    layers = lambda m: [(type(layer), layer.name) for layer in m.layers]  # noqa: E731
+    assert layers(loaded) == layers(model)
 
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")

@@ -939,16 +939,15 @@ def _tokens_from_padded(x, positions, slots):
                                          lambda g: ops.reshape(_gather_padded(g, slots), ops.shape(x)))
 
 
-def _lists_the_real_tokens(positions, keep):
+def _lists_the_real_tokens(positions, keep, slots):
     """Whether `positions` (`[capacity]`, -1 for unused slots) is `packing_positions`' list for the flat mask `keep`:
-    the real tokens' positions in increasing order, then -1 only. A scalar bool, computed on the device."""
+    slot i < (number of real tokens) holds the real position whose slot (`slots`, flat: `capacity` at padding) is i,
+    and every later slot -1. A scalar bool, computed on the device."""
     listed = positions >= 0
-    count = ops.sum(ops.cast(listed, "int32"))
-    prefix = ops.all(ops.equal(listed, ops.arange(ops.shape(positions)[0]) < count))
-    increasing = ops.all(ops.logical_or(ops.logical_not(listed[1:]), positions[1:] > positions[:-1]))
-    real = ops.all(ops.logical_or(ops.logical_not(listed), ops.take(keep, ops.maximum(positions, 0))))
-    return ops.logical_and(ops.logical_and(prefix, increasing),
-                           ops.logical_and(real, ops.equal(count, ops.sum(ops.cast(keep, "int32")))))
+    index = ops.arange(ops.shape(positions)[0], dtype="int32")
+    prefix = ops.all(ops.equal(listed, index < ops.sum(ops.cast(keep, "int32"))))
+    in_place = ops.all(ops.logical_or(ops.logical_not(listed), ops.take(slots, ops.maximum(positions, 0)) == index))
+    return ops.logical_and(prefix, in_place)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -999,7 +998,7 @@ class RemovePadding(keras.layers.Layer):
         positions = ops.where(given >= 0, given, ops.cast(ops.argmin(ops.cast(keep, "int32")), "int32"))
         slots = _slots(keep, ops.shape(token_ids), padding_slot=capacity)
         tokens = _tokens_from_padded(inputs, positions, slots)
-        wrong = ops.logical_not(_lists_the_real_tokens(given, keep))
+        wrong = ops.logical_not(_lists_the_real_tokens(given, keep, ops.reshape(slots, (-1,))))
         return ops.where(wrong, ops.cast(float("nan"), tokens.dtype), tokens), positions, ops.cast(slots, "int32")
 
     def compute_output_spec(self, inputs, token_ids, packing=None):

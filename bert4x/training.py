@@ -6,8 +6,9 @@ arrays in and out, and on the H200 machine of `benchmarks/` Keras's loop cannot 
 at 8 × 128 for bert4x and keras-hub alike, where the GPU's work takes at most 3.6 ms). Here the `k` batches of one
 execution are stacked on the device and the compiled program loops over them (`jax.lax.scan`): one dispatch per `k`
 steps (284k tokens/s there with `k=8`), and the same steps as Keras's loop, dropout draws included. Where the GPU is
-the limit (BERT-base at 32 × 128 and above) it changes little: the scanned steps took ≈4% more GPU time than single
-steps at 32 × 128.
+the limit (BERT-base at 32 × 128 and above) it keeps the step GPU-bound when the host slows: on that machine the
+host's single-thread speed halves at times, and Keras's loop, which needs ≈5 ms of host time a step (≈3.3 of them
+in jax's dispatch of the ≈500 state arrays), then falls from 600k to 400k tokens/s at 32 × 128.
 
 On the tensorflow and torch backends, with `steps_per_execution=1`, under `run_eagerly`, `jit_compile=False` or a
 `keras.distribution`, `Model` trains exactly as `keras.Model` does.
@@ -40,6 +41,15 @@ class Model(keras.Model):
         True
     """
 
+    def __setattr__(self, name: str, value) -> None:
+        # Keras's jax loop stores the training state here after every dispatch, for callbacks that sync it. As a
+        # layer attribute, each store walks the ≈500 arrays through Keras's tracker (0.6–1.2 ms of host time a step for
+        # BERT-base on the benchmark's H200 host); jax arrays are never tracked, so it is stored plainly.
+        if name == "_jax_state":
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     def make_train_function(self, force: bool = False) -> None:
         if self.train_function is not None and not force:
             return
@@ -61,7 +71,7 @@ class Model(keras.Model):
             state, logs = jax.lax.scan(body, state, stacked)
             return jax.tree.map(lambda values: values[-1], logs), state
 
-        run_steps = jax.jit(run_steps, donate_argnums=0)
+        run_steps = jax.jit(run_steps, donate_argnums=0, compiler_options=_SCAN_COMPILER_OPTIONS)
         run_one = jax.jit(step, donate_argnums=0)
 
         def train_function(state, iterator):
@@ -85,6 +95,13 @@ class Model(keras.Model):
         if self.run_eagerly or not self.jit_compile or keras.config.is_nnx_enabled():
             return False
         return keras.distribution.distribution() is None
+
+
+# XLA's latency-hiding scheduler (on by default for GPUs) orders the scanned step's backward pass as all input
+# gradients first, then every weight-gradient reduction and optimizer update, whose inputs have by then left the L2
+# cache: BERT-base at 32 x 128 on an H200 took 7.10 ms a step so, 6.92 ms without it, as single steps do (6.8 ms).
+# The option is per program and ignored off the GPU.
+_SCAN_COMPILER_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": False}
 
 
 def _same_shapes(batches: list) -> bool:

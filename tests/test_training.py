@@ -95,6 +95,37 @@ def test_chunks_of_different_shapes_run_one_step_at_a_time(request):
         assert lengths == []
 
 
+class _KernelPerBatch(keras.callbacks.Callback):
+    """Syncs the training state into the variables after every batch (as checkpointing callbacks do) and records the
+    classifier's kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if keras.backend.backend() == "jax":
+            self.model.jax_state_sync()
+        self.kernels.append(np.array(self.model.get_layer("Classifier").kernel))
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_callbacks_see_the_state_after_each_execution(steps_per_execution):
+    """`Model` stores the state Keras's loop hands to callbacks without Keras's attribute tracking; a callback that
+    syncs it sees the same weights as under `keras.Model`."""
+    x, y = _data(rows=32)
+    seen = []
+    for model_class in (keras.Model, Model):
+        callback = _KernelPerBatch()
+        _classifier(model_class, steps_per_execution).fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
+                                                          callbacks=[callback])
+        seen.append(callback.kernels)
+    assert len(seen[1]) == len(seen[0]) == 8 // steps_per_execution
+    for mine, theirs in zip(*seen):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(seen[1][0], seen[1][-1])  # the weights moved between the batches seen
+
+
 def test_model_saves_and_loads_as_itself(tmp_path):
     x, y = _data(rows=8)
     model = _classifier(Model, 2)

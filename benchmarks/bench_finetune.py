@@ -154,12 +154,14 @@ def run_keras(args) -> dict:
         extra = dict(capacities=sorted(seen | set(widths.values())),
                      mean_capacity_fraction=round(sum(widths.values()) / (steps * seq), 4),
                      real_token_fraction=round(float((x[0][warm * batch:(warm + steps) * batch] != 0).mean()), 4))
+    probe_before = common.python_probe_s()
     host = HostTiming(model)
     elapsed, loss = fit(warm, steps)
     record = dict(
         peer=args.peer, backend=keras.backend.backend(), loss_first=first_loss, loss_last=loss,
         warmup_and_compile_s=round(compile_s, 2), **extra,
-        **_throughput(cfg, batch, seq, steps, elapsed), **_jax_memory(), host=host.summary(steps),
+        **_throughput(cfg, batch, seq, steps, elapsed), **_jax_memory(),
+        host=dict(host.summary(steps), python_probe_s_before_after=[probe_before, common.python_probe_s()]),
     )
     if args.profile_dir:
         record["profile"] = profile_keras_steps(fit, warm + steps, profile_steps, args.profile_dir)
@@ -174,6 +176,7 @@ class HostTiming:
     asynchronous dispatch the interval is the step time. A call's wall time above its CPU time means the thread
     waited; the converse does not prove the host is the bottleneck, as jax may spin while it waits for the device
     (on the H200, a call's CPU time was 18.2 of its 18.3 ms wall at 128 x 128): compare with a profile's GPU busy time.
+    The record adds `common.python_probe_s()` before and after the timed steps: the host's single-thread speed.
     """
 
     def __init__(self, model):

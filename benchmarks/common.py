@@ -193,6 +193,15 @@ def run_worker(argv: list[str], env: dict | None = None, timeout: float = 900) -
     return records, output[-3000:]
 
 
+def python_probe_s(additions: int = 3_000_000) -> float:
+    """Seconds the calling thread takes for a fixed pure-Python loop: the host's single-thread speed right now (on
+    the shared H200 host it was ≈0.1 s or ≈0.2 s from moment to moment)."""
+    start, total = time.perf_counter(), 0
+    for i in range(additions):
+        total += i
+    return round(time.perf_counter() - start, 4)
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     """'32x128' -> (32, 128)."""
     try:

@@ -78,8 +78,7 @@ def main(argv=None) -> None:
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
         step = jax.jit(model.train_step, donate_argnums=0)
         call_step, take = timer.wrap("jit_call", step), timer.wrap("next", next)
-        # Keras's own single-step train function, with its two parts timed apart
-        model.make_train_function()
+        # Keras's single-step train function, its two parts timed apart (`fit` keeps a train function already set)
         model.train_function = lambda state, iterator, call_step=call_step, take=take: call_step(state, take(iterator))
         # the instance's class (keras makes a functional one) records how long storing `_jax_state` takes, and stores
         # it as that class does

@@ -7,8 +7,8 @@ at 8 × 128 for bert4x and keras-hub alike, where the GPU's work takes at most 3
 execution are stacked on the device and the compiled program loops over them (`jax.lax.scan`): one dispatch per `k`
 steps (284k tokens/s there with `k=8`), and the same steps as Keras's loop, dropout draws included. Where the GPU is
 the limit (BERT-base at 32 × 128 and above) it keeps the step GPU-bound when the host slows: on that machine the
-host's single-thread speed halves at times, and Keras's loop, which needs ≈5 ms of host time a step (≈3.3 of them
-in jax's dispatch of the ≈500 state arrays), then falls from 600k to 400k tokens/s at 32 × 128.
+host's single-thread speed halves at times, and Keras's loop, which needs ≈5 ms of host time a step (most of it
+the jitted step's call, which passes the ≈500 state arrays), then falls from 600k to 400k tokens/s at 32 × 128.
 
 On the tensorflow and torch backends, with `steps_per_execution=1`, under `run_eagerly`, `jit_compile=False` or a
 `keras.distribution`, `Model` trains exactly as `keras.Model` does.
@@ -97,10 +97,10 @@ class Model(keras.Model):
         return keras.distribution.distribution() is None
 
 
-# XLA's latency-hiding scheduler (on by default for GPUs) orders the scanned step's backward pass as all input
-# gradients first, then every weight-gradient reduction and optimizer update, whose inputs have by then left the L2
-# cache. BERT-base at 32 x 128 on an H200 took 7.10 ms a step with it, 6.85-6.92 ms without, like single steps.
-# The option is per program and ignored off the GPU.
+# XLA's latency-hiding scheduler (on by default in jaxlib 0.11.2 on an H200: setting it true changed nothing) orders
+# the scanned step's backward pass as all input gradients first, then every weight-gradient reduction and optimizer
+# update, whose inputs have by then left the L2 cache. BERT-base at 32 x 128 took 7.10 ms a step with it, 6.85-6.92 ms
+# without, like single steps. The option is per program and ignored off the GPU.
 _SCAN_COMPILER_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": False}
 
 

@@ -269,7 +269,7 @@ def attention_scale(head_size: int) -> float:
     return 1.0 / math.sqrt(head_size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def float32_matmul_relative_error() -> float:
     """Measured relative error of a float32 matmul on the default device, against float64.
 

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import keras
 
@@ -79,8 +80,8 @@ def _require_backend(what: str, *backends: str) -> None:
 
 
 def layout_map(
-    device_mesh: "keras.distribution.DeviceMesh", model_axis: str = "model"
-) -> "keras.distribution.LayoutMap":
+    device_mesh: keras.distribution.DeviceMesh, model_axis: str = "model"
+) -> keras.distribution.LayoutMap:
     """The `LayoutMap` that shards bert4x's attention and feed-forward kernels and token embedding over
     `model_axis` of `device_mesh` (see `LAYOUT_RULES`); every other weight is replicated.
 
@@ -102,7 +103,7 @@ def layout_map(
 
 def model_parallel(
     model_size: int | None = None, devices: Sequence[str] | None = None
-) -> "keras.distribution.ModelParallel":
+) -> keras.distribution.ModelParallel:
     """A `keras.distribution.ModelParallel` (jax) over a (batch, model) mesh of `devices` (default: all), with
     `model_size` devices per model replica (default: all devices, i.e. pure model parallelism) and bert4x's
     `layout_map`. Build the model inside `scope(...)` of it, or after `keras.distribution.set_distribution(it)`.
@@ -171,7 +172,7 @@ def global_batch_size(per_replica: int, strategy: Any) -> int:
     return per_replica * num_replicas(strategy)
 
 
-def uncovered_kernels(model: keras.Model, layouts: "keras.distribution.LayoutMap | None" = None) -> list[str]:
+def uncovered_kernels(model: keras.Model, layouts: keras.distribution.LayoutMap | None = None) -> list[str]:
     """Paths of attention / feed-forward kernels and token embeddings that the recipe leaves replicated.
 
     Walks the model for bert4x `MultiHeadAttention` and `FeedForward` layers (and 'Embedding-Token'), so a new model

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -714,7 +714,7 @@ class Generator:
         return outputs
 
 
-_GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def generate(model, prompts: Sequence[Sequence[int]], segment_ids=None, **kwargs):

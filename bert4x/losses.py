@@ -16,7 +16,7 @@ Every function maps `(y_true, y_pred)` to one loss per sample, so Keras handles 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np

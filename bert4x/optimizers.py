@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import types
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import keras
 from keras import ops

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random as _random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np

@@ -18,7 +18,7 @@ import functools
 import operator
 import os
 import unicodedata
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["load_vocab", "save_vocab", "Tokenizer", "SpTokenizer"]
 
@@ -114,7 +114,7 @@ def _is_control(ch: str) -> bool:
     return category in ("Cc", "Co", "Cs")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clean_char(ch: str) -> str:
     """'' for deleted chars, ' ' for any whitespace, else the char itself."""
     if ch in "\x00\ufffd" or _is_control(ch):
@@ -129,7 +129,7 @@ def _is_stripped_mark(ch: str) -> bool:
     return unicodedata.category(ch) == "Mn" and code not in _KEPT_NONSPACING_MARKS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fold_char(ch: str) -> str:
     """Lower-casing as BERT does it: NFD, drop accents (Mn), then lower-case."""
     decomposed = unicodedata.normalize("NFD", ch)

@@ -19,13 +19,13 @@ import time
 
 import keras
 import numpy as np
+from ner_globalpointer import encode, load, parse_args
+from task_data import CHINESE_VOCAB, TINY_CONFIG, BucketBatches, hardware, token_spans_to_chars
 
 from bert4x.layers import ConditionalRandomField
 from bert4x.models import build_transformer_model
 from bert4x.snippets import ViterbiDecoder, bio_tags, bio_to_spans, entity_f1, sequence_padding, spans_to_bio
 from bert4x.tokenizers import Tokenizer
-from ner_globalpointer import encode, load, parse_args
-from task_data import CHINESE_VOCAB, TINY_CONFIG, BucketBatches, hardware, token_spans_to_chars
 
 
 def flat_spans(rows):

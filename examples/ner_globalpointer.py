@@ -18,14 +18,24 @@ import time
 
 import keras
 import numpy as np
+from task_data import (
+    CHINESE_VOCAB,
+    CLUENER_TYPES,
+    PEOPLEDAILY_TYPES,
+    TINY_CONFIG,
+    BucketBatches,
+    align_spans,
+    hardware,
+    load_cluener,
+    load_peopledaily,
+    token_spans_to_chars,
+)
 
 from bert4x.layers import EfficientGlobalPointer, GlobalPointer
 from bert4x.losses import global_pointer_crossentropy
 from bert4x.models import build_transformer_model
 from bert4x.snippets import decode_global_pointer, entity_f1, global_pointer_labels, sequence_padding
 from bert4x.tokenizers import Tokenizer
-from task_data import (CHINESE_VOCAB, CLUENER_TYPES, PEOPLEDAILY_TYPES, TINY_CONFIG, BucketBatches, align_spans,
-                       hardware, load_cluener, load_peopledaily, token_spans_to_chars)
 
 
 def load(dataset: str, split: str):

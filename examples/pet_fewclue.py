@@ -21,12 +21,12 @@ import time
 
 import keras
 import numpy as np
+from task_data import CHINESE_VOCAB, TINY_CONFIG, hardware, load_fewclue, small_vocab_tokenizer, tnews_labels
 
 from bert4x.models import build_transformer_model
 from bert4x.snippets import sequence_padding
 from bert4x.techniques import PromptPattern
 from bert4x.tokenizers import Tokenizer
-from task_data import CHINESE_VOCAB, TINY_CONFIG, hardware, load_fewclue, small_vocab_tokenizer, tnews_labels
 
 PET_TEMPLATES = {"eprstmt": "{mask}满意。{text}", "tnews": "这是一则{mask}新闻。{text}"}
 PTUNING_TEMPLATES = {"eprstmt": "[unused1][unused2][unused3][unused4]{mask}[unused5][unused6][unused7][unused8]{text}",

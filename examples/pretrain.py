@@ -109,8 +109,15 @@ def main(argv=None) -> dict:
     import keras
 
     from bert4x.distribution import data_parallel, global_batch_size, scope
-    from bert4x.pretraining import (CheckpointSaver, PretrainingDataset, PretrainingLogger, TimeBudget,
-                                    build_pretraining_model, compile_for_pretraining, split_rows)
+    from bert4x.pretraining import (
+        CheckpointSaver,
+        PretrainingDataset,
+        PretrainingLogger,
+        TimeBudget,
+        build_pretraining_model,
+        compile_for_pretraining,
+        split_rows,
+    )
     from bert4x.tokenizers import Tokenizer, save_vocab
 
     if not os.path.exists(args.vocab):

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import sys
 
-from bert4x.techniques import prompt_tuning_model
 from pet_fewclue import PROMPT_TOKENS, PTUNING_TEMPLATES, parse_args, run
+
+from bert4x.techniques import prompt_tuning_model
 
 
 def main(argv=None):

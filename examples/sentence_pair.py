@@ -21,13 +21,13 @@ import time
 
 import keras
 import numpy as np
+from task_data import CHINESE_VOCAB, TINY_CONFIG, hardware, load_sentence_pairs
 
 from bert4x import losses
 from bert4x.models import build_transformer_model
 from bert4x.optimizers import LayerwiseDecayAdamW, PiecewiseLinearSchedule, adversarial_training
 from bert4x.snippets import sequence_padding
 from bert4x.tokenizers import Tokenizer
-from task_data import CHINESE_VOCAB, TINY_CONFIG, hardware, load_sentence_pairs
 
 SPLITS = {"afqmc": ("train", "dev"), "lcqmc": ("dev", "test")}
 

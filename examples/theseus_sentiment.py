@@ -19,14 +19,14 @@ import time
 
 import keras
 import numpy as np
+from task_data import CHINESE_VOCAB, TINY_CONFIG, hardware, load_bert4keras_sentiment
 
 from bert4x.layers import FirstToken
 from bert4x.models import build_transformer_model
+from bert4x.models.base import read_config
 from bert4x.snippets import sequence_padding
 from bert4x.techniques import init_successor_from_predecessor, theseus_encoder
 from bert4x.tokenizers import Tokenizer
-from bert4x.models.base import read_config
-from task_data import CHINESE_VOCAB, TINY_CONFIG, hardware, load_bert4keras_sentiment
 
 
 def encode(samples, tokenizer, maxlen):

@@ -18,12 +18,12 @@ import time
 
 import keras
 import numpy as np
+from task_data import CHINESE_VOCAB, TINY_CONFIG, hardware, load_stsb, small_vocab_tokenizer
 
 from bert4x.models import build_transformer_model
 from bert4x.snippets import sequence_padding
 from bert4x.techniques import compute_kernel_bias, transform_and_normalize
 from bert4x.tokenizers import Tokenizer
-from task_data import CHINESE_VOCAB, TINY_CONFIG, hardware, load_stsb, small_vocab_tokenizer
 
 
 def spearman(x, y) -> float:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import in_subprocess, run_pytest_on_backend
 
 from bert4x.models import build_transformer_model
-from helpers import in_subprocess, run_pytest_on_backend
 
 MODELS = ["bert", "wobert", "roformer", "roformer_v2"]
 CONFIG = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -2,16 +2,15 @@
 against exact softmax attention as the number of random features grows, the options of MultiHeadAttention and
 build_transformer_model through the harness, and checkpoints of their extra weights."""
 
-import keras
 import numpy as np
 import pytest
+from harness import check_model, layer_model
+from helpers import in_subprocess, run_pytest_on_backend
 from keras import ops
 
 from bert4x.layers import MultiHeadAttention
 from bert4x.layers import attention_variants as av
 from bert4x.models import build_transformer_model
-from harness import check_model, layer_model
-from helpers import in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(0)
 B, N, H, D = 2, 7, 2, 8

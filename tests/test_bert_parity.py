@@ -8,9 +8,9 @@ import os
 import keras
 import numpy as np
 import pytest
+from helpers import in_subprocess, run_pytest_on_backend, shared_path
 
 from bert4x.models import CheckpointError, build_transformer_model
-from helpers import in_subprocess, run_pytest_on_backend, shared_path
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

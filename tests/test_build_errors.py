@@ -1,14 +1,13 @@
 """Bad input gets a clear error naming the problem; keep_tokens/compound_tokens slice exactly; partial loads report."""
 
-import json
 import logging
 
 import numpy as np
 import pytest
+from helpers import shared_path
 
 from bert4x.checkpoints import open_checkpoint, write_google_checkpoint, write_safetensors
 from bert4x.models import CheckpointError, build_transformer_model
-from helpers import shared_path
 
 TINY = {"vocab_size": 15, "hidden_size": 4, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 16, "max_position_embeddings": 16, "type_vocab_size": 2, "hidden_act": "gelu"}

@@ -306,8 +306,8 @@ def test_sharded_safetensors_index(tmp_path):
     shard_b = {"b.weight": np.ones((4,), "float16"), "b.bias": np.zeros(1, "int64")}
     write_safetensors(shard_a, str(tmp_path / "model-00001-of-00002.safetensors"))
     write_safetensors(shard_b, str(tmp_path / "model-00002-of-00002.safetensors"))
-    weight_map = {**{k: "model-00001-of-00002.safetensors" for k in shard_a},
-                  **{k: "model-00002-of-00002.safetensors" for k in shard_b}}
+    weight_map = {**dict.fromkeys(shard_a, "model-00001-of-00002.safetensors"),
+                  **dict.fromkeys(shard_b, "model-00002-of-00002.safetensors")}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     assert detect_format(str(tmp_path)) == "huggingface"
     reader = open_checkpoint(str(tmp_path))

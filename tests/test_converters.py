@@ -1,11 +1,10 @@
 """The command-line converter: Google <-> Hugging Face through the mapping tables, with nothing dropped."""
 
 import numpy as np
-import pytest
+from helpers import shared_path
 
 from bert4x.checkpoints import open_checkpoint
 from bert4x.models import build_transformer_model
-from helpers import shared_path
 from weights_converters.convert import main
 
 

@@ -19,6 +19,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from helpers import REPO, in_subprocess
 
 from bert4x.distribution import (
     LAYOUT_RULES,
@@ -30,7 +31,6 @@ from bert4x.distribution import (
     uncovered_kernels,
 )
 from bert4x.models import MODELS, build_transformer_model
-from helpers import REPO, in_subprocess
 
 BACKEND = keras.backend.backend()
 TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
@@ -135,9 +135,8 @@ def test_helpers_check_their_arguments():
     assert num_replicas(None) == 1 and global_batch_size(4, None) == 4
     with pytest.raises(ValueError, match="per_replica"):
         global_batch_size(0, None)
-    with pytest.raises(TypeError, match="strategy"):
-        with scope(object()):
-            pass
+    with pytest.raises(TypeError, match="strategy"), scope(object()):
+        pass
     if BACKEND != "jax":
         with pytest.raises(RuntimeError, match="KERAS_BACKEND"):
             model_parallel(2)

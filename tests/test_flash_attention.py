@@ -4,12 +4,10 @@ The kernels target NVIDIA GPUs; here they run through Pallas' interpreter on CPU
 code (block loops, online softmax, in-kernel dropout hash, recomputation in the backward pass), and their Triton
 lowering for CUDA is checked without a GPU. The GPU run itself is in benchmarks/ (RESULTS.md)."""
 
-import os
 
 import keras
 import numpy as np
 import pytest
-
 from helpers import in_subprocess, run_pytest_on_backend
 
 jax = pytest.importorskip("jax")
@@ -438,8 +436,9 @@ def test_dropout_layer_uses_the_hash_in_training():
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
 def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
-    from bert4x.models import build_transformer_model
     from harness import dtype_policy
+
+    from bert4x.models import build_transformer_model
 
     monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
     monkeypatch.setenv("BERT4X_FUSED_LAYER_NORM", "interpret")  # and the LayerNorm kernels (fused_layer_norm)

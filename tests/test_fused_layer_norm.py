@@ -7,7 +7,6 @@ is checked without a GPU. The GPU run itself is in benchmarks/ (RESULTS.md: benc
 import keras
 import numpy as np
 import pytest
-
 from helpers import in_subprocess, run_pytest_on_backend
 
 jax = pytest.importorskip("jax")

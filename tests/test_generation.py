@@ -7,12 +7,12 @@ import itertools
 
 import numpy as np
 import pytest
+from helpers import in_subprocess, run_pytest_on_backend
 from keras import ops
 
 from bert4x.generation import BertDecodingAdapter, Generator
 from bert4x.models import build_transformer_model
 from bert4x.snippets import AutoRegressiveDecoder, PrefixTree
-from helpers import in_subprocess, run_pytest_on_backend
 
 END = 3
 

@@ -3,13 +3,22 @@
 import keras
 import numpy as np
 import pytest
-
-from bert4x.layers import (AttentionMask, BiasAdd, Dropout, Embedding, FeedForward, FirstToken, LayerNormalization,
-                           MultiHeadAttention, PositionEmbedding)
-from bert4x.backend import on_jax_cpu
-from bert4x.models import build_transformer_model
 from harness import check_model, layer_model
 from helpers import grad_of, in_subprocess, run_pytest_on_backend
+
+from bert4x.backend import on_jax_cpu
+from bert4x.layers import (
+    AttentionMask,
+    BiasAdd,
+    Dropout,
+    Embedding,
+    FeedForward,
+    FirstToken,
+    LayerNormalization,
+    MultiHeadAttention,
+    PositionEmbedding,
+)
+from bert4x.models import build_transformer_model
 
 rng = np.random.default_rng(0)
 

@@ -7,16 +7,22 @@ import itertools
 import keras
 import numpy as np
 import pytest
+from harness import check_model, layer_model
+from helpers import in_subprocess, run_pytest_on_backend
 from keras import ops
 
 from bert4x import backend, losses
-from bert4x.layers import (ConditionalLayerNormalization, ConditionalRandomField, EfficientGlobalPointer,
-                           GlobalPointer, NormalizedDense, PromptEmbedding)
+from bert4x.layers import (
+    ConditionalLayerNormalization,
+    ConditionalRandomField,
+    EfficientGlobalPointer,
+    GlobalPointer,
+    NormalizedDense,
+    PromptEmbedding,
+)
 from bert4x.models import build_transformer_model
 from bert4x.snippets import ViterbiDecoder, decode_global_pointer, entity_f1, global_pointer_labels
 from bert4x.snippets.ner import bio_to_spans, global_pointer_sparse_labels, spans_to_bio
-from harness import check_model, layer_model
-from helpers import in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(0)
 NEG = backend.MASK_VALUE

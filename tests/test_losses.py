@@ -4,10 +4,10 @@ closed form is known; Loss classes through serialization and a fit."""
 import keras
 import numpy as np
 import pytest
+from helpers import grad_of, in_subprocess, run_pytest_on_backend
 from keras import ops
 
 from bert4x import losses
-from helpers import grad_of, in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(0)
 

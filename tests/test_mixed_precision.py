@@ -4,12 +4,12 @@ fp16, and the fused key-padding attention path (cuDNN on jax GPUs) computes exac
 import keras
 import numpy as np
 import pytest
+from harness import dtype_policy
+from helpers import in_subprocess, run_pytest_on_backend
 
 from bert4x import backend
 from bert4x.layers import MultiHeadAttention
 from bert4x.models import build_transformer_model
-from harness import dtype_policy
-from helpers import in_subprocess, run_pytest_on_backend
 
 TINY = {"vocab_size": 60, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 64, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}

@@ -5,12 +5,17 @@ Keras's own gradient accumulation / EMA used through these classes."""
 import keras
 import numpy as np
 import pytest
+from helpers import in_subprocess, run_pytest_on_backend
 from keras import ops
 
 from bert4x.models import build_transformer_model
-from bert4x.optimizers import (LayerwiseDecayAdamW, PiecewiseLinearSchedule, adversarial_training, layerwise_lr_multipliers,
-                               piecewise_linear)
-from helpers import in_subprocess, run_pytest_on_backend
+from bert4x.optimizers import (
+    LayerwiseDecayAdamW,
+    PiecewiseLinearSchedule,
+    adversarial_training,
+    layerwise_lr_multipliers,
+    piecewise_linear,
+)
 
 rng = np.random.default_rng(0)
 

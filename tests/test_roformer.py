@@ -8,12 +8,12 @@ import json
 import keras
 import numpy as np
 import pytest
+from harness import check_model
+from helpers import in_subprocess, run_pytest_on_backend
 
 from bert4x import backend
 from bert4x.checkpoints import open_checkpoint, write_google_checkpoint
 from bert4x.models import CheckpointError, build_transformer_model
-from harness import check_model
-from helpers import in_subprocess, run_pytest_on_backend
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

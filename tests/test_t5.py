@@ -9,12 +9,12 @@ import json
 import keras
 import numpy as np
 import pytest
+from harness import check_model
+from helpers import in_subprocess, run_pytest_on_backend, shared_path
 
 from bert4x.checkpoints import write_google_checkpoint, write_safetensors
 from bert4x.layers.t5 import relative_position_bucket
 from bert4x.models import CheckpointError, build_transformer_model, load_keep_tokens
-from harness import check_model
-from helpers import in_subprocess, run_pytest_on_backend, shared_path
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

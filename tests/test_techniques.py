@@ -7,15 +7,23 @@ import random
 import keras
 import numpy as np
 import pytest
+from harness import check_model
+from helpers import in_subprocess, run_pytest_on_backend
 from keras import ops
 
 from bert4x.layers import PromptEmbedding
 from bert4x.models import build_transformer_model
-from bert4x.techniques import (BinaryRandomChoice, PromptPattern, compute_kernel_bias, init_successor_from_predecessor,
-                               prompt_tuning_model, theseus_encoder, transform_and_normalize, whiten)
+from bert4x.techniques import (
+    BinaryRandomChoice,
+    PromptPattern,
+    compute_kernel_bias,
+    init_successor_from_predecessor,
+    prompt_tuning_model,
+    theseus_encoder,
+    transform_and_normalize,
+    whiten,
+)
 from bert4x.tokenizers import Tokenizer
-from harness import check_model
-from helpers import in_subprocess, run_pytest_on_backend
 
 rng = np.random.default_rng(0)
 

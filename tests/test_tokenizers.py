@@ -9,7 +9,7 @@ import io
 import json
 import unicodedata
 import zipfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ def _lines(*parts: str, limit: int) -> list[str]:
     return [line for line in text.split("\n") if line][:limit]
 
 
-@lru_cache(maxsize=None)
+@cache
 def real_sentences() -> tuple[str, ...]:
     """About 6,000 Chinese texts from eight datasets (reviews, questions,
     encyclopedia paragraphs, app descriptions with URLs, math, abstracts)."""
@@ -62,7 +62,7 @@ def real_sentences() -> tuple[str, ...]:
     return tuple(texts)
 
 
-@lru_cache(maxsize=None)
+@cache
 def hf_bert(lower: bool):
     """transformers' BertTokenizer on the Chinese vocab (checked to really use it:
     transformers 5 silently ignores ``vocab_file=`` and wants ``vocab=``)."""
@@ -80,7 +80,7 @@ def hf_bert(lower: bool):
     pytest.fail("could not build transformers' BertTokenizer on the Chinese vocab")
 
 
-@lru_cache(maxsize=None)
+@cache
 def our_bert(lower: bool) -> Tokenizer:
     return Tokenizer(shared_data(*BERT_VOCAB), do_lower_case=lower)
 

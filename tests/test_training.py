@@ -8,9 +8,9 @@ import os
 import keras
 import numpy as np
 import pytest
+from helpers import in_subprocess, run_pytest_on_backend
 
 from bert4x.models import Model, build_transformer_model
-from helpers import in_subprocess, run_pytest_on_backend
 
 CONFIG = dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
               max_position_embeddings=32, type_vocab_size=2, hidden_act="gelu", hidden_dropout_prob=0.1,

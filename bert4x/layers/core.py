@@ -711,7 +711,7 @@ def _layer_norm_path(shape, training: bool) -> str | None:
     return "recompute" if backend.on_jax_cpu() else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _activation_then_projection(activation, rate: float):
     """`dropout(activation(hidden)) @ kernel + bias` on jax, whose backward pass recomputes the activation and the
     dropout mask from `hidden` and the seed, after the incoming gradient arrives, instead of keeping them."""

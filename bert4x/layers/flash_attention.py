@@ -44,8 +44,8 @@ HEAD_SIZES = (16, 32, 64, 128)
 
 def _mix32(h):
     """MurmurHash3's 32-bit finaliser: a bijection on uint32 with full avalanche."""
-    from jax import lax
     import jax.numpy as jnp
+    from jax import lax
 
     h = h ^ lax.shift_right_logical(h, jnp.uint32(16))
     h = h * jnp.uint32(0x85EBCA6B)
@@ -84,8 +84,8 @@ def _pair_hash(seed, stream, rows, cols, k_len: int):
 
 def _half_kept(bits, half, rate: float):
     """Keep decisions from the top (`half` 0) or low (1) 16 bits of a pair hash; `half` may be traced."""
-    from jax import lax
     import jax.numpy as jnp
+    from jax import lax
 
     top = lax.shift_right_logical(bits, jnp.uint32(32 - _ATTENTION_KEEP_BITS))
     low = bits & jnp.uint32((1 << _ATTENTION_KEEP_BITS) - 1)
@@ -112,8 +112,8 @@ def _keyed_hash(counter, key):
 
 
 def _kept(bits, rate: float):
-    from jax import lax
     import jax.numpy as jnp
+    from jax import lax
 
     top = lax.shift_right_logical(bits, jnp.uint32(32 - _KEEP_BITS)).astype(jnp.int32)
     return top >= _threshold(rate, _KEEP_BITS)
@@ -144,7 +144,7 @@ def hashed_dropout(x, seed, rate: float):
     return _build_hashed_dropout(float(rate))(x, jnp.asarray(seed, jnp.int32))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_hashed_dropout(rate: float):
     import jax
     import jax.numpy as jnp
@@ -670,7 +670,6 @@ def _with_vjp(forward, backward):
     `backward(seed, *inputs, bias, out, lse, do) -> gradients of inputs`, where `inputs` is (q, k, v) or (qkv,); the
     seed and the last argument (the mask bias, or the rows' lengths) get no gradient."""
     import jax
-    import jax.numpy as jnp
 
     @jax.custom_vjp
     def attention(seed, *inputs):
@@ -699,7 +698,7 @@ def _visible_lengths(bias):
     return jnp.where(last == 0, k_len, last).astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(scale: float, rate: float, interpret: bool, blocks: tuple, skip_queries: bool = False,
            packed: bool = False):
     """The custom-VJP attention function for one (scale, rate, interpret, tiles, query skipping) combination:
@@ -794,7 +793,7 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple, skip_queri
     return _with_vjp(forward, backward)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_varlen(scale: float, rate: float, interpret: bool, blocks: tuple, max_len: int):
     """`attention(seed, qkv, lengths)` with a custom VJP for q, k and v in the token layout (see `_token_rows`):
     `qkv` `[tokens, 3, heads, head_size]`, `lengths` `[batch]` int32, rows of at most `max_len` tokens."""
@@ -862,7 +861,7 @@ def _build_varlen(scale: float, rate: float, interpret: bool, blocks: tuple, max
     return _with_vjp(forward, backward)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_recomputed(scale: float, rate: float):
     """The kernels' algorithm on whole arrays in XLA (any jax device): the backward pass recomputes the probabilities
     and the dropout mask from q, k, the seed and the saved log-sum-exp instead of keeping them from the forward."""

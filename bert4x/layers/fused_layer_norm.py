@@ -116,7 +116,7 @@ def _backward_kernel(
     plgpu.store(dbeta_ref.at[out], dbeta, mask=col_ok)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(epsilon: float, interpret: bool, blocks: tuple):
     """The custom-VJP `[rows, width]` LayerNorm for one (epsilon, interpret, tiles) combination."""
     import jax

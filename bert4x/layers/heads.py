@@ -12,7 +12,7 @@ layer and P-tuning's embedding. Each is a serializable `keras.layers.Layer` usin
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 from keras import ops

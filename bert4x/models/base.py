@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import keras
 import numpy as np
@@ -29,7 +30,7 @@ from bert4x.training import Model
 
 logger = logging.getLogger("bert4x")
 
-MODELS: dict[str, type["Transformer"]] = {}
+MODELS: dict[str, type[Transformer]] = {}
 
 
 def register_model(*names: str) -> Callable[[type], type]:
@@ -229,7 +230,7 @@ class Transformer:
         return ("encoder",)
 
     @classmethod
-    def from_config(cls, config: dict, config_path: str = "<config>", **kwargs) -> "Transformer":
+    def from_config(cls, config: dict, config_path: str = "<config>", **kwargs) -> Transformer:
         """Builds the template from a Google or Hugging Face config dict, with `kwargs` overriding it."""
         model_type = config.get("model_type")
         if model_type is not None and cls.model_types and model_type not in cls.model_types:

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import keras
 
-from bert4x.layers import (AttentionMask, BiasAdd, Dropout, Embedding, FeedForward, FirstToken, LayerNormalization,
-                          MultiHeadAttention, PositionEmbedding, RemovePadding, RestorePadding)
+from bert4x.layers import (
+    AttentionMask,
+    BiasAdd,
+    Dropout,
+    Embedding,
+    FeedForward,
+    FirstToken,
+    LayerNormalization,
+    MultiHeadAttention,
+    PositionEmbedding,
+    RemovePadding,
+    RestorePadding,
+)
 from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import Transformer, register_model, src
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Iterable
 
 import keras
 import numpy as np
@@ -568,7 +567,7 @@ class T5DecodingAdapter(DecodingAdapter):
     (2, True)
     """
 
-    def __init__(self, t5: "T5", start_id: int = 0):
+    def __init__(self, t5: T5, start_id: int = 0):
         if not isinstance(t5, T5) or t5.model is None:
             raise TypeError(f"T5DecodingAdapter needs a built bert4x T5 (return_keras_model=False), got {type(t5)}.")
         if t5.with_lm is False:

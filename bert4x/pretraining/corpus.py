@@ -16,8 +16,8 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 logger = logging.getLogger("bert4x")
 

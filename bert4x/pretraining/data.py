@@ -15,8 +15,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import keras
 import numpy as np
@@ -42,7 +42,7 @@ class PackedCorpus:
     flags: np.ndarray
 
     @classmethod
-    def open(cls, prefix: str | os.PathLike) -> "PackedCorpus":
+    def open(cls, prefix: str | os.PathLike) -> PackedCorpus:
         """Opens the files that `preprocess_corpus` wrote under `prefix`."""
         prefix = str(prefix)
         meta_path = prefix + ".json"

@@ -6,7 +6,8 @@ import csv
 import logging
 import os
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import keras
 

@@ -5,7 +5,7 @@ Spans are `(type, start, end)` tuples with an inclusive `end`, over token positi
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -158,7 +158,8 @@ class LayerTestCase:
         call_kwargs = dict(call_kwargs or {})
         layer = layer_cls(**init_kwargs)
         model, sym_outputs = self._functional(layer, input_data, call_kwargs)
-        eager = [np.asarray(keras.ops.convert_to_numpy(o)) for o in _as_list(self._call(layer, input_data, call_kwargs))]
+        eager = [np.asarray(keras.ops.convert_to_numpy(o))
+                 for o in _as_list(self._call(layer, input_data, call_kwargs))]
 
         # 1. config round trip (on the built layer, whose config must not depend on build state)
         config = layer.get_config()
@@ -168,7 +169,8 @@ class LayerTestCase:
         assert [tuple(o.shape) for o in cloned] == [o.shape for o in eager], f"{layer_cls.__name__}: clone's shapes"
 
         # 2. symbolic specs vs eager outputs
-        assert len(sym_outputs) == len(eager), f"{layer_cls.__name__}: {len(sym_outputs)} symbolic vs {len(eager)} outputs"
+        assert len(sym_outputs) == len(eager), (
+            f"{layer_cls.__name__}: {len(sym_outputs)} symbolic vs {len(eager)} eager outputs")
         for sym, out in zip(sym_outputs, eager):
             assert len(sym.shape) == out.ndim, f"{layer_cls.__name__}: symbolic rank {sym.shape} vs eager {out.shape}"
             for s, e in zip(sym.shape, out.shape):
@@ -207,9 +209,9 @@ class LayerTestCase:
             out = np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")))
             assert np.all(np.isfinite(out)), f"{layer_cls.__name__}: non-finite output under mixed_bfloat16"
 
-        # 6. a fit step
+        # 6. two fit steps
         if trainable:
-            self._check_fit(layer, model, eager, layer_cls, init_kwargs, input_data, call_kwargs, loss, layer_loss, targets)
+            self._check_fit(layer, model, eager, init_kwargs, input_data, call_kwargs, loss, layer_loss, targets)
         else:
             assert not layer.trainable_weights, f"{layer_cls.__name__} has trainable weights: test its fit step"
             floats = [o for o in eager if np.issubdtype(o.dtype, np.floating)]
@@ -264,7 +266,8 @@ class LayerTestCase:
         else:
             np.testing.assert_array_equal(a, b, err_msg=message)
 
-    def _check_fit(self, layer, model, eager, layer_cls, init_kwargs, input_data, call_kwargs, loss, layer_loss, targets):
+    def _check_fit(self, layer, model, eager, init_kwargs, input_data, call_kwargs, loss, layer_loss, targets):
+        layer_cls = type(layer)
         name = layer_cls.__name__
         own = bool(layer.trainable_weights)
         adapters = []

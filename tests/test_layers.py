@@ -41,21 +41,23 @@ rng = np.random.default_rng(0)
 X = rng.normal(size=(2, 5, 8)).astype("float32")
 IDS = np.array([[3, 7, 9, 4, 2], [5, 8, 1, 0, 0]], "int32")  # the second row is padded
 MASK = (IDS != 0).astype("int32")
-KEY_MASK = (IDS != 0)[:, None, None, :]
+MASK4 = (IDS != 0)[:, None, None, :]
 SEGMENTS = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], "int32")
 COND = rng.normal(size=(2, 3)).astype("float32")
 SPANS = np.zeros((2, 2, 5, 5), "float32")
 SPANS[:, 0, 1, 2] = SPANS[:, 1, 0, 3] = 1
-LABELS = rng.integers(0, 8, size=(2, 5)).astype("int32")
+SPAN_LOSS = dict(loss=losses.global_pointer_crossentropy, targets=SPANS)
+CRF_LOSS = dict(layer_loss=lambda crf: crf.sparse_loss, targets=rng.integers(0, 8, size=(2, 5)).astype("int32"))
 # What RestorePadding takes: RemovePadding's outputs for X and IDS (computed eagerly, so on this backend).
 TOKENS, POSITIONS, SLOTS = (keras.ops.convert_to_numpy(t) for t in RemovePadding()(X, IDS))
 
+# (layer class, constructor arguments, input data, run_layer_test options): one line per layer, and per variant.
 CASES = [
     (Embedding, dict(input_dim=10, output_dim=8), IDS, {}),
     (Embedding, dict(input_dim=10, output_dim=8), X, dict(call_kwargs={"mode": "dense"})),
     (PromptEmbedding, dict(input_dim=10, output_dim=8, prompt_ids=[1, 3, 5, 7, 9]), IDS, {}),
     (PositionEmbedding, dict(input_dim=16, output_dim=8), X, {}),
-    (MultiHeadAttention, dict(heads=2, head_size=4, attention_dropout=0.1), {"query": X, "attention_mask": KEY_MASK}, {}),
+    (MultiHeadAttention, dict(heads=2, head_size=4, attention_dropout=0.1), {"query": X, "attention_mask": MASK4}, {}),
     (MultiHeadAttention, dict(heads=2, head_size=4, cross_attention=True), {"query": X[:, :3], "key_value": X}, {}),
     (FeedForward, dict(units=16), X, {}),
     (FeedForward, dict(units=16, gated=True, use_bias=False), X, {}),
@@ -66,12 +68,9 @@ CASES = [
     (RemovePadding, {}, {"inputs": X, "token_ids": IDS}, {}),
     (RestorePadding, {}, {"tokens": TOKENS, "positions": POSITIONS, "slots": SLOTS}, {}),
     (AttentionMask, dict(mode="unilm"), {"token_ids": IDS, "segment_ids": SEGMENTS}, dict(trainable=False)),
-    (GlobalPointer, dict(heads=2, head_size=4), {"inputs": X, "mask": MASK},
-     dict(loss=losses.global_pointer_crossentropy, targets=SPANS)),
-    (EfficientGlobalPointer, dict(heads=2, head_size=4), {"inputs": X, "mask": MASK},
-     dict(loss=losses.global_pointer_crossentropy, targets=SPANS)),
-    (ConditionalRandomField, dict(lr_multiplier=2), {"inputs": X, "mask": MASK},
-     dict(layer_loss=lambda crf: crf.sparse_loss, targets=LABELS)),
+    (GlobalPointer, dict(heads=2, head_size=4), {"inputs": X, "mask": MASK}, SPAN_LOSS),
+    (EfficientGlobalPointer, dict(heads=2, head_size=4), {"inputs": X, "mask": MASK}, SPAN_LOSS),
+    (ConditionalRandomField, dict(lr_multiplier=2), {"inputs": X, "mask": MASK}, CRF_LOSS),
     (ConditionalLayerNormalization, dict(hidden_units=4), [X, COND], {}),
     (NormalizedDense, dict(units=3), X[:, 0], {}),
     (RelativePositionBias, dict(heads=2, num_buckets=8, max_distance=16), X, {}),
@@ -98,7 +97,7 @@ def test_every_exported_layer_has_a_case():
     exported = {obj for _, obj in inspect.getmembers(bert4x.layers, inspect.isclass)
                 if issubclass(obj, keras.layers.Layer) and obj.__module__.startswith("bert4x.")}
     missing = sorted(cls.__name__ for cls in exported - {case[0] for case in CASES})
-    assert not missing, f"layers exported by bert4x.layers without a LayerTestCase line in tests/test_layers.py: {missing}"
+    assert not missing, f"layers exported by bert4x.layers without a line in tests/test_layers.py's CASES: {missing}"
 
 
 def test_layer_test_case_catches_a_broken_config():

@@ -22,6 +22,8 @@ setup(
             "jax",
             "torch==2.13.0",
             "transformers",
+            "ruff",
+            "hypothesis",
         ],
         # peers for benchmarks/ (not needed by the library or its tests)
         "bench": ["keras-hub==0.32.0", "jax", "torch==2.13.0", "transformers"],

@@ -148,7 +148,8 @@ def scope(strategy: Any) -> contextlib.AbstractContextManager:
     if strategy is None:
         return contextlib.nullcontext()
     if not hasattr(strategy, "scope"):
-        raise TypeError(f"strategy must be a keras.distribution.Distribution or a tf.distribute.Strategy, got {strategy!r}.")
+        raise TypeError(
+            f"strategy must be a keras.distribution.Distribution or a tf.distribute.Strategy, got {strategy!r}.")
     return strategy.scope()
 
 

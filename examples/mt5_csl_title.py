@@ -151,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-source", type=int, default=256, help="abstract tokens kept (with </s>)")
-    parser.add_argument("--max-target", type=int, default=32, help="title tokens (with </s>), also the generation limit")
+    parser.add_argument("--max-target", type=int, default=32,
+                        help="title tokens (with </s>), also the generation limit")
     parser.add_argument("--lr", type=float, help="default 1e-3 from scratch, 2e-4 with --checkpoint")
     parser.add_argument("--beams", type=int, default=1, help="beam width for generation (1 = greedy)")
     parser.add_argument("--train-limit", type=int)

@@ -80,10 +80,10 @@ def build_model(config, checkpoint, num_types: int, head: str, head_size: int) -
 
 def evaluate(model, data: BucketBatches, mappings, samples, types):
     predicted = [None] * len(samples)
-    for batch_index, (indices, length) in enumerate(data.batches):
+    for batch_index, (indices, _length) in enumerate(data.batches):
         logits = np.asarray(model.predict_on_batch(data[batch_index][0]))
-        for i, l in zip(indices, logits):
-            predicted[i] = token_spans_to_chars(decode_global_pointer(l, types), mappings[i])
+        for i, row_logits in zip(indices, logits):
+            predicted[i] = token_spans_to_chars(decode_global_pointer(row_logits, types), mappings[i])
     return entity_f1(predicted, [spans for _, spans in samples])
 
 
@@ -125,7 +125,8 @@ def parse_args(argv=None, description=__doc__):
     parser.add_argument("--vocab", help="vocab.txt (default: the Chinese BERT vocab in ../shared/data)")
     parser.add_argument("--epochs", type=int, help="default: 1 on People's Daily (50k sentences), 3 on CLUENER (10k)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--maxlen", type=int, default=128, help="longer texts are cut (their lost entities count as misses)")
+    parser.add_argument("--maxlen", type=int, default=128,
+                        help="longer texts are cut (their lost entities count as misses)")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--dev-limit", type=int)

@@ -1,9 +1,10 @@
 """PET on FewCLUE (eprstmt sentiment, tnews news topics): classification as a cloze filled in by a masked LM.
 
-Patterns: eprstmt "{mask}满意。{text}" with label words 很 (Positive) / 不 (Negative); tnews "这是一则{mask}新闻。{text}"
-with each class's 2-character Chinese name (故事, 文化, ...). A class's score is the MLM log-probability of its label
-word at the [MASK] slots. Accuracy on test_public is measured zero-shot (before training) and after few-shot
-training on train_few_all (labelled) plus masked-LM on unlabelled texts (test_public's sentences, labels unused).
+Patterns: eprstmt "{mask}满意。{text}" with label words 很 (Positive) / 不 (Negative);
+tnews "这是一则{mask}新闻。{text}" with each class's 2-character Chinese name (故事, 文化, ...).
+A class's score is the MLM log-probability of its label word at the [MASK] slots. Accuracy on test_public is
+measured zero-shot (before training) and after few-shot training on train_few_all (labelled) plus masked-LM on
+unlabelled texts (test_public's sentences, labels unused).
 
 From scratch there is no pretrained MLM, so zero-shot is chance and few-shot learning starts from nothing; with a
 real Chinese MLM checkpoint the same script runs PET as the seed article describes:

@@ -84,7 +84,8 @@ def prepare_corpus(args, tokenizer):
 
     from bert4x.pretraining import PackedCorpus, iter_corpus_sentences, preprocess_corpus
 
-    prefix = os.path.join(args.corpus_cache or args.work_dir, f"corpus-{args.seq_len}" + (f"-{args.max_sentences}" if args.max_sentences else ""))
+    name = f"corpus-{args.seq_len}" + (f"-{args.max_sentences}" if args.max_sentences else "")
+    prefix = os.path.join(args.corpus_cache or args.work_dir, name)
     if os.path.exists(prefix + ".json") and not args.rebuild:
         logging.info("reusing the packed corpus at %s", prefix)
         return PackedCorpus.open(prefix)
@@ -176,7 +177,8 @@ def main(argv=None) -> dict:
         model=args.model, objective=args.objective, parameters=transformer.model.count_params(),
         seq_len=args.seq_len, global_batch=batch, steps=steps, epochs=curve.epoch + 1, train_seconds=round(seconds, 1),
         tokens_per_second=round(sum(r["tokens_per_second"] for r in windows) / len(windows), 1) if windows else None,
-        overall_tokens_per_second=round(steps * batch * args.seq_len / seconds, 1),  # compilation and evaluations included
+        # compilation and evaluations included:
+        overall_tokens_per_second=round(steps * batch * args.seq_len / seconds, 1),
         row_fill=round(corpus.meta["num_tokens"] / (len(corpus) * corpus.meta["capacity"]), 4),
         corpus_tokens=corpus.meta["num_tokens"], held_out_rows=len(held_rows),
         final_loss=curve.history[-1]["loss"], held_out_loss=curve.history[-1]["held_out_loss"],

@@ -182,7 +182,7 @@ def tnews_labels() -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------------------ sentiment
 def load_bert4keras_sentiment(split: str) -> list[tuple[str, int]]:
-    """(text, label) of bert4keras's sentiment data: sentiment.train.data / .valid.data / .test.data ('text\\tlabel')."""
+    """(text, label) of bert4keras's sentiment data: sentiment.{train,valid,test}.data ('text\\tlabel' lines)."""
     path = _require(SHARED_DATA / "datasets" / "sentiment" / "bert4keras_sentiment.zip")
     with zipfile.ZipFile(path) as z:
         name = next((n for n in z.namelist() if n.endswith(f"{split}.data")), None)

@@ -54,7 +54,12 @@ def mlm_pretrain(encoder_config, tokenizer, sentences, args):
                 if rng.random() < 0.15:
                     target[i] = row[i]
                     r = rng.random()
-                    masked[i] = tokenizer.mask_id if r < 0.8 else rng.randrange(5, tokenizer.vocab_size) if r < 0.9 else row[i]
+                    if r < 0.8:
+                        masked[i] = tokenizer.mask_id
+                    elif r < 0.9:
+                        masked[i] = rng.randrange(5, tokenizer.vocab_size)
+                    else:
+                        masked[i] = row[i]
             inputs.append(masked)
             targets.append(target)
     model.compile(optimizer=keras.optimizers.AdamW(args.mlm_lr, weight_decay=0.01),

@@ -82,8 +82,9 @@ def preprocess_corpus(
     `tokenizer` must map [PAD] to id 0 (the models treat id 0 as padding) and have [CLS], [SEP] and [MASK].
 
     Example:
-    >>> corpus = preprocess_corpus(["我爱北京。", "天安门上太阳升。"], tokenizer, "/tmp/corpus", seq_len=32)  # doctest: +SKIP
-    >>> len(corpus), corpus.meta["num_tokens"]                                                      # doctest: +SKIP
+    >>> texts = ["我爱北京。", "天安门上太阳升。"]
+    >>> corpus = preprocess_corpus(texts, tokenizer, "/tmp/corpus", seq_len=32)  # doctest: +SKIP
+    >>> len(corpus), corpus.meta["num_tokens"]  # doctest: +SKIP
     (1, 11)
     """
     for name in ("pad_id", "start_id", "end_id", "mask_id"):

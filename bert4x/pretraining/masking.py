@@ -94,7 +94,8 @@ def whole_word_mask(
     if not 0.0 < mask_rate < 1.0:
         raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
     if len(replace_probs) != 3 or abs(sum(replace_probs) - 1.0) > 1e-6 or min(replace_probs) < 0:
-        raise ValueError(f"replace_probs (mask, random, keep) must be 3 probabilities summing to 1, got {replace_probs}.")
+        raise ValueError(
+            f"replace_probs (mask, random, keep) must be 3 probabilities summing to 1, got {replace_probs}.")
     chosen = np.zeros(len(token_ids), dtype=bool)
     if len(token_ids) == 0:
         return token_ids.copy(), chosen

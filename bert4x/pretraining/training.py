@@ -230,7 +230,7 @@ class CheckpointSaver(keras.callbacks.Callback):
         self.paths: dict[str, str] = {}
 
     def _save(self):
-        self.model  # on jax this property copies the training state back into the variables first
+        _ = self.model  # on jax this property copies the training state back into the variables first
         self.paths = save_checkpoints(self.transformer, self.directory, self.formats)
         logger.info("saved checkpoints: %s", self.paths)
 

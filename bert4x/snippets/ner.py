@@ -177,7 +177,8 @@ def global_pointer_sparse_labels(
     if max_entities is None:
         max_entities = max(most, 1)
     elif most > max_entities:
-        raise ValueError(f"global_pointer_sparse_labels: {most} entities of one type exceed max_entities={max_entities}.")
+        raise ValueError(
+            f"global_pointer_sparse_labels: {most} entities of one type exceed max_entities={max_entities}.")
     labels = np.zeros((len(categories), max_entities, 2), dtype="int32")
     for t, pairs in enumerate(per_type):
         if pairs:

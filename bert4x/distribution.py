@@ -88,6 +88,13 @@ def layout_map(
     Every sharded dimension (heads * head_size * 3, intermediate_size, vocab_size) must be divisible by the size of
     `model_axis`.
 
+    Args:
+        device_mesh: the mesh whose `model_axis` the kernels are sharded over.
+        model_axis: the mesh axis name for model parallelism.
+
+    Returns:
+        A `keras.distribution.LayoutMap` keyed by bert4x's variable paths.
+
     Example:
     >>> mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), keras.distribution.list_devices()[:1])
     >>> layout_map(mesh)["Transformer-0-FeedForward/inner/kernel"].axes
@@ -107,6 +114,13 @@ def model_parallel(
     """A `keras.distribution.ModelParallel` (jax) over a (batch, model) mesh of `devices` (default: all), with
     `model_size` devices per model replica (default: all devices, i.e. pure model parallelism) and bert4x's
     `layout_map`. Build the model inside `scope(...)` of it, or after `keras.distribution.set_distribution(it)`.
+
+    Args:
+        model_size: devices per model replica (default: all devices).
+        devices: Keras device names, e.g. 'gpu:0' (default: every device).
+
+    Returns:
+        A `keras.distribution.ModelParallel` with bert4x's `layout_map`.
 
     Example:
     >>> distribution = model_parallel(model_size=4)                 # doctest: +SKIP
@@ -128,6 +142,12 @@ def data_parallel(devices: Sequence[str] | None = None) -> Any:
     jax: a `keras.distribution.DataParallel` (devices as Keras names them, e.g. 'gpu:0');
     tensorflow: a `tf.distribute.MirroredStrategy` (devices as TF names them, e.g. '/gpu:0').
     Enter it with `scope(strategy)`.
+
+    Args:
+        devices: device names as the backend spells them (default: every device).
+
+    Returns:
+        The backend's data-parallel distribution or strategy.
     """
     backend = keras.backend.backend()
     if backend == "jax":
@@ -144,7 +164,14 @@ def data_parallel(devices: Sequence[str] | None = None) -> Any:
 
 def scope(strategy: Any) -> contextlib.AbstractContextManager:
     """The context in which to build, compile and fit: `strategy.scope()` for both Keras distributions and
-    tf.distribute strategies; `None` gives a no-op context (single device)."""
+    tf.distribute strategies; `None` gives a no-op context (single device).
+
+    Args:
+        strategy: a `keras.distribution.Distribution`, a `tf.distribute.Strategy`, or None.
+
+    Returns:
+        A context manager.
+    """
     if strategy is None:
         return contextlib.nullcontext()
     if not hasattr(strategy, "scope"):
@@ -154,7 +181,14 @@ def scope(strategy: Any) -> contextlib.AbstractContextManager:
 
 
 def num_replicas(strategy: Any) -> int:
-    """How many copies of the model a data-parallel step runs: the batch is split this many ways."""
+    """How many copies of the model a data-parallel step runs: the batch is split this many ways.
+
+    Args:
+        strategy: a `keras.distribution.Distribution`, a `tf.distribute.Strategy`, or None (one replica).
+
+    Returns:
+        The number of replicas.
+    """
     if strategy is None:
         return 1
     if hasattr(strategy, "num_replicas_in_sync"):  # tf.distribute
@@ -167,7 +201,15 @@ def num_replicas(strategy: Any) -> int:
 
 
 def global_batch_size(per_replica: int, strategy: Any) -> int:
-    """The batch size to give `fit` so that each replica sees `per_replica` samples."""
+    """The batch size to give `fit` so that each replica sees `per_replica` samples.
+
+    Args:
+        per_replica: samples each replica should see per step.
+        strategy: as for `num_replicas`.
+
+    Returns:
+        `per_replica` times the number of replicas.
+    """
     if per_replica < 1:
         raise ValueError(f"per_replica must be a positive batch size, got {per_replica}.")
     return per_replica * num_replicas(strategy)
@@ -178,6 +220,13 @@ def uncovered_kernels(model: keras.Model, layouts: keras.distribution.LayoutMap 
 
     Walks the model for bert4x `MultiHeadAttention` and `FeedForward` layers (and 'Embedding-Token'), so a new model
     whose names escape `LAYOUT_RULES` shows up here instead of silently training unsharded.
+
+    Args:
+        model: a built bert4x model.
+        layouts: the layout map to check (default: the patterns of `LAYOUT_RULES`).
+
+    Returns:
+        The variable paths left replicated, empty when every kernel is covered.
     """
     from bert4x.layers import FeedForward, MultiHeadAttention
 
@@ -202,6 +251,11 @@ def initialize_multi_host(
 
     Call it first thing on every host (same script, `process_id` 0..num_processes-1); arguments left None are read
     from KERAS_DISTRIBUTION_JOB_ADDRESSES / KERAS_DISTRIBUTION_NUM_PROCESSES / KERAS_DISTRIBUTION_PROCESS_ID.
+
+    Args:
+        coordinator_address: 'host:port' of process 0.
+        num_processes: number of hosts in the cluster.
+        process_id: this host's index, 0 .. num_processes - 1.
     """
     _require_backend("keras.distribution.initialize", "jax")
     keras.distribution.initialize(coordinator_address, num_processes, process_id)

@@ -54,6 +54,13 @@ def _logsumexp_with_zero(x):
 def multilabel_categorical_crossentropy(y_true, y_pred):
     """Multi-label softmax-CE over the last axis; `y_true` 0/1, `y_pred` scores (threshold 0, no sigmoid).
 
+    Args:
+        y_true: 0/1 labels, the same shape as `y_pred`.
+        y_pred: scores, any leading shape; classes on the last axis.
+
+    Returns:
+        The loss per row, `y_pred`'s shape without the last axis.
+
     Example:
     >>> float(multilabel_categorical_crossentropy([[1., 0.]], [[3., -3.]])[0])  # doctest: +ELLIPSIS
     0.0971...
@@ -72,6 +79,14 @@ def sparse_multilabel_categorical_crossentropy(y_true, y_pred, mask_zero: bool =
     The negative term `log(1 + sum_N e^s)` is computed without listing N as
     `log(1 + sum_all e^s) + log(1 - sum_P e^s / (1 + sum_all e^s))`. Indices must be distinct within a row. With
     `mask_zero=True` class 0 is never a class: index 0 pads the positive lists (and score 0 is ignored).
+
+    Args:
+        y_true: int indices of the positive classes, `[..., num_positive]`.
+        y_pred: scores `[..., num_classes]`.
+        mask_zero: treat class 0 as padding of the index lists, never a class.
+
+    Returns:
+        The loss per row, `y_pred`'s shape without the last axis.
 
     Example:
     >>> float(sparse_multilabel_categorical_crossentropy([[0]], [[3., -3.]])[0])  # doctest: +ELLIPSIS
@@ -103,7 +118,14 @@ def _flatten_spans(y_true, y_pred):
 def global_pointer_crossentropy(y_true, y_pred):
     """GlobalPointer's loss: multi-label CE over all spans of each type, averaged over types, per sample.
 
-    `y_true`, `y_pred`: `[batch, heads, len, len]` (0/1 labels, span logits). The batch mean equals bert4keras's value.
+    The batch mean equals bert4keras's value.
+
+    Args:
+        y_true: 0/1 span labels `[batch, heads, len, len]`.
+        y_pred: span logits `[batch, heads, len, len]` (GlobalPointer's output).
+
+    Returns:
+        The loss per sample, `[batch]`.
     """
     y_true, y_pred = _flatten_spans(y_true, y_pred)
     return ops.mean(multilabel_categorical_crossentropy(y_true, y_pred), axis=1)
@@ -115,6 +137,13 @@ def sparse_global_pointer_crossentropy(y_true, y_pred):
 
     Pad each type's list with (0, 0) (the [CLS] span, never an entity). Memory is O(entities) for the labels instead
     of O(len^2): see `bert4x.snippets.global_pointer_sparse_labels`.
+
+    Args:
+        y_true: int (start, end) pairs `[batch, heads, max_entities, 2]`, padded with (0, 0).
+        y_pred: span logits `[batch, heads, len, len]`.
+
+    Returns:
+        The loss per sample, `[batch]`.
     """
     shape = ops.shape(y_pred)
     y_true = ops.cast(y_true, "int32")
@@ -127,7 +156,17 @@ def sparse_global_pointer_crossentropy(y_true, y_pred):
 def sparse_categorical_focal_crossentropy(y_true, y_pred, gamma: float = 2.0, alpha=None, from_logits: bool = False):
     """Focal loss `-alpha_t (1 - p_t)^gamma log p_t` with integer labels.
 
-    `alpha`: None (no class weights), a float, or one weight per class. `gamma=0` and `alpha=None` give plain CE.
+    `gamma=0` and `alpha=None` give plain CE.
+
+    Args:
+        y_true: int labels, `y_pred`'s shape without the last axis (or with a trailing 1).
+        y_pred: probabilities (or logits with `from_logits=True`) `[..., num_classes]`.
+        gamma: focusing exponent; 0 turns focusing off.
+        alpha: None (no class weights), a float, or one weight per class.
+        from_logits: whether `y_pred` are logits.
+
+    Returns:
+        The loss per example, `y_pred`'s shape without the last axis.
 
     Example:
     >>> float(sparse_categorical_focal_crossentropy([1], [[0.2, 0.8]], gamma=0.0)[0])  # doctest: +ELLIPSIS
@@ -161,6 +200,15 @@ def logit_adjusted_crossentropy(y_true, y_pred, prior, tau: float = 1.0):
 
     Train with it and predict with the raw `argmax(logits)`: rare classes then need less evidence to win.
 
+    Args:
+        y_true: int labels, `y_pred`'s shape without the last axis.
+        y_pred: logits `[..., num_classes]`.
+        prior: positive class frequencies, one per class (normalised here).
+        tau: the adjustment's strength.
+
+    Returns:
+        The loss per example.
+
     Example:
     >>> float(logit_adjusted_crossentropy([0], [[0., 0.]], prior=[0.5, 0.5])[0])  # doctest: +ELLIPSIS
     0.6931...
@@ -173,6 +221,14 @@ def logit_adjusted_crossentropy(y_true, y_pred, prior, tau: float = 1.0):
 def adjust_logits(logits, prior, tau: float = 1.0):
     """Post-hoc logit adjustment for a model trained with plain CE: `logits - tau * log(prior)`.
 
+    Args:
+        logits: `[..., num_classes]`.
+        prior: positive class frequencies, one per class (normalised here).
+        tau: the adjustment's strength.
+
+    Returns:
+        The adjusted float32 logits.
+
     Example:
     >>> [round(float(v), 4) for v in keras.ops.convert_to_numpy(adjust_logits(keras.ops.zeros((1, 2)), [0.5, 0.5]))[0]]
     [0.6931, 0.6931]
@@ -183,6 +239,15 @@ def adjust_logits(logits, prior, tau: float = 1.0):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 def am_softmax_crossentropy(y_true, y_pred, scale: float = 30.0, margin: float = 0.35):
     """AM-Softmax: `CE(softmax(scale * (cos - margin * onehot(y))))` on cosines `y_pred` (integer labels).
+
+    Args:
+        y_true: int labels, `y_pred`'s shape without the last axis.
+        y_pred: cosine similarities `[..., num_classes]` (e.g. `NormalizedDense`'s output).
+        scale: multiplies the margin-shifted cosines.
+        margin: subtracted from the true class's cosine.
+
+    Returns:
+        The loss per example.
 
     Example:
     >>> float(am_softmax_crossentropy([0], [[1.0, 0.0]], scale=1.0, margin=0.0)[0])  # doctest: +ELLIPSIS
@@ -228,7 +293,12 @@ class MultilabelCategoricalCrossentropy(_Loss):
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class SparseMultilabelCategoricalCrossentropy(_Loss):
-    """Loss class of `sparse_multilabel_categorical_crossentropy`."""
+    """Loss class of `sparse_multilabel_categorical_crossentropy`.
+
+    Args:
+        mask_zero: treat class 0 as padding of the index lists, never a class.
+        **kwargs: `reduction`, `name`, `dtype` of `keras.losses.Loss`.
+    """
 
     fn = sparse_multilabel_categorical_crossentropy
 
@@ -256,7 +326,14 @@ class SparseGlobalPointerCrossentropy(_Loss):
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class SparseCategoricalFocalCrossentropy(_Loss):
-    """Loss class of `sparse_categorical_focal_crossentropy`."""
+    """Loss class of `sparse_categorical_focal_crossentropy`.
+
+    Args:
+        gamma: focusing exponent; 0 turns focusing off.
+        alpha: None (no class weights), a float, or one weight per class.
+        from_logits: whether predictions are logits.
+        **kwargs: `reduction`, `name`, `dtype` of `keras.losses.Loss`.
+    """
 
     fn = sparse_categorical_focal_crossentropy
 
@@ -269,6 +346,11 @@ class SparseCategoricalFocalCrossentropy(_Loss):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class LogitAdjustedCrossentropy(_Loss):
     """Loss class of `logit_adjusted_crossentropy` (logits in, integer labels).
+
+    Args:
+        prior: positive class frequencies, one per class (normalised; a bad prior raises `ValueError` here).
+        tau: the adjustment's strength.
+        **kwargs: `reduction`, `name`, `dtype` of `keras.losses.Loss`.
 
     Example:
     >>> loss = LogitAdjustedCrossentropy(prior=[0.9, 0.1], tau=1.0)
@@ -285,7 +367,13 @@ class LogitAdjustedCrossentropy(_Loss):
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class AMSoftmaxCrossentropy(_Loss):
-    """Loss class of `am_softmax_crossentropy` (cosine logits in, integer labels)."""
+    """Loss class of `am_softmax_crossentropy` (cosine logits in, integer labels).
+
+    Args:
+        scale: multiplies the margin-shifted cosines.
+        margin: subtracted from the true class's cosine.
+        **kwargs: `reduction`, `name`, `dtype` of `keras.losses.Loss`.
+    """
 
     fn = am_softmax_crossentropy
 

@@ -28,6 +28,11 @@ class ViterbiDecoder:
 
     `starts` / `ends`: label ids allowed at the first / last position (e.g. only 'O' and 'B-*' may start).
 
+    Args:
+        trans: transition scores `[num_labels, num_labels]`, `trans[from, to]`.
+        starts: label ids allowed at the first position (default: all).
+        ends: label ids allowed at the last position (default: all).
+
     Example:
     >>> decoder = ViterbiDecoder(np.array([[0.0, -5.0], [0.0, 0.0]]))
     >>> decoder.decode(np.array([[1.0, 0.0], [0.0, 1.0]])).tolist()
@@ -71,6 +76,12 @@ class ViterbiDecoder:
 def bio_tags(categories: Sequence[str]) -> list[str]:
     """Tag list of the bert4keras id layout: 0 = 'O', 2k+1 = 'B-' + categories[k], 2k+2 = 'I-' + categories[k].
 
+    Args:
+        categories: entity type names, in id order.
+
+    Returns:
+        The tag of each label id.
+
     Example:
     >>> bio_tags(["PER", "LOC"])
     ['O', 'B-PER', 'I-PER', 'B-LOC', 'I-LOC']
@@ -83,6 +94,12 @@ def bio_tags(categories: Sequence[str]) -> list[str]:
 
 def bio_to_spans(tags: Sequence[str]) -> list[Span]:
     """BIO tags -> spans. An 'I-X' that does not continue an X entity starts a new one (as conlleval does).
+
+    Args:
+        tags: one BIO tag per position.
+
+    Returns:
+        `(type, start, end)` spans, ends inclusive.
 
     Example:
     >>> bio_to_spans(["B-PER", "I-PER", "O", "I-LOC", "B-LOC"])
@@ -112,6 +129,13 @@ def bio_to_spans(tags: Sequence[str]) -> list[Span]:
 def spans_to_bio(spans: Iterable[Span], length: int) -> list[str]:
     """Spans -> BIO tags of `length` positions. Overlapping spans cannot be expressed in BIO and raise.
 
+    Args:
+        spans: `(type, start, end)` spans, ends inclusive, not overlapping.
+        length: number of positions.
+
+    Returns:
+        One BIO tag per position.
+
     Example:
     >>> spans_to_bio([("PER", 0, 1)], 3)
     ['B-PER', 'I-PER', 'O']
@@ -135,6 +159,14 @@ def _type_index(categories: Sequence[str]) -> dict:
 def global_pointer_labels(spans: Iterable[Span], categories: Sequence[str], length: int) -> np.ndarray:
     """Dense GlobalPointer labels `[len(categories), length, length]` with 1 at (type, start, end).
 
+    Args:
+        spans: `(type, start, end)` spans, ends inclusive.
+        categories: entity type names; a span's type must be one of them.
+        length: number of positions.
+
+    Returns:
+        int32 labels `[len(categories), length, length]`.
+
     Example:
     >>> int(global_pointer_labels([("PER", 1, 2)], ["PER"], 4)[0, 1, 2])
     1
@@ -157,6 +189,14 @@ def global_pointer_sparse_labels(
 
     Position 0 must never start an entity (it is [CLS] in bert4x inputs): (0, 0) is the padding.
     For a batch, pad every sample to the same `max_entities` (the largest count in the batch).
+
+    Args:
+        spans: `(type, start, end)` spans, ends inclusive; (0, 0) is the padding and raises `ValueError`.
+        categories: entity type names; a span's type must be one of them.
+        max_entities: rows per type (default: the largest count here, at least 1); more entities raise `ValueError`.
+
+    Returns:
+        int32 labels `[len(categories), max_entities, 2]`.
 
     Example:
     >>> global_pointer_sparse_labels([("PER", 1, 2)], ["PER", "LOC"], 2).tolist()
@@ -191,6 +231,14 @@ def decode_global_pointer(logits, categories: Sequence[str] | None = None, thres
 
     Types are names when `categories` is given, else head indices.
 
+    Args:
+        logits: one sample's span logits `[heads, len, len]`.
+        categories: entity type names, one per head (default: head indices as types).
+        threshold: a span is predicted where its logit exceeds it.
+
+    Returns:
+        `(type, start, end)` spans, ends inclusive.
+
     Example:
     >>> logits = -np.ones((1, 3, 3)); logits[0, 1, 2] = 5.0
     >>> decode_global_pointer(logits, ["PER"])
@@ -207,6 +255,13 @@ def decode_global_pointer(logits, categories: Sequence[str] | None = None, thres
 
 def entity_f1(predicted: Iterable[Iterable[Span]], gold: Iterable[Iterable[Span]]) -> dict:
     """Micro entity F1 over samples: `{'f1', 'precision', 'recall', 'tp', 'pred', 'gold'}` (exact span + type match).
+
+    Args:
+        predicted: per sample, the predicted `(type, start, end)` spans.
+        gold: per sample, the true spans.
+
+    Returns:
+        `f1`, `precision`, `recall` and the counts `tp`, `pred`, `gold`.
 
     Example:
     >>> entity_f1([[("PER", 0, 1)]], [[("PER", 0, 1), ("LOC", 3, 4)]])["f1"]

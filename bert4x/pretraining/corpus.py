@@ -34,13 +34,24 @@ _CHAR_TAG_LINE = re.compile(r"^(\S)\s+([BIOES](-\S+)?)$")
 
 
 def count_chinese(text: str) -> int:
-    """Number of CJK ideographs in `text`."""
+    """Number of CJK ideographs in `text`.
+
+    Args:
+        text: any string.
+    """
     return len(_CJK_CHAR.findall(text))
 
 
 def split_sentences(text: str, min_chinese: int = 1) -> list[str]:
     """Splits `text` into sentences after 。！？!?；;… (closing quotes stay with their sentence) and at newlines.
     Sentences with fewer than `min_chinese` Chinese characters are merged into the one before (so nothing is lost).
+
+    Args:
+        text: the text to split.
+        min_chinese: sentences with fewer Chinese characters join the one before.
+
+    Returns:
+        The sentences, stripped of surrounding whitespace.
 
     Example:
     >>> split_sentences("今天天气很好。我们去公园吧！“好啊。”他说")
@@ -128,7 +139,14 @@ def _texts_in_file(name: str, data: bytes) -> Iterator[str]:
 
 
 def expand_corpus_paths(patterns: str | Iterable[str]) -> list[Path]:
-    """Files named by glob patterns or directories (walked recursively), sorted; raises if a pattern finds nothing."""
+    """Files named by glob patterns or directories (walked recursively), sorted; raises if a pattern finds nothing.
+
+    Args:
+        patterns: one glob pattern or directory, or several.
+
+    Returns:
+        The files, sorted.
+    """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     files: list[Path] = []
@@ -154,6 +172,14 @@ def iter_corpus_texts(
     out labels and ids. Whitespace between Chinese characters (pre-segmented copies) is removed. With `dedupe`, a
     text seen before (same characters) is skipped; that keeps a 16-byte digest per distinct text in memory.
 
+    Args:
+        patterns: glob patterns or directories, as for `expand_corpus_paths`.
+        min_chinese: fields with fewer Chinese characters are skipped.
+        dedupe: skip texts seen before.
+
+    Yields:
+        One text (a field or a line) at a time.
+
     Example:
     >>> texts = iter_corpus_texts("../shared/data/datasets/sentiment/*.csv")   # doctest: +SKIP
     >>> next(texts)                                                           # doctest: +SKIP
@@ -177,6 +203,14 @@ def iter_corpus_texts(
 
 
 def iter_corpus_sentences(patterns: str | Iterable[str], **kwargs) -> Iterator[str]:
-    """`iter_corpus_texts` cut into sentences by `split_sentences`."""
+    """`iter_corpus_texts` cut into sentences by `split_sentences`.
+
+    Args:
+        patterns: as for `iter_corpus_texts`.
+        **kwargs: `min_chinese` and `dedupe` of `iter_corpus_texts`.
+
+    Yields:
+        One sentence at a time.
+    """
     for text in iter_corpus_texts(patterns, **kwargs):
         yield from split_sentences(text)

@@ -34,7 +34,14 @@ OBJECTIVES = ("mlm", "lm", "unilm")
 
 @dataclasses.dataclass
 class PackedCorpus:
-    """A packed corpus on disk: `tokens` and `flags` are read-only memory maps of shape [rows, capacity]."""
+    """A packed corpus on disk: `tokens` and `flags` are read-only memory maps of shape [rows, capacity].
+
+    Args:
+        prefix: the path prefix of the files (`.json`, `.tokens`, `.flags`); use `PackedCorpus.open(prefix)`.
+        meta: the `.json` description.
+        tokens: token ids `[rows, capacity]`.
+        flags: word-start and sentence-start flags `[rows, capacity]`.
+    """
 
     prefix: str
     meta: dict
@@ -80,6 +87,17 @@ def preprocess_corpus(
     dropped). Each token carries flags: it starts a (jieba) word, it starts a sentence.
 
     `tokenizer` must map [PAD] to id 0 (the models treat id 0 as padding) and have [CLS], [SEP] and [MASK].
+
+    Args:
+        sentences: the text, one sentence at a time (e.g. `iter_corpus_sentences`).
+        tokenizer: a bert4x `Tokenizer` with [PAD] = 0, [CLS], [SEP] and [MASK].
+        prefix: path prefix of the files written (`.json`, `.tokens`, `.flags`).
+        seq_len: model sequence length; rows hold `seq_len - 3` tokens (room for [CLS] and two [SEP]).
+        segment: word segmentation, for whole-word masking.
+        log_every: log progress every this many sentences.
+
+    Returns:
+        The `PackedCorpus` written.
 
     Example:
     >>> texts = ["我爱北京。", "天安门上太阳升。"]
@@ -186,7 +204,16 @@ def _is_bracketed(token) -> bool:
 
 
 def split_rows(num_rows: int, held_out: float | int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows): a seeded random `held_out` fraction (or count) of `range(num_rows)`."""
+    """(train rows, held-out rows): a seeded random `held_out` fraction (or count) of `range(num_rows)`.
+
+    Args:
+        num_rows: rows of the corpus.
+        held_out: a fraction (below 1) or a row count; it must leave training rows.
+        seed: the permutation's seed.
+
+    Returns:
+        Sorted row indices for training, and for held-out evaluation.
+    """
     count = int(held_out) if held_out >= 1 else int(round(held_out * num_rows))
     if not 0 <= count < num_rows:
         raise ValueError(f"held_out={held_out} leaves no training rows out of {num_rows}.")
@@ -209,6 +236,20 @@ class PretrainingDataset(keras.utils.PyDataset):
     the next epoch's permutation puts them elsewhere. `shard=(index, count)` keeps every count-th row of the
     permutation, for one host of a multi-host job (each host then yields its own part of the global batch).
     Other keyword arguments (`workers`, `use_multiprocessing`, `max_queue_size`) go to `keras.utils.PyDataset`.
+
+    Args:
+        corpus: a `PackedCorpus` or its path prefix.
+        batch_size: rows per batch (per host with `shard`).
+        objective: 'mlm', 'lm' or 'unilm'.
+        seed: seed of the shuffling and the masking.
+        rows: the row indices to use (default: all).
+        shuffle: a new permutation every epoch; False reads rows in order.
+        mask_rate: share of tokens predicted ('mlm').
+        replace_probs: (mask, random token, keep) probabilities of a predicted token ('mlm').
+        with_segments: inputs are (token_ids, segment_ids); False gives token_ids alone.
+        drop_remainder: only full batches.
+        shard: `(index, count)`: this host's share of a multi-host job.
+        **kwargs: `workers`, `use_multiprocessing`, `max_queue_size` of `keras.utils.PyDataset`.
 
     Example:
     >>> data = PretrainingDataset("/tmp/corpus", batch_size=32, objective="mlm", seed=1)   # doctest: +SKIP

@@ -11,7 +11,14 @@ __all__ = ["jieba_words", "WordPieceEncoder", "whole_word_mask"]
 
 
 def jieba_words(text: str) -> list[str]:
-    """jieba's segmentation of `text` (precise mode, HMM on for unseen words)."""
+    """jieba's segmentation of `text` (precise mode, HMM on for unseen words).
+
+    Args:
+        text: the text to segment.
+
+    Returns:
+        Its words, in order.
+    """
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
@@ -24,6 +31,11 @@ class WordPieceEncoder:
 
     `tokenizer` is a bert4x `Tokenizer` (anything with `encode` and `start_id` / `end_id`). Token ids of frequent
     words are cached (`cache_size` words).
+
+    Args:
+        tokenizer: a bert4x `Tokenizer` (anything with `encode` and `start_id` / `end_id`).
+        segment: word segmentation (jieba by default).
+        cache_size: words whose token ids are cached.
 
     Example:
     >>> from bert4x.tokenizers import Tokenizer
@@ -77,6 +89,15 @@ def whole_word_mask(
     (80/10/10 by default).
 
     Returns `(input_ids, chosen)`: the corrupted ids and a boolean mask of the tokens to predict.
+
+    Args:
+        token_ids: the sequence's token ids, without special tokens.
+        word_starts: per token, whether it starts a word.
+        rng: the random generator.
+        mask_id: the [MASK] id.
+        random_ids: ids to draw random replacements from.
+        mask_rate: share of tokens chosen.
+        replace_probs: (mask, random id, keep) probabilities of a chosen token; they must sum to 1.
 
     Example:
     >>> rng = np.random.default_rng(0)

@@ -43,6 +43,16 @@ def build_pretraining_model(
     logits (`with_mlm='linear'`), and returns the `Transformer` (its `.model` is the Keras model; it also saves
     Google / Hugging Face checkpoints). Any registered model with an MLM head works (bert, wobert, roformer, ...).
 
+    Args:
+        config: a model config (dict) or the path of its JSON file.
+        model: a registered model name.
+        objective: 'mlm', 'lm' or 'unilm'.
+        checkpoint_path: weights to start from (default: random).
+        **kwargs: more arguments of `build_transformer_model`.
+
+    Returns:
+        The `Transformer`.
+
     Example:
     >>> t = build_pretraining_model({"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1,
     ...     "num_attention_heads": 2, "intermediate_size": 16}, objective="lm")
@@ -71,6 +81,18 @@ def compile_for_pretraining(
 
     The default optimizer is AdamW with linear warm-up over `warmup_steps` then linear decay to 0 at `total_steps`
     (constant after warm-up when `total_steps` is None). Embeddings, biases and norms are not decayed.
+
+    Args:
+        model: the Keras model of `build_pretraining_model`.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: linear warm-up steps.
+        total_steps: steps of the linear decay's end (None: constant after warm-up).
+        optimizer: used instead of the default AdamW.
+        **compile_kwargs: more arguments of `model.compile` (e.g. `jit_compile`, `steps_per_execution`).
+
+    Returns:
+        `model`, compiled.
     """
     if optimizer is None:
         schedule: Any = learning_rate
@@ -111,6 +133,14 @@ def save_checkpoints(
     `google/bert_model.ckpt` + `bert_config.json` (needs tensorflow to write; read back by bert4x without it),
     'huggingface': `huggingface/model.safetensors` + `config.json`. Both checkpoint formats load back through
     `build_transformer_model(config, checkpoint)` with the same model and application.
+
+    Args:
+        transformer: the `Transformer` to save.
+        directory: where the files go (created if missing).
+        formats: any of 'keras', 'keras_model', 'google', 'huggingface'.
+
+    Returns:
+        `{format: path}` of what was written.
     """
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
@@ -142,6 +172,14 @@ class PretrainingLogger(keras.callbacks.Callback):
     'held_out_accuracy' are the MLM loss and accuracy on text the model never trained on.
 
     `history` keeps every row written, as dicts.
+
+    Args:
+        csv_path: the CSV file written.
+        tokens_per_step: token positions per step (batch_size x seq_len), for the throughput column.
+        every: write a row every this many steps.
+        held_out: a dataset to evaluate on (None: no evaluation).
+        eval_every: evaluate every this many steps (None: only at the end).
+        eval_steps: batches of `held_out` per evaluation (None: all).
     """
 
     FIELDS = ("step", "epoch", "seconds", "tokens_per_second", "loss", "accuracy", "held_out_loss",
@@ -215,7 +253,14 @@ def _number(value) -> float | str:
 
 class CheckpointSaver(keras.callbacks.Callback):
     """Saves `transformer` in `formats` under `directory` every `every_epochs` epochs (if set) and when training
-    ends (see `save_checkpoints`). `paths` holds the last saved {format: path}."""
+    ends (see `save_checkpoints`). `paths` holds the last saved {format: path}.
+
+    Args:
+        transformer: the `Transformer` to save.
+        directory: where the files go.
+        formats: as for `save_checkpoints`.
+        every_epochs: also save every this many epochs (None: only at the end).
+    """
 
     def __init__(self, transformer: Transformer, directory: str | os.PathLike, formats: Iterable[str] = DEFAULT_FORMATS,
                  every_epochs: int | None = None):
@@ -243,7 +288,11 @@ class CheckpointSaver(keras.callbacks.Callback):
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops training once `minutes` have passed since training began (checked after every step)."""
+    """Stops training once `minutes` have passed since training began (checked after every step).
+
+    Args:
+        minutes: the training time allowed; must be positive.
+    """
 
     def __init__(self, minutes: float):
         super().__init__()

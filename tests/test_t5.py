@@ -248,10 +248,10 @@ def test_cached_decode_step_equals_full_decoder(checkpoints):
     full = run(t5.model, [encoder_ids, decoder_ids])
     state = t5.generation_state(encoder_ids, max_length=decoder_ids.shape[1])
     # A 3-token chunk first (positions 0..2), then one token at a time.
-    logits, state = t5.decode_step(decoder_ids[:, :3], 0, state)
+    logits, state = t5.decode_chunk(decoder_ids[:, :3], 0, state)
     steps = [keras.ops.convert_to_numpy(logits)]
     for index in range(3, decoder_ids.shape[1]):
-        logits, state = t5.decode_step(decoder_ids[:, index:index + 1], index, state)
+        logits, state = t5.decode_chunk(decoder_ids[:, index:index + 1], index, state)
         steps.append(keras.ops.convert_to_numpy(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4)
 

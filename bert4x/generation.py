@@ -238,7 +238,7 @@ class _Searcher:
     def _sample(self, prompt, tree, seed):
         s = self.s
         logits, cache = self.model.decode_start(prompt, s.max_len)
-        rows = prompt["token_ids"].shape[0]
+        rows = logits.shape[0]  # static: the batch of the prompts
         node, seen = self._state_extras(rows)
         tokens = ops.zeros((rows, s.max_len), "int32")
         finished = ops.zeros((rows,), "bool")
@@ -273,7 +273,7 @@ class _Searcher:
     def _beam(self, prompt, tree):
         s, beams, vocab = self.s, self.s.num_beams, self.vocab
         logits, cache = self.model.decode_start(prompt, s.max_len)
-        batch = prompt["token_ids"].shape[0]
+        batch = logits.shape[0]  # static: the batch of the prompts
         rows = batch * beams
 
         def repeat(x):
@@ -347,7 +347,7 @@ class _Searcher:
     def _beam_start(self, prompt):
         s, beams = self.s, self.s.num_beams
         logits, cache = self.model.decode_start(prompt, s.max_len)
-        batch = prompt["token_ids"].shape[0]
+        batch = logits.shape[0]  # static: the batch of the prompts
 
         def repeat(x):
             return ops.repeat(x, beams, axis=0)

@@ -344,7 +344,7 @@ def test_decoder_argument_checks():
         decoder.beam_search([np.zeros(1)], topk=2, early_stopping=True)
 
 
-# ------------------------------------------------------------------------------------------------ failures leave the model intact
+# ------------------------------------------------------------------------------------ failures leave the model intact
 def test_a_failed_generate_leaves_the_model_intact():
     model = small_lm()
     generator = Generator(model)

@@ -63,8 +63,9 @@ def decoding_model(model):
     target = getattr(model, "transformer", None) if isinstance(model, keras.Model) else model
     if target is None:
         raise TypeError(
-            f"Generator: the keras model {model.name!r} was not built by bert4x's build_transformer_model (it has no "
-            "`.transformer`); pass a bert4x model or an object with the decoding interface."
+            f"Generator: the keras model {model.name!r} has no `.transformer`: it was not returned by bert4x's "
+            "build_transformer_model (a model loaded from a .keras file or wrapped in a new keras.Model loses it). "
+            "Pass the model build_transformer_model returned (or rebuild it and load the weights)."
         )
     missing = [name for name in _INTERFACE if not callable(getattr(target, name, None))]
     if missing or not isinstance(getattr(target, "vocab_size", None), numbers.Integral):

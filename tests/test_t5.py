@@ -260,7 +260,8 @@ def generation_model(tmp_path):
     """A model on which greedy search ends some rows early (</s> close to a token it likes, 33) and not others."""
     hf, hf_dir = make_hf_model(tmp_path, seed=6)
     with torch.no_grad():
-        hf.lm_head.weight[1] = hf.lm_head.weight[33] + 0.15 * torch.randn(32, generator=torch.Generator().manual_seed(2))
+        noise = torch.randn(32, generator=torch.Generator().manual_seed(2))
+        hf.lm_head.weight[1] = hf.lm_head.weight[33] + 0.15 * noise
     write_safetensors({k: v.detach().numpy().copy() for k, v in hf.state_dict().items()},
                       str(hf_dir / "model.safetensors"))
     t5 = build_transformer_model(str(hf_dir / "config.json"), str(hf_dir), model="mt5.1.1", with_lm="linear",

@@ -706,7 +706,14 @@ _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def generate(model, prompts: Sequence[Sequence[int]], segment_ids=None, **kwargs):
-    """`Generator(model).generate(prompts, segment_ids, **kwargs)`, reusing one Generator per model."""
+    """`Generator(model).generate(prompts, segment_ids, **kwargs)`, reusing one Generator per model.
+
+    Args:
+        model: what `Generator` takes.
+        prompts: token ids, one non-empty list per row.
+        segment_ids: segment ids of the prompts, or None.
+        **kwargs: the search options of `Generator.generate`.
+    """
     try:
         generator = _GENERATORS.get(model)
     except TypeError:

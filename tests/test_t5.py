@@ -324,6 +324,40 @@ def test_beam_sampling_and_constraints_through_the_shared_generator(tmp_path):
         assert output in tree
 
 
+def test_beam_rules_equal_their_references_on_the_uncached_model(tmp_path):
+    """Every beam rule through the cached decoder equals its pure-Python reimplementation (test_beam_search.py) fed
+    with log-probabilities from the whole uncached model."""
+    from test_beam_search import ref_bert4keras, ref_exact, ref_transformers
+
+    from bert4x.generation import Generator
+
+    _, t5 = generation_model(tmp_path)
+    generator = Generator(t5.model, jit=False)
+    batch_prompts = prompts(np.random.default_rng(8), lengths=(10, 4))
+
+    def logp(prompt):
+        memo = {}
+
+        def fn(seq):
+            if seq not in memo:
+                decoder_ids = np.zeros((1, 8), "int32")  # causal: the right padding changes no earlier position
+                decoder_ids[0, 1:len(seq) + 1] = seq
+                logits = run(t5.model, [np.array([prompt], "int32"), decoder_ids])[0, len(seq)].astype(np.float64)
+                memo[seq] = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+            return memo[seq]
+
+        return fn
+
+    rules = (({}, lambda f: ref_bert4keras(f, 3, 6, 1)), ({"exact": True}, lambda f: ref_exact(f, 3, 6, 1)),
+             ({"length_penalty": 1.0}, lambda f: ref_transformers(f, 3, 6, 1, 1.0)))
+    outputs = []
+    for kwargs, reference in rules:
+        expected = [reference(logp(p)) for p in batch_prompts]
+        outputs += generator.generate(batch_prompts, max_len=6, end_id=1, num_beams=3, **kwargs)
+        assert outputs[-2:] == expected, kwargs
+    assert len({len(o) for o in outputs}) > 1, f"degenerate test: every output has the same length: {outputs}"
+
+
 @pytest.mark.skipif(in_subprocess, reason="already in a subprocess")
 def test_benchmark_runs_on_jax_without_tensorflow():
     import os

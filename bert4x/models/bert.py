@@ -450,6 +450,9 @@ class BERT(Transformer):
             return f"the MLM head activation is {self.with_mlm!r}; generation needs 'softmax' (True) or 'linear'."
         if self.condition is not None:
             return "layer_norm_cond: the conditional LayerNorm needs a condition input, which decoding does not feed."
+        if len(getattr(self, "decode_blocks", ())) != self.num_hidden_layers:
+            return (f"{type(self).__name__}'s main layers did not record their layers for decoding "
+                    "(keep_decode_block), so its cached step would not be the model's.")
         return None
 
     def decode_prepare(self, prompts, segment_ids, pad_to_multiple, max_len):

@@ -202,7 +202,7 @@ def test_cached_generation_equals_the_uncached_decoder(model_name, application):
     expected = [decoder.beam_search(as_inputs(p), topk=3).tolist() for p in PROMPTS]
     assert beam == expected
     outputs = greedy + beam
-    for rule in ({"exact": True}, {"length_penalty": 1.0}) if model_name == "roformer" else ():
+    for rule in ({"exact": True}, {"length_penalty": 1.0})[:2 if model_name == "roformer" else 1]:
         expected = [decoder.beam_search(as_inputs(p), topk=3, **rule).tolist() for p in PROMPTS]
         outputs += generator.generate(PROMPTS, max_len=8, min_len=3, end_id=END, num_beams=3, **rule)
         assert outputs[-len(PROMPTS):] == expected, rule

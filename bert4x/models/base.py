@@ -545,12 +545,23 @@ class Transformer:
 
     def decode_start(self, prompt: dict, max_len: int) -> tuple[Any, dict]:
         """Runs the prompts: returns float32 logits `[batch, vocab]` of the first new token and a cache (a dict of
-        tensors, batch first) with room for `max_len` new tokens."""
+        tensors, batch first) with room for `max_len` new tokens.
+
+        Args:
+            prompt: what `decode_prepare` returned.
+            max_len: the most tokens that will be generated.
+        """
         raise NotImplementedError(self.decoding_unsupported())
 
     def decode_step(self, token_ids, cache: dict, index) -> tuple[Any, dict]:
-        """Feeds `token_ids` (int32 `[batch]`, the `index`-th generated token; `index` a 0-based scalar tensor) and
-        returns the float32 logits `[batch, vocab]` of the next token and the updated cache."""
+        """Feeds one generated token per row; returns the float32 logits `[batch, vocab]` of the next token and the
+        updated cache.
+
+        Args:
+            token_ids: int32 `[batch]`, the `index`-th generated token of each row.
+            cache: the cache from `decode_start` or the previous step.
+            index: a 0-based scalar int tensor.
+        """
         raise NotImplementedError(self.decoding_unsupported())
 
 

@@ -46,6 +46,10 @@ class PrefixTree:
     sequence that is a prefix of another stays reachable). At a node with no children, decoders allow only their
     `end_id`.
 
+    Args:
+        sequences: the allowed outputs, each a non-empty sequence of non-negative token ids.
+        end_id: the token appended to every sequence, or None.
+
     Example:
     >>> tree = PrefixTree([[5, 6], [5, 7, 8]], end_id=2)
     >>> tree.allowed([]), tree.allowed([5]), tree.allowed([5, 7]), tree.allowed([9])
@@ -199,8 +203,10 @@ class AutoRegressiveDecoder:
     def wraps(default_rtype: str = "probas", use_states: bool = False) -> Callable:
         """Decorates a user `predict(self, inputs, output_ids, states)`.
 
-        default_rtype: what the user function returns, 'probas' (probabilities) or 'logits' (scores before softmax).
-        use_states: the user function returns `(prediction, states)`; otherwise just the prediction.
+        Args:
+            default_rtype: what the user function returns, 'probas' (probabilities) or 'logits' (scores before
+                softmax).
+            use_states: the user function returns `(prediction, states)`; otherwise just the prediction.
 
         The decorated method takes `(inputs, output_ids, states, temperature=1, rtype=default_rtype)` and returns
         `(probabilities or log-probabilities, states)`: rtype 'probas' or 'logits' (log-probabilities).
@@ -419,11 +425,19 @@ class AutoRegressiveDecoder:
     def random_sample(self, inputs, n: int, topk: int | None = None, topp: float | None = None, states=None,
                       temperature: float = 1, min_ends: int = 1, prefix_tree: PrefixTree | None = None,
                       always_keep_end: bool = False) -> list[np.ndarray]:
-        """`n` sampled outputs (start and end tokens included), drawn with `np.random`.
+        """`n` sampled outputs (start and end tokens included), drawn with `np.random`. `topk=1` is greedy decoding.
 
-        topk / topp: sample only among the `topk` most likely tokens / the most likely tokens whose probabilities
-        first reach `topp`. `always_keep_end`: keep `end_id` among the candidates whatever topk/topp say (the
-        "consistent" sampling that cannot fail to stop). `topk=1` is greedy decoding.
+        Args:
+            inputs: the model inputs of one example (each is given a batch axis).
+            n: number of outputs.
+            topk: sample only among the `topk` most likely tokens.
+            topp: sample only among the most likely tokens whose probabilities first reach `topp`.
+            states: passed to `predict`.
+            temperature: logits are divided by it (finite, > 0).
+            min_ends: an output ends at its `min_ends`-th end token.
+            prefix_tree: a `PrefixTree` constraint (default: the constructor's).
+            always_keep_end: keep `end_id` among the candidates whatever topk/topp say (the "consistent" sampling
+                that cannot fail to stop).
         """
         n = _check_int("n", n, 1)
         topk = _check_int("topk", topk, 1, none=True)

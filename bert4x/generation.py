@@ -233,8 +233,8 @@ class _Searcher:
     def run(self, prompt, tree, seed):
         if self.s.strategy != "beam":
             return self._sample(prompt, tree, seed)
-        return {"bert4keras": self._beam_bert4keras, "pool": self._beam_pool, "exact": self._beam}[self.s.beam_rule](
-            prompt, tree)
+        rules = {"bert4keras": self._beam_bert4keras, "pool": self._beam_pool, "exact": self._beam_exact}
+        return rules[self.s.beam_rule](prompt, tree)
 
     def _sample(self, prompt, tree, seed):
         s = self.s
@@ -271,7 +271,7 @@ class _Searcher:
         t, tokens, finished, *_ = ops.while_loop(cond, body, (t, tokens, finished, node, seen, logits, cache))
         return tokens, ops.zeros((rows,), "float32")
 
-    def _beam(self, prompt, tree):
+    def _beam_exact(self, prompt, tree):
         s, beams, vocab = self.s, self.s.num_beams, self.vocab
         logits, cache = self.model.decode_start(prompt, s.max_len)
         batch = logits.shape[0]  # static: the batch of the prompts

@@ -1,22 +1,31 @@
 """Fast, batched, KV-cached text generation: greedy, beam search and sampling in one compiled device loop.
 
-The search code is model-agnostic. It talks to a model through a *decoding adapter* (see `DecodingAdapter`):
+This module holds search only. A model takes part through the decoding interface of its `Transformer`
+(`bert4x.models.base.Transformer`): `decoding_unsupported()`, `decode_variables()`, `decode_prepare(prompts,
+segment_ids, pad_to_multiple, max_len)` on the host, and `decode_start(prompt, max_len)` / `decode_step(token_ids,
+cache, index)` on the device, returning float32 logits `[batch, vocab]` and a cache whose tensors keep the batch on
+their first axis (beam search reorders it). BERT, RoBERTa, WoBERT, RoFormer and RoFormerV2 built with
+`application='lm'` or `'unilm'`, and T5/mT5, implement it; a new family gets this generator by implementing it too.
 
-- `prepare(prompts, segment_ids)` (host): pads a batch of prompts of different lengths into arrays;
-- `init_cache(prompt, max_len)` (device): runs the prompts once, returns the logits of the first new token and a
-  cache (a dict of tensors whose first axis is the batch, so that beam search can reorder it);
-- `step(token_ids, cache, index)` (device): feeds one new token per row (`index` = tokens generated before it) and
-  returns the logits of the next one and the updated cache.
+Beam search has three rules (`num_beams > 1`):
 
-`BertDecodingAdapter` serves every BERT-family model built with `application='lm'` or `'unilm'` (bert, roberta,
-wobert, roformer, roformer_v2); an encoder-decoder (mT5) plugs in with its own adapter and `register_adapter`.
+- default, bert4keras's: every step keeps the `num_beams` best hypotheses by total log-probability; when the best of
+  them ends with `end_id`, it is the output; otherwise finished hypotheses leave the beam, which narrows to the
+  unfinished ones. At `max_len` the best hypothesis is returned.
+- `length_penalty=x`, transformers' rule: finished hypotheses are kept in a pool of `num_beams`, scored
+  `sum of log-probabilities / length ** x`, and the search stops as `early_stopping` says (False: when the best live
+  hypothesis, scored at its current length, cannot beat the worst of a full pool; True: once the pool is full;
+  'never': with the bound at `max_len` when x > 0).
+- `exact=True`: finished hypotheses are kept aside and the search stops only when no live hypothesis can beat the
+  best of them; with a beam as wide as the number of prefixes it is the exhaustive-search optimum. On weakly trained
+  models this often returns the bare end token.
 
-Compilation (infrastructure, not model code, hence behind a backend switch): on jax the whole generation (prompt pass
-plus a `keras.ops.while_loop` over tokens) is one `jax.jit` function, with the model's variables passed in through a
-`keras.StatelessScope`; on tensorflow it is one `tf.function(jit_compile=True)` (XLA). Either way there is no host
-round trip per token: the loop runs on the device and stops early once every row has ended. On torch the same code
-runs eagerly (one Python iteration per token). Compiled functions are cached per search setting and input shape;
-prompts are left-padded to a multiple of `pad_to_multiple` so that nearby lengths share one compilation.
+Compilation: on jax the whole generation (prompt pass plus a `keras.ops.while_loop` over tokens) is one `jax.jit`
+function, with the model's variables passed in through a `keras.StatelessScope`; on tensorflow it is one
+`tf.function(jit_compile=True)` (XLA). Either way there is no host round trip per token: the loop runs on the device
+and stops early once every row has ended. On torch the same code runs eagerly. Compiled functions are cached per
+search setting and input shape; prompts are padded to a multiple of `pad_to_multiple` so that nearby lengths share a
+compilation.
 
 Example:
 >>> from bert4x.models import build_transformer_model
@@ -29,8 +38,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import numbers
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -38,295 +49,34 @@ import keras
 import numpy as np
 from keras import ops
 
-from bert4x import backend
 from bert4x.snippets.decoding import PrefixTree
 
-__all__ = ["DecodingAdapter", "BertDecodingAdapter", "Generator", "generate", "register_adapter"]
+__all__ = ["Generator", "generate"]
 
 _NEG_INF = float("-inf")
+_INTERFACE = ("decoding_unsupported", "decode_variables", "decode_prepare", "decode_start", "decode_step")
 
 
-# ==================================================================================================== adapters
-class DecodingAdapter:
-    """What the search code needs from a model. Subclass it for a new model family.
-
-    Cache tensors must have the batch on their first axis (beam search gathers rows). `variables()` lists the Keras
-    variables that `init_cache`/`step` read (jax passes their values into the compiled function).
-    """
-
-    vocab_size: int
-
-    def variables(self) -> list:
-        raise NotImplementedError
-
-    def prepare(self, prompts: Sequence[Sequence[int]], segment_ids=None, pad_to_multiple: int = 8,
-                max_len: int = 0) -> dict[str, np.ndarray]:
-        """Host side: a batch of prompts (lists of ids) as padded arrays for `init_cache`."""
-        raise NotImplementedError
-
-    def init_cache(self, prompt: dict, max_len: int):
-        """Runs the prompts; returns `(logits [batch, vocab] float32, cache)` with room for `max_len` new tokens."""
-        raise NotImplementedError
-
-    def step(self, token_ids, cache: dict, index):
-        """Feeds `token_ids [batch]` (the `index`-th generated token); returns `(logits [batch, vocab], cache)`."""
-        raise NotImplementedError
-
-
-_ADAPTERS: list[tuple[Callable[[object], bool], Callable[[object], DecodingAdapter]]] = []
-
-
-def register_adapter(accepts: Callable[[object], bool], make: Callable[[object], DecodingAdapter]) -> None:
-    """Registers a decoding adapter factory: `make(model)` is used for models where `accepts(model)` is true
-    (checked before the built-in BERT-family adapter)."""
-    _ADAPTERS.insert(0, (accepts, make))
-
-
-def adapter_for(model) -> DecodingAdapter:
-    """The decoding adapter of a model (a `keras.Model`, a bert4x `Transformer`, or an adapter already)."""
-    if isinstance(model, DecodingAdapter):
-        return model
-    for accepts, make in _ADAPTERS:
-        if accepts(model):
-            return make(model)
-    return BertDecodingAdapter(model)
-
-
-def _get_layer(model: keras.Model, name: str, required: bool = True):
-    try:
-        return model.get_layer(name)
-    except ValueError:
-        if required:
-            raise ValueError(
-                f"Model {model.name!r} has no layer {name!r}: BertDecodingAdapter reads bert4x BERT-family models "
-                "(bert, roberta, wobert, roformer, roformer_v2) built by build_transformer_model."
-            ) from None
-        return None
-
-
-class BertDecodingAdapter(DecodingAdapter):
-    """Cached decoding for BERT-family models built with `application='lm'` (causal) or `'unilm'` (seq2seq).
-
-    The prompt is segment 0 (UniLM source: attended bidirectionally, exactly as the model does) and generated
-    tokens are segment `target_segment` (default 1 for 'unilm', 0 for 'lm'). Prompts are left-padded; each row
-    keeps its own positions. The adapter reuses the model's own layers (and weights); at construction it checks
-    that its prompt pass reproduces the model's output (`verify=True`).
-
-    Example:
-    >>> from bert4x.models import build_transformer_model
-    >>> model = build_transformer_model({"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1,
-    ...     "num_attention_heads": 2, "intermediate_size": 16}, model="roformer", application="unilm")
-    >>> BertDecodingAdapter(model).mode
-    'unilm'
-    """
-
-    def __init__(self, model, target_segment: int | None = None, verify: bool = True):
-        if not isinstance(model, keras.Model) and isinstance(getattr(model, "model", None), keras.Model):
-            model = model.model  # a bert4x Transformer
-        if not isinstance(model, keras.Model):
-            raise TypeError(f"BertDecodingAdapter needs a keras.Model or a bert4x Transformer, got {type(model)}.")
-        self.model = model
-        mask = _get_layer(model, "Attention-Mask")
-        if mask.mode not in ("lm", "unilm"):
-            raise ValueError(
-                f"Generation needs a model built with application='lm' or 'unilm'; {model.name!r} is "
-                f"application={mask.mode!r}."
-            )
-        self.mode, self.pad_id = mask.mode, mask.pad_id
-        self.target_segment = (1 if self.mode == "unilm" else 0) if target_segment is None else target_segment
-        self.token_embedding = _get_layer(model, "Embedding-Token")
-        self.segment_embedding = _get_layer(model, "Embedding-Segment", required=False)
-        self.position_embedding = _get_layer(model, "Embedding-Position", required=False)
-        self.rotary = _get_layer(model, "Embedding-Rotary-Position", required=False)
-        self.embedding_norm = _get_layer(model, "Embedding-Norm")
-        if _get_layer(model, "Embedding-Mapping", required=False) is not None:
-            raise ValueError("BertDecodingAdapter does not handle factorised embeddings (Embedding-Mapping).")
-        self.layers = []
-        while True:
-            i = len(self.layers)
-            attention = _get_layer(model, f"Transformer-{i}-MultiHeadSelfAttention", required=False)
-            if attention is None:
-                break
-            self.layers.append((
-                attention,
-                _get_layer(model, f"Transformer-{i}-MultiHeadSelfAttention-Norm"),
-                _get_layer(model, f"Transformer-{i}-FeedForward"),
-                _get_layer(model, f"Transformer-{i}-FeedForward-Norm"),
-            ))
-        if not self.layers:
-            raise ValueError(f"Model {model.name!r} has no Transformer-0-MultiHeadSelfAttention layer.")
-        activation = _get_layer(model, "MLM-Activation", required=False)
-        if activation is None:
-            raise ValueError(
-                f"Model {model.name!r} has no MLM head; build it with with_mlm=True (the default for 'lm'/'unilm')."
-            )
-        name = keras.activations.serialize(activation.activation)
-        name = name if isinstance(name, str) else name.get("config", name.get("class_name"))
-        if name not in ("softmax", "linear"):
-            raise ValueError(f"The MLM head activation is {name!r}; generation needs 'softmax' or 'linear'.")
-        self.head_activation = name
-        self.mlm_dense = _get_layer(model, "MLM-Dense", required=False)
-        self.mlm_norm = _get_layer(model, "MLM-Norm", required=False)
-        self.mlm_bias = _get_layer(model, "MLM-Bias", required=False)
-        self.heads = self.layers[0][0].heads
-        self.head_size = self.layers[0][0].head_size
-        self.vocab_size = int(self.token_embedding.input_dim)
-        self.max_positions = None if self.position_embedding is None else int(self.position_embedding.input_dim)
-        if verify:
-            self._verify()
-
-    def variables(self):
-        return list(self.model.variables)
-
-    # ------------------------------------------------------------------------------------------------ host side
-    def prepare(self, prompts, segment_ids=None, pad_to_multiple=8, max_len=0):
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise ValueError("generate: no prompts given.")
-        for n, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"generate: prompt #{n} is empty; start it with at least one token (e.g. [CLS]).")
-            bad = [i for i in p if not 0 <= i < self.vocab_size]
-            if bad:
-                raise ValueError(f"generate: prompt #{n} has ids outside [0, {self.vocab_size}): {bad[:5]}.")
-        if segment_ids is not None:
-            segment_ids = [list(map(int, s)) for s in segment_ids]
-            for n, (p, s) in enumerate(zip(prompts, segment_ids)):
-                if len(p) != len(s):
-                    raise ValueError(f"generate: prompt #{n} has {len(p)} ids but {len(s)} segment ids.")
-            if len(segment_ids) != len(prompts):
-                raise ValueError(f"generate: {len(prompts)} prompts but {len(segment_ids)} segment_ids lists.")
-        longest = max(len(p) for p in prompts)
-        if self.max_positions is not None and longest + max_len > self.max_positions:
-            raise ValueError(
-                f"generate: a prompt of {longest} tokens plus max_len={max_len} exceeds the model's "
-                f"{self.max_positions} learned positions."
-            )
-        length = int(math.ceil(longest / pad_to_multiple) * pad_to_multiple)
-        token_ids = np.full((len(prompts), length), self.pad_id, dtype=np.int32)
-        segments = np.zeros((len(prompts), length), dtype=np.int32)
-        mask = np.zeros((len(prompts), length), dtype=bool)
-        for n, p in enumerate(prompts):
-            token_ids[n, length - len(p):] = p
-            mask[n, length - len(p):] = True
-            if segment_ids is not None:
-                segments[n, length - len(p):] = segment_ids[n]
-        return {"token_ids": token_ids, "segment_ids": segments, "mask": mask}
-
-    # ------------------------------------------------------------------------------------------------ device side
-    def _embed(self, token_ids, segment_ids, positions):
-        x = self.token_embedding(token_ids)
-        if self.segment_embedding is not None:
-            x = x + self.segment_embedding(segment_ids)
-        if self.position_embedding is not None:
-            table = ops.take(self.position_embedding.embeddings, positions, axis=0)
-            x = x + ops.cast(table, x.dtype)
-        return self.embedding_norm(x)
-
-    def _rotary(self, positions):
-        if self.rotary is None:
-            return {}
-        return {"rotary": backend.rotary_cos_sin(positions, self.rotary.head_size, self.rotary.base)}
-
-    def _layers(self, x, attention_mask, rotary, caches, slot):
-        new_caches = []
-        for (attention, attention_norm, feed_forward, feed_forward_norm), cache in zip(self.layers, caches):
-            y, cache = attention(x, attention_mask=attention_mask, cache=cache, cache_update_index=slot, **rotary)
-            x = attention_norm(x + y)
-            x = feed_forward_norm(x + feed_forward(x))
-            new_caches.append(cache)
-        return x, new_caches
-
-    def _logits(self, x):
-        if self.mlm_dense is not None:
-            x = self.mlm_dense(x)
-        if self.mlm_norm is not None:
-            x = self.mlm_norm(x)
-        x = self.token_embedding(x, mode="dense")  # the tied projection
-        if self.mlm_bias is not None:
-            x = self.mlm_bias(x)
-        return ops.cast(x, "float32")
-
-    def init_cache(self, prompt, max_len):
-        token_ids = ops.convert_to_tensor(prompt["token_ids"], "int32")
-        segment_ids = ops.convert_to_tensor(prompt["segment_ids"], "int32")
-        mask = ops.convert_to_tensor(prompt["mask"], "bool")
-        batch, length = prompt["token_ids"].shape
-        slots = length + max_len
-        positions = ops.maximum(ops.cumsum(ops.cast(mask, "int32"), axis=1) - 1, 0)
-        x = self._embed(token_ids, segment_ids, positions)
-        # As in the model, pad-id tokens are hidden as keys (even inside a prompt).
-        real = ops.logical_and(mask, ops.not_equal(token_ids, self.pad_id))
-        keys_valid = ops.concatenate([real, ops.zeros((batch, max_len), "bool")], axis=1)
-        query = ops.expand_dims(ops.arange(length), 1)
-        key = ops.expand_dims(ops.arange(slots), 0)
-        if self.mode == "lm":
-            allowed = ops.expand_dims(ops.less_equal(key, query), 0)  # [1, length, slots]
-        else:  # UniLM: i sees j iff cumsum(segment)[j] <= cumsum(segment)[i]
-            c = ops.cumsum(segment_ids * ops.cast(mask, "int32"), axis=1)
-            c_keys = ops.concatenate([c, ops.full((batch, max_len), 2**30, "int32")], axis=1)
-            allowed = ops.less_equal(ops.expand_dims(c_keys, 1), ops.expand_dims(c, 2))
-        allowed = ops.logical_and(allowed, ops.expand_dims(keys_valid, 1))
-        # Padding queries see themselves only (their outputs are never used), so no row is fully masked.
-        allowed = ops.logical_or(allowed, ops.expand_dims(ops.equal(query, key), 0))
-        attention_mask = ops.expand_dims(allowed, 1)
-        dtype = self.layers[0][0].compute_dtype
-        empty = ops.zeros((batch, 2, slots, self.heads, self.head_size), dtype)
-        x, caches = self._layers(x, attention_mask, self._rotary(positions), [empty] * len(self.layers), 0)
-        logits = self._logits(x[:, -1:])[:, 0]
-        cache = {
-            "layers": caches,
-            "keys_valid": keys_valid,
-            "position": positions[:, -1] + 1,
-            "start": ops.full((batch,), length, "int32"),
-        }
-        return logits, cache
-
-    def step(self, token_ids, cache, index):
-        slot = cache["start"][0] + index
-        token_ids = ops.expand_dims(ops.cast(token_ids, "int32"), 1)
-        positions = ops.expand_dims(cache["position"], 1)
-        segment_ids = ops.full(ops.shape(token_ids), self.target_segment, "int32")
-        x = self._embed(token_ids, segment_ids, positions)
-        batch = ops.shape(token_ids)[0]
-        # The new token sees every earlier visible key and itself; it stays visible later unless it is a pad id.
-        sees = ops.slice_update(cache["keys_valid"], [0, slot], ops.ones((batch, 1), "bool"))
-        keys_valid = ops.slice_update(cache["keys_valid"], [0, slot], ops.not_equal(token_ids, self.pad_id))
-        attention_mask = ops.expand_dims(ops.expand_dims(sees, 1), 1)
-        x, caches = self._layers(x, attention_mask, self._rotary(positions), cache["layers"], slot)
-        new_cache = dict(cache, layers=caches, keys_valid=keys_valid, position=cache["position"] + 1)
-        return self._logits(x)[:, 0], new_cache
-
-    def _verify(self):
-        """The prompt pass must reproduce the model's own output (catches a model this adapter misreads)."""
-        ids = [2 + i % max(self.vocab_size - 2, 1) for i in range(5)]
-        segments = [0, 0, 0, 1, 1] if self.mode == "unilm" else [0] * 5
-        prompt = self.prepare([ids], [segments], pad_to_multiple=1)
-        logits, _ = self.init_cache(prompt, 1)
-        inputs = [prompt["token_ids"]]
-        if len(self.model.inputs) > 1:
-            inputs.append(prompt["segment_ids"])
-        outputs = self.model(inputs, training=False)
-        if isinstance(outputs, (list, tuple)):  # e.g. [pooled, mlm]: the MLM output is the 3-D one
-            outputs = next(o for o in outputs if len(o.shape) == 3)
-        expected = np.asarray(ops.convert_to_numpy(outputs), dtype=np.float64)[0, -1]
-        ours = np.asarray(ops.convert_to_numpy(logits), dtype=np.float64)[0]
-        if self.head_activation == "softmax":  # compare log-probabilities where they are not negligible
-            ours = ours - ours.max() - np.log(np.exp(ours - ours.max()).sum())
-            keep = expected > 1e-8
-            expected, ours = np.log(expected[keep]), ours[keep]
-        if self.layers[0][0].compute_dtype != "float32":
-            tolerance = 0.2
-        elif backend.float32_matmul_relative_error() > 1e-5:  # TF32 matmuls (GPU default): ~1e-3 relative error
-            tolerance = 5e-2
-        else:
-            tolerance = 1e-3
-        error = float(np.max(np.abs(expected - ours)))
-        if error > tolerance:
-            raise ValueError(
-                f"BertDecodingAdapter does not reproduce model {self.model.name!r} (max error {error:.3g}): its "
-                "structure differs from the BERT family this adapter knows."
-            )
+def decoding_model(model):
+    """The object that implements the decoding interface: a bert4x `Transformer` (or any object with the five
+    methods and `vocab_size`), or the one behind a keras model that `build_transformer_model` returned."""
+    target = getattr(model, "transformer", None) if isinstance(model, keras.Model) else model
+    if target is None:
+        raise TypeError(
+            f"Generator: the keras model {model.name!r} has no `.transformer`: it was not returned by bert4x's "
+            "build_transformer_model (a model loaded from a .keras file or wrapped in a new keras.Model loses it). "
+            "Pass the model build_transformer_model returned (or rebuild it and load the weights)."
+        )
+    missing = [name for name in _INTERFACE if not callable(getattr(target, name, None))]
+    if missing or not isinstance(getattr(target, "vocab_size", None), numbers.Integral):
+        raise TypeError(
+            f"Generator: model must be a bert4x model or implement {', '.join(_INTERFACE)} and vocab_size; "
+            f"{type(target).__name__} lacks {missing or ['vocab_size']}."
+        )
+    reason = target.decoding_unsupported()
+    if reason:
+        raise ValueError(f"Generator: {type(target).__name__} cannot generate: {reason}")
+    return target
 
 
 # ==================================================================================================== search
@@ -344,6 +94,9 @@ class _Search:
     no_repeat_ngram_size: int
     always_keep_end: bool
     tree_fanout: int | None  # None: no prefix tree
+    beam_rule: str = "bert4keras"  # 'bert4keras' | 'pool' (length_penalty) | 'exact'
+    length_penalty: float = 0.0
+    early_stopping: bool | str = False
 
 
 def _onehot_mask(token_ids, vocab: int):
@@ -412,11 +165,11 @@ def _categorical(logits, seed, t):
 
 
 class _Searcher:
-    """The search loops over a decoding adapter for one `_Search` setting."""
+    """The search loops over a model's decoding interface for one `_Search` setting."""
 
-    def __init__(self, adapter: DecodingAdapter, search: _Search):
-        self.adapter, self.s = adapter, search
-        self.vocab = adapter.vocab_size
+    def __init__(self, model, search: _Search):
+        self.model, self.s = model, search
+        self.vocab = int(model.vocab_size)
 
     # ------------------------------------------------------------------------------------------------ logits
     def _constraints(self, t, node, tree):
@@ -478,12 +231,15 @@ class _Searcher:
 
     # ------------------------------------------------------------------------------------------------ loops
     def run(self, prompt, tree, seed):
-        return self._beam(prompt, tree) if self.s.strategy == "beam" else self._sample(prompt, tree, seed)
+        if self.s.strategy != "beam":
+            return self._sample(prompt, tree, seed)
+        rules = {"bert4keras": self._beam_bert4keras, "pool": self._beam_pool, "exact": self._beam_exact}
+        return rules[self.s.beam_rule](prompt, tree)
 
     def _sample(self, prompt, tree, seed):
         s = self.s
-        logits, cache = self.adapter.init_cache(prompt, s.max_len)
-        rows = prompt["token_ids"].shape[0]
+        logits, cache = self.model.decode_start(prompt, s.max_len)
+        rows = logits.shape[0]  # static: the batch of the prompts
         node, seen = self._state_extras(rows)
         tokens = ops.zeros((rows, s.max_len), "int32")
         finished = ops.zeros((rows,), "bool")
@@ -509,16 +265,16 @@ class _Searcher:
             seen = self._update_seen(seen, chosen)
             if s.end_id is not None:
                 finished = ops.logical_or(finished, ops.equal(chosen, s.end_id))
-            logits, cache = self.adapter.step(chosen, cache, t)
+            logits, cache = self.model.decode_step(chosen, cache, t)
             return t + 1, tokens, finished, node, seen, logits, cache
 
         t, tokens, finished, *_ = ops.while_loop(cond, body, (t, tokens, finished, node, seen, logits, cache))
         return tokens, ops.zeros((rows,), "float32")
 
-    def _beam(self, prompt, tree):
+    def _beam_exact(self, prompt, tree):
         s, beams, vocab = self.s, self.s.num_beams, self.vocab
-        logits, cache = self.adapter.init_cache(prompt, s.max_len)
-        batch = prompt["token_ids"].shape[0]
+        logits, cache = self.model.decode_start(prompt, s.max_len)
+        batch = logits.shape[0]  # static: the batch of the prompts
         rows = batch * beams
 
         def repeat(x):
@@ -581,12 +337,174 @@ class _Searcher:
             if s.tree_fanout is not None:
                 node = _next_node(tree, node, chosen, s.tree_fanout)
             seen = self._update_seen(seen, chosen)
-            logits, cache = self.adapter.step(chosen, cache, t)
+            logits, cache = self.model.decode_step(chosen, cache, t)
             return t + 1, alive_tokens, alive_scores, best_tokens, best_scores, node, seen, logits, cache
 
         state = (t, alive_tokens, alive_scores, best_tokens, best_scores, node, seen, logits, cache)
         _, _, _, best_tokens, best_scores, *_ = ops.while_loop(cond, body, state)
         return best_tokens, best_scores
+
+    # Shared by the bert4keras and pool rules.
+    def _beam_start(self, prompt):
+        s, beams = self.s, self.s.num_beams
+        logits, cache = self.model.decode_start(prompt, s.max_len)
+        batch = logits.shape[0]  # static: the batch of the prompts
+
+        def repeat(x):
+            return ops.repeat(x, beams, axis=0)
+
+        first = ops.concatenate([ops.zeros((batch, 1)), ops.full((batch, beams - 1), _NEG_INF)], axis=1)
+        return batch, repeat(logits), keras.tree.map_structure(repeat, cache), ops.cast(first, "float32")
+
+    def _beam_logp(self, t, tokens, seen, logits, node, tree):
+        """[rows, vocab] log-probabilities of the next token, with the constraints applied."""
+        logp = ops.log_softmax(self._adjust(logits, t, tokens, seen), axis=-1)
+        allowed = self._constraints(t, node, tree)
+        return logp if allowed is None else ops.where(allowed, logp, _NEG_INF)
+
+    def _extend(self, tokens, beam, token, t):
+        """The hypotheses `tokens[b, beam[b, j]]` with `token[b, j]` written at position t: `[batch, n, max_len]`."""
+        length = self.s.max_len
+        picked = ops.take_along_axis(tokens, ops.expand_dims(beam, 2) * ops.ones((1, 1, length), "int32"), axis=1)
+        at_t = ops.cast(ops.equal(ops.arange(length, dtype="int32"), t), "int32")[None, None]
+        return picked + ops.expand_dims(token, 2) * at_t
+
+    def _beam_bert4keras(self, prompt, tree):
+        s, beams, vocab = self.s, self.s.num_beams, self.vocab
+        batch, logits, cache, alive_scores = self._beam_start(prompt)
+        rows = batch * beams
+        node, seen = self._state_extras(rows)
+        alive_tokens = ops.zeros((batch, beams, s.max_len), "int32")
+        width = ops.full((batch,), beams, "int32")  # the live width of each row's beam
+        done = ops.zeros((batch,), "bool")
+        out_tokens = ops.zeros((batch, s.max_len), "int32")
+        out_scores = ops.full((batch,), _NEG_INF, "float32")
+        slots = ops.expand_dims(ops.arange(beams, dtype="int32"), 0)
+        t = ops.convert_to_tensor(0, "int32")
+
+        def cond(t, alive_tokens, alive_scores, width, done, out_tokens, out_scores, node, seen, logits, cache):
+            return ops.logical_and(ops.less(t, s.max_len), ops.logical_not(ops.all(done)))
+
+        def body(t, alive_tokens, alive_scores, width, done, out_tokens, out_scores, node, seen, logits, cache):
+            flat_tokens = ops.reshape(alive_tokens, (rows, s.max_len))
+            logp = self._beam_logp(t, flat_tokens, seen, logits, node, tree)
+            candidates = ops.reshape(ops.reshape(alive_scores, (rows, 1)) + logp, (batch, beams * vocab))
+            scores, flat = ops.top_k(candidates, beams)
+            flat = ops.cast(flat, "int32")
+            # Only the first `width` candidates of a row are in its beam (it narrows as hypotheses finish).
+            valid = ops.logical_and(ops.less(slots, ops.expand_dims(width, 1)), ops.isfinite(scores))
+            scores = ops.where(valid, scores, _NEG_INF)
+            beam, token = flat // vocab, flat % vocab
+            sequences = self._extend(alive_tokens, beam, token, t)
+            if s.end_id is not None:
+                finished = ops.logical_and(valid, ops.equal(token, s.end_id))
+            else:
+                finished = ops.zeros_like(valid)
+            best = ops.cast(ops.argmax(scores, axis=1), "int32")
+            best_finished = ops.take_along_axis(finished, ops.expand_dims(best, 1), axis=1)[:, 0]
+            stop = ops.logical_and(ops.logical_or(best_finished, ops.equal(t, s.max_len - 1)), ops.logical_not(done))
+            best_sequence = ops.take_along_axis(sequences, best[:, None, None] * ops.ones((1, 1, s.max_len), "int32"),
+                                                axis=1)[:, 0]
+            out_tokens = ops.where(ops.expand_dims(stop, 1), best_sequence, out_tokens)
+            out_scores = ops.where(stop, ops.max(scores, axis=1), out_scores)
+            done = ops.logical_or(done, stop)
+            # Finished hypotheses leave the beam: its width becomes the number of unfinished ones.
+            unfinished = ops.sum(ops.cast(ops.logical_and(valid, ops.logical_not(finished)), "int32"), axis=1)
+            width = ops.where(ops.any(finished, axis=1), unfinished, width)
+            alive_scores = ops.where(finished, _NEG_INF, scores)
+            chosen, cache, node, seen = self._reorder(beam, token, cache, node, seen, tree, batch)
+            logits, cache = self.model.decode_step(chosen, cache, t)
+            return t + 1, sequences, alive_scores, width, done, out_tokens, out_scores, node, seen, logits, cache
+
+        state = (t, alive_tokens, alive_scores, width, done, out_tokens, out_scores, node, seen, logits, cache)
+        out = ops.while_loop(cond, body, state)
+        return out[5], out[6]
+
+    def _beam_pool(self, prompt, tree):
+        s, beams, vocab = self.s, self.s.num_beams, self.vocab
+        batch, logits, cache, run_scores = self._beam_start(prompt)
+        rows = batch * beams
+        keep = min(2 * beams, beams * vocab)  # candidates per step, as transformers: enough to refill the beam
+        node, seen = self._state_extras(rows)
+        run_tokens = ops.zeros((batch, beams, s.max_len), "int32")
+        pool_tokens = ops.zeros((batch, beams, s.max_len), "int32")
+        pool_scores = ops.full((batch, beams), _NEG_INF, "float32")
+        open_ = ops.ones((batch,), "bool")  # the pool may still improve
+        ranks = ops.expand_dims(ops.arange(keep, dtype="int32"), 0)
+        penalty = float(s.length_penalty)
+        t = ops.convert_to_tensor(0, "int32")
+
+        def row_done(open_, pool_scores):
+            full = ops.all(ops.isfinite(pool_scores), axis=1)
+            if s.early_stopping is True:
+                return ops.logical_or(ops.logical_not(open_), full)
+            return ops.logical_not(open_)
+
+        def cond(t, run_tokens, run_scores, pool_tokens, pool_scores, open_, node, seen, logits, cache):
+            return ops.logical_and(ops.less(t, s.max_len), ops.logical_not(ops.all(row_done(open_, pool_scores))))
+
+        def body(t, run_tokens, run_scores, pool_tokens, pool_scores, open_, node, seen, logits, cache):
+            flat_tokens = ops.reshape(run_tokens, (rows, s.max_len))
+            logp = self._beam_logp(t, flat_tokens, seen, logits, node, tree)
+            candidates = ops.reshape(ops.reshape(run_scores, (rows, 1)) + logp, (batch, beams * vocab))
+            scores, flat = ops.top_k(candidates, keep)
+            flat = ops.cast(flat, "int32")
+            beam, token = flat // vocab, flat % vocab
+            sequences = self._extend(run_tokens, beam, token, t)
+            finishing = ops.logical_or(ops.equal(t, s.max_len - 1), ops.zeros_like(token, "bool"))
+            if s.end_id is not None:
+                finishing = ops.logical_or(finishing, ops.equal(token, s.end_id))
+            finishing = ops.logical_and(finishing, ops.isfinite(scores))
+            # Only the first `beams` candidates may enter the pool, and none once the row is done.
+            length = ops.cast(t + 1, "float32")
+            enters = ops.logical_and(ops.logical_and(finishing, ops.less(ranks, beams)),
+                                     ops.expand_dims(ops.logical_not(row_done(open_, pool_scores)), 1))
+            normalised = scores / ops.power(length, penalty)
+            merged_scores = ops.concatenate([pool_scores, ops.where(enters, normalised, _NEG_INF)], axis=1)
+            merged_tokens = ops.concatenate([pool_tokens, sequences], axis=1)
+            pool_scores, order = ops.top_k(merged_scores, beams)
+            order = ops.cast(order, "int32")
+            pool_tokens = ops.take_along_axis(merged_tokens, order[:, :, None] * ops.ones((1, 1, s.max_len), "int32"),
+                                              axis=1)
+            running = ops.where(finishing, _NEG_INF, scores)
+            run_scores, order = ops.top_k(running, beams)
+            order = ops.cast(order, "int32")
+            run_tokens = ops.take_along_axis(sequences, order[:, :, None] * ops.ones((1, 1, s.max_len), "int32"),
+                                             axis=1)
+            beam = ops.take_along_axis(beam, order, axis=1)
+            token = ops.take_along_axis(token, order, axis=1)
+            # transformers' stopping heuristic: can the best live hypothesis still beat the worst of a full pool?
+            if s.early_stopping == "never" and penalty > 0:
+                bound_length = float(s.max_len)
+            else:
+                bound_length = length
+            best_possible = run_scores[:, 0] / ops.power(bound_length, penalty)
+            full = ops.all(ops.isfinite(pool_scores), axis=1)
+            improvable = ops.where(full, ops.greater(best_possible, ops.min(pool_scores, axis=1)),
+                                   ops.greater(best_possible, -1e9))
+            open_ = ops.logical_and(open_, improvable)
+            chosen, cache, node, seen = self._reorder(beam, token, cache, node, seen, tree, batch)
+            logits, cache = self.model.decode_step(chosen, cache, t)
+            return t + 1, run_tokens, run_scores, pool_tokens, pool_scores, open_, node, seen, logits, cache
+
+        state = (t, run_tokens, run_scores, pool_tokens, pool_scores, open_, node, seen, logits, cache)
+        out = ops.while_loop(cond, body, state)
+        return out[3][:, 0], out[4][:, 0]
+
+    def _reorder(self, beam, token, cache, node, seen, tree, batch):
+        """Reorders the per-row state by `beam` `[batch, beams]`; returns the fed tokens `[rows]` and the state."""
+        beams = self.s.num_beams
+        order = ops.reshape(beam + ops.expand_dims(ops.arange(batch, dtype="int32") * beams, 1), (batch * beams,))
+
+        def gather(x):
+            return ops.take(x, order, axis=0)
+
+        cache = keras.tree.map_structure(gather, cache)
+        chosen = ops.reshape(token, (batch * beams,))
+        node, seen = gather(node), gather(seen)
+        if self.s.tree_fanout is not None:
+            node = _next_node(tree, node, chosen, self.s.tree_fanout)
+        return chosen, cache, node, self._update_seen(seen, chosen)
 
 
 # ==================================================================================================== public API
@@ -610,10 +528,41 @@ def _compile(fn: Callable, variables: list, jit: bool) -> Callable:
     return tf.function(fn, jit_compile=True)
 
 
+def _check_int(name: str, value, low: int | None = None, high: int | None = None, none: bool = False):
+    if value is None and none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}.")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}.")
+    return value
+
+
+def _check_real(name: str, value, positive: bool = True, none: bool = False):
+    if value is None and none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}.")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}.")
+    return value
+
+
 class Generator:
     """Batched, cached generation for one model; keeps its compiled functions between calls.
 
-    `model`: a keras model built with application 'lm'/'unilm', a bert4x Transformer, or a `DecodingAdapter`.
+    Args:
+        model: a keras model returned by `build_transformer_model` for a family that decodes (BERT family with
+            application 'lm'/'unilm', T5/mT5), its `Transformer`, or any object with the decoding interface.
+        pad_to_multiple: prompts are padded to a multiple of this length, so that nearby lengths share a compiled
+            function.
+        jit: compile the search (jax, tensorflow); False runs it eagerly.
 
     Example:
     >>> from bert4x.models import build_transformer_model
@@ -626,9 +575,10 @@ class Generator:
     """
 
     def __init__(self, model, pad_to_multiple: int = 8, jit: bool = True):
-        self.adapter = adapter_for(model)
-        self.pad_to_multiple = pad_to_multiple
-        self.jit = jit
+        self.model = decoding_model(model)
+        self.vocab_size = int(self.model.vocab_size)
+        self.pad_to_multiple = _check_int("pad_to_multiple", pad_to_multiple, low=1)
+        self.jit = bool(jit)
         self._compiled: dict[_Search, Callable] = {}
 
     def generate(
@@ -640,6 +590,9 @@ class Generator:
         min_len: int = 1,
         end_id: int | None = None,
         num_beams: int = 1,
+        length_penalty: float | None = None,
+        early_stopping: bool | str = False,
+        exact: bool = False,
         do_sample: bool = False,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -651,56 +604,91 @@ class Generator:
         seed: int = 0,
         return_scores: bool = False,
     ):
-        """Generates a continuation for each prompt (lists of token ids; the prompt is not repeated in the output).
+        """Generates a continuation for each prompt (the prompt is not repeated in the output).
 
-        Strategy: greedy by default; `num_beams > 1` is beam search (returns the best finished hypothesis by sum of
-        log-probabilities, exact with a wide enough beam); `do_sample=True` samples (with `top_k`, `top_p`,
-        `temperature`; `seed` makes it reproducible; `top_k=1` equals greedy).
+        Greedy by default; `num_beams > 1` is beam search, `do_sample=True` sampling (`top_k=1` equals greedy).
+        Each output ends with `end_id` if it ended, and holds at most `max_len` tokens (end included).
 
-        Each output ends with `end_id` if it ended, and holds at most `max_len` tokens (end included). `min_len`
-        bans `end_id` until the output would be `min_len` tokens long (end included, as bert4keras's `minlen`).
-        `repetition_penalty` (> 1) divides positive / multiplies negative logits of tokens already generated;
-        `no_repeat_ngram_size=n` forbids repeating an n-gram of the generated tokens. `prefix_tree` makes every
-        output a path of the tree. `always_keep_end` keeps `end_id` among the top-k/top-p candidates. With
-        `return_scores`, beam search also returns each output's score (sum of log-probabilities).
+        Args:
+            prompts: token ids, one non-empty list per row.
+            segment_ids: segment ids of the prompts (BERT family), or None.
+            max_len: most tokens generated per row.
+            min_len: `end_id` is banned until the output would be `min_len` tokens long (end included).
+            end_id: the token that ends an output; None runs every row to `max_len`.
+            num_beams: beam width; 1 is greedy or sampling.
+            length_penalty: beam search with transformers' rule: finished hypotheses kept in a pool, scored
+                `log-probability / length ** length_penalty`. None: bert4keras's rule (the output is the best
+                hypothesis of the beam once it ends).
+            early_stopping: with `length_penalty`, when the search stops: False, True or 'never', as transformers.
+            exact: beam search that keeps every finished hypothesis and returns the best-scoring one (exhaustive
+                with a wide enough beam).
+            do_sample: sample instead of taking the most likely token.
+            top_k: sample among the `top_k` most likely tokens.
+            top_p: sample among the most likely tokens whose probabilities first reach `top_p`.
+            temperature: logits are divided by it (finite, > 0).
+            repetition_penalty: > 1 divides positive / multiplies negative logits of tokens already generated.
+            no_repeat_ngram_size: n > 0 forbids repeating an n-gram of the generated tokens.
+            prefix_tree: every output is a path of this `PrefixTree` (needs `end_id`).
+            always_keep_end: keeps `end_id` among the top-k/top-p candidates.
+            seed: makes sampling reproducible.
+            return_scores: also return each output's score (beam search: the sum of log-probabilities, divided by
+                `length ** length_penalty` under that rule).
+
+        Returns:
+            A list of token-id lists, and with `return_scores` a list of floats too.
         """
-        if not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len must be a positive integer, got {max_len!r}.")
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
+        max_len = _check_int("max_len", max_len, low=1)
+        min_len = _check_int("min_len", min_len, low=1)
+        if min_len > max_len:
+            raise ValueError(f"min_len ({min_len}) must be <= max_len ({max_len}).")
+        num_beams = _check_int("num_beams", num_beams, low=1)
+        end_id = _check_int("end_id", end_id, low=0, none=True)
+        if end_id is not None and end_id >= self.vocab_size:
+            raise ValueError(f"end_id={end_id} is outside the vocabulary [0, {self.vocab_size}).")
+        temperature = _check_real("temperature", temperature)
+        repetition_penalty = _check_real("repetition_penalty", repetition_penalty)
+        no_repeat_ngram_size = _check_int("no_repeat_ngram_size", no_repeat_ngram_size, low=0)
+        top_k = _check_int("top_k", top_k, low=1, none=True)
+        top_p = _check_real("top_p", top_p, none=True)
+        if top_p is not None and top_p > 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        length_penalty = _check_real("length_penalty", length_penalty, positive=False, none=True)
+        seed = _check_int("seed", seed)
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}.")
         if num_beams > 1 and do_sample:
             raise ValueError("Beam search with sampling is not implemented: use num_beams > 1 or do_sample=True.")
+        if num_beams == 1 and (length_penalty is not None or exact or early_stopping is not False):
+            raise ValueError("length_penalty / early_stopping / exact apply to beam search: pass num_beams > 1.")
+        if exact and length_penalty is not None:
+            raise ValueError("exact=True and length_penalty are two different beam rules: pass one of them.")
+        if early_stopping is not False and length_penalty is None:
+            raise ValueError("early_stopping applies to the length_penalty rule: pass length_penalty too.")
         if not do_sample and (top_k is not None or top_p is not None or always_keep_end):
             raise ValueError("top_k / top_p / always_keep_end apply to sampling: pass do_sample=True.")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}.")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        if repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}.")
-        if end_id is not None and not 0 <= end_id < self.adapter.vocab_size:
-            raise ValueError(f"end_id={end_id} is outside the vocabulary [0, {self.adapter.vocab_size}).")
-        tree_arrays = {}
-        if prefix_tree is not None and end_id is None:
-            raise ValueError("prefix_tree needs end_id: outputs end where a tree path ends.")
+        tree_arrays, fanout = {}, None
         if prefix_tree is not None:
             if not isinstance(prefix_tree, PrefixTree):
                 raise TypeError(f"prefix_tree must be a bert4x.snippets.PrefixTree, got {type(prefix_tree)}.")
+            if end_id is None:
+                raise ValueError("prefix_tree needs end_id: outputs end where a tree path ends.")
             tree_arrays = prefix_tree.arrays()
             fanout = int(tree_arrays.pop("max_fanout"))
-            if int(tree_arrays["edge_tokens"].max()) >= self.adapter.vocab_size:
-                raise ValueError("prefix_tree holds token ids outside the model's vocabulary.")
+            outside = sorted({int(i) for i in tree_arrays["edge_tokens"] if i >= self.vocab_size})
+            if outside:
+                raise ValueError(
+                    f"prefix_tree holds token ids outside the model's vocabulary [0, {self.vocab_size}): {outside[:5]}."
+                )
         strategy = "beam" if num_beams > 1 else ("sample" if do_sample else "greedy")
+        rule = "exact" if exact else ("pool" if length_penalty is not None else "bert4keras")
         search = _Search(
-            strategy, max_len, min_len, end_id, num_beams, top_k, top_p, float(temperature),
-            float(repetition_penalty), int(no_repeat_ngram_size), bool(always_keep_end),
-            fanout if prefix_tree is not None else None,
+            strategy, max_len, min_len, end_id, num_beams, top_k, top_p, temperature, repetition_penalty,
+            no_repeat_ngram_size, bool(always_keep_end), fanout, rule, length_penalty or 0.0, early_stopping,
         )
-        prompt = self.adapter.prepare(prompts, segment_ids, self.pad_to_multiple, max_len)
+        prompt = self.model.decode_prepare(prompts, segment_ids, self.pad_to_multiple, max_len)
         if search not in self._compiled:
-            self._compiled[search] = _compile(_Searcher(self.adapter, search).run, self.adapter.variables(), self.jit)
+            self._compiled[search] = _compile(_Searcher(self.model, search).run, self.model.decode_variables(),
+                                              self.jit)
         tokens, scores = self._compiled[search](prompt, tree_arrays, np.asarray(seed, dtype=np.int32))
         tokens = np.asarray(ops.convert_to_numpy(tokens))
         outputs = []
@@ -718,15 +706,20 @@ _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def generate(model, prompts: Sequence[Sequence[int]], segment_ids=None, **kwargs):
-    """`Generator(model).generate(prompts, segment_ids, **kwargs)`, reusing one Generator per model."""
+    """`Generator(model).generate(prompts, segment_ids, **kwargs)`, reusing one Generator per model.
+
+    Args:
+        model: what `Generator` takes.
+        prompts: token ids, one non-empty list per row.
+        segment_ids: segment ids of the prompts, or None.
+        **kwargs: the search options of `Generator.generate`.
+    """
     try:
         generator = _GENERATORS.get(model)
     except TypeError:
         generator = None
     if generator is None:
         generator = Generator(model)
-        try:
+        with contextlib.suppress(TypeError):  # not weak-referenceable: no reuse
             _GENERATORS[model] = generator
-        except TypeError:
-            pass
     return generator.generate(prompts, segment_ids, **kwargs)

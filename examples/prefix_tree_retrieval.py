@@ -92,7 +92,7 @@ def run(model_name="bert", config=None, checkpoint=None, vocab=None, epochs=5, s
     answers = [name_ids[name] + [tokenizer.end_id] for _, name in test_pairs]
     results = {}
     for label, options in (("free greedy", {}), ("tree greedy", {"prefix_tree": tree}),
-                           (f"tree beam {beams}", {"prefix_tree": tree, "num_beams": beams})):
+                           (f"tree beam {beams}", {"prefix_tree": tree, "num_beams": beams, "exact": True})):
         start = time.time()
         outputs = []
         for i in range(0, len(prompts), 64):

@@ -1,5 +1,6 @@
-"""Decoding: bert4keras-style AutoRegressiveDecoder (exact beam search), PrefixTree constraints, and the fast cached
-generator, which must give token-for-token the same outputs as the uncached decoder on the same model."""
+"""Decoding: bert4keras-style AutoRegressiveDecoder, PrefixTree constraints, and the fast cached generator, which must
+give token-for-token the same outputs as the uncached decoder on the same model (every beam rule: see also
+test_beam_search.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import itertools
 import numpy as np
 import pytest
 from helpers import in_subprocess, run_pytest_on_backend
-from keras import ops
 
-from bert4x.generation import BertDecodingAdapter, Generator
+from bert4x.generation import Generator
 from bert4x.models import build_transformer_model
 from bert4x.snippets import AutoRegressiveDecoder, PrefixTree
 
@@ -138,21 +138,28 @@ class Table(AutoRegressiveDecoder):
         return self.table[last]
 
 
-def test_beam_search_keeps_finished_hypotheses():
-    # [0] (p=.45) beats every longer output, but a longer unfinished beam outranks it at step 1: bert4keras dropped it.
+def test_beam_search_rules_on_a_bigram_table():
+    # [0] (p=.45) beats every longer output, but the unfinished [1] (p=.55) leads the beam at step 1: bert4keras's rule
+    # drops [0] and returns [1, 0] (p=.275); the exact rule keeps [0].
     table = [[0.3, 0.3, 0.4], [0.5, 0.5, 0.0], [0.45, 0.55, 0.0]]
     decoder = Table(table, 2, start_id=None, end_id=0, maxlen=3)
-    assert decoder.beam_search([np.zeros(1)], topk=2).tolist() == [0]
+    assert decoder.beam_search([np.zeros(1)], topk=2).tolist() == [1, 0]
+    assert decoder.beam_search([np.zeros(1)], topk=2, exact=True).tolist() == [0]
+    # transformers' rule: log(.45) / 1 = -0.80 against log(.275) / 2 = -0.65 with length_penalty=1.
+    assert decoder.beam_search([np.zeros(1)], topk=2, length_penalty=1.0).tolist() == [1, 0]
+    assert decoder.beam_search([np.zeros(1)], topk=2, length_penalty=0.0).tolist() == [0]
     assert decoder.random_sample([np.zeros(1)], 1, topk=1)[0].tolist() == [1, 0]  # greedy
     # minlen (start/end included) bans the early end; min_ends needs two end tokens.
-    assert Table(table, 2, start_id=None, end_id=0, maxlen=3, minlen=2).beam_search([0], topk=2).tolist() == [1, 0]
+    short = Table(table, 2, start_id=None, end_id=0, maxlen=3, minlen=2)
+    assert short.beam_search([0], topk=2, exact=True).tolist() == [1, 0]
     twice = Table([[0.6, 0.1, 0.3], [0.5, 0.4, 0.1], [0.45, 0.55, 0.0]], 2, start_id=None, end_id=0, maxlen=3)
-    assert twice.beam_search([0], topk=3, min_ends=2).tolist() == [0, 0]  # p = .27; next best [1, 0, 0] .165
+    assert twice.beam_search([0], topk=3, min_ends=2, exact=True).tolist() == [0, 0]  # p = .27; next [1, 0, 0] .165
     # With a start token, outputs carry it, and the tree constrains what follows it.
     started = Table(table, 2, start_id=2, end_id=0, maxlen=3)
-    assert started.beam_search([0], topk=2).tolist() == [2, 0]
+    assert started.beam_search([0], topk=2, exact=True).tolist() == [2, 0]
     tree = PrefixTree([[1, 1]], end_id=0)
-    assert started.beam_search([0], topk=2, prefix_tree=tree).tolist() == [2, 1, 1, 0]  # 3 tokens after start
+    for rule in ({}, {"exact": True}, {"length_penalty": 1.0}):
+        assert started.beam_search([0], topk=2, prefix_tree=tree, **rule).tolist() == [2, 1, 1, 0]
 
 
 def complete_outputs(vocab, maxlen, end_id):
@@ -174,8 +181,8 @@ def test_beam_equals_exhaustive_search_on_a_tiny_lm(application):
 
     best, best_score = best_by_enumeration(model, application, prompt, complete_outputs(vocab, maxlen, end))
     wide = vocab ** (maxlen - 1)  # at least as many beams as unfinished prefixes
-    assert decoder.beam_search(as_inputs(prompt), topk=wide).tolist() == best
-    outputs, scores = Generator(model).generate([prompt], max_len=maxlen, end_id=end, num_beams=wide,
+    assert decoder.beam_search(as_inputs(prompt), topk=wide, exact=True).tolist() == best
+    outputs, scores = Generator(model).generate([prompt], max_len=maxlen, end_id=end, num_beams=wide, exact=True,
                                                 return_scores=True)
     assert outputs == [best]
     assert scores[0] == pytest.approx(best_score, abs=1e-4)
@@ -194,7 +201,12 @@ def test_cached_generation_equals_the_uncached_decoder(model_name, application):
     beam = generator.generate(PROMPTS, max_len=8, min_len=3, end_id=END, num_beams=3)
     expected = [decoder.beam_search(as_inputs(p), topk=3).tolist() for p in PROMPTS]
     assert beam == expected
-    assert len({len(o) for o in greedy + beam}) > 1, "degenerate test: all outputs have the same length"
+    outputs = greedy + beam
+    for rule in ({"exact": True}, {"length_penalty": 1.0})[:2 if model_name == "roformer" else 1]:
+        expected = [decoder.beam_search(as_inputs(p), topk=3, **rule).tolist() for p in PROMPTS]
+        outputs += generator.generate(PROMPTS, max_len=8, min_len=3, end_id=END, num_beams=3, **rule)
+        assert outputs[-len(PROMPTS):] == expected, rule
+    assert len({len(o) for o in outputs}) > 1, "degenerate test: all outputs have the same length"
     # Batching must not matter: one prompt alone gives the same output as inside the batch.
     assert generator.generate(PROMPTS[2:], max_len=8, min_len=3, end_id=END, num_beams=3) == beam[2:]
 
@@ -253,53 +265,26 @@ def test_prefix_tree_constrained_decoding():
     for prompt in PROMPTS:
         best, _ = best_by_enumeration(model, "unilm", prompt, paths)
         beams = len(paths)
-        assert decoder.beam_search(as_inputs(prompt), topk=beams).tolist() == best
-        assert generator.generate([prompt], max_len=8, end_id=END, prefix_tree=tree, num_beams=beams) == [best]
+        assert decoder.beam_search(as_inputs(prompt), topk=beams, exact=True).tolist() == best
+        assert generator.generate([prompt], max_len=8, end_id=END, prefix_tree=tree, num_beams=beams,
+                                  exact=True) == [best]
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def test_bad_arguments_raise():
+def test_models_that_cannot_decode_are_refused():
     encoder = build_transformer_model({"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1,
                                        "num_attention_heads": 2, "intermediate_size": 16})
     with pytest.raises(ValueError, match="application='lm' or 'unilm'"):
         Generator(encoder)
-    model = make_model("bert", "lm")
-    generator = Generator(model)
-    with pytest.raises(ValueError, match="do_sample"):
-        generator.generate(PROMPTS, top_k=3)
-    with pytest.raises(ValueError, match="empty"):
-        generator.generate([[2], []])
-    with pytest.raises(ValueError, match="learned positions"):
-        generator.generate(PROMPTS, max_len=600)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        generator.generate(PROMPTS, end_id=400)
-    with pytest.raises(ValueError, match="needs end_id"):
-        generator.generate(PROMPTS, prefix_tree=PrefixTree([[5, 6]]))
-    with pytest.raises(TypeError, match="keras.Model"):
-        BertDecodingAdapter("model.h5")
-
-
-def test_adapter_self_check_tolerance_fits_the_matmul_precision(monkeypatch):
-    """The adapter's prompt pass must reproduce the model: a logit offset far beyond rounding is refused everywhere;
-    one of TF32 size (GPU default matmuls) is refused only where float32 matmuls run at full precision."""
-    from bert4x import backend
-
-    assert backend.float32_matmul_relative_error() < 1e-5  # CPU: full float32
-    model = make_model("bert", "lm")
-
-    def offset_adapter(offset):
-        class Offset(BertDecodingAdapter):
-            def _logits(self, x):
-                return super()._logits(x) + offset * ops.cast(ops.arange(model.output.shape[-1]) % 2, x.dtype)
-
-        return Offset
-
-    with pytest.raises(ValueError, match="does not reproduce"):
-        offset_adapter(1e-2)(model)
-    monkeypatch.setattr(backend, "float32_matmul_relative_error", lambda: 1e-3)
-    offset_adapter(1e-2)(model)  # within TF32 rounding: accepted
-    with pytest.raises(ValueError, match="does not reproduce"):
-        offset_adapter(0.5)(model)
+    with pytest.raises(TypeError, match="bert4x model"):
+        Generator("model.h5")
+    # The Transformer and its keras model both work, and give the same outputs.
+    transformer = build_transformer_model({"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1,
+                                           "num_attention_heads": 2, "intermediate_size": 16}, application="lm",
+                                          return_keras_model=False)
+    assert transformer.model.transformer is transformer and transformer.decoding_unsupported() is None
+    assert Generator(transformer).generate([[2, 5]], max_len=4) == Generator(transformer.model).generate(
+        [[2, 5]], max_len=4)
 
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")

@@ -248,10 +248,10 @@ def test_cached_decode_step_equals_full_decoder(checkpoints):
     full = run(t5.model, [encoder_ids, decoder_ids])
     state = t5.generation_state(encoder_ids, max_length=decoder_ids.shape[1])
     # A 3-token chunk first (positions 0..2), then one token at a time.
-    logits, state = t5.decode_step(decoder_ids[:, :3], 0, state)
+    logits, state = t5.decode_chunk(decoder_ids[:, :3], 0, state)
     steps = [keras.ops.convert_to_numpy(logits)]
     for index in range(3, decoder_ids.shape[1]):
-        logits, state = t5.decode_step(decoder_ids[:, index:index + 1], index, state)
+        logits, state = t5.decode_chunk(decoder_ids[:, index:index + 1], index, state)
         steps.append(keras.ops.convert_to_numpy(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4)
 
@@ -260,7 +260,8 @@ def generation_model(tmp_path):
     """A model on which greedy search ends some rows early (</s> close to a token it likes, 33) and not others."""
     hf, hf_dir = make_hf_model(tmp_path, seed=6)
     with torch.no_grad():
-        hf.lm_head.weight[1] = hf.lm_head.weight[33] + 0.15 * torch.randn(32, generator=torch.Generator().manual_seed(2))
+        noise = torch.randn(32, generator=torch.Generator().manual_seed(2))
+        hf.lm_head.weight[1] = hf.lm_head.weight[33] + 0.15 * noise
     write_safetensors({k: v.detach().numpy().copy() for k, v in hf.state_dict().items()},
                       str(hf_dir / "model.safetensors"))
     t5 = build_transformer_model(str(hf_dir / "config.json"), str(hf_dir), model="mt5.1.1", with_lm="linear",
@@ -308,15 +309,53 @@ def test_beam_sampling_and_constraints_through_the_shared_generator(tmp_path):
     batch_prompts = prompts(np.random.default_rng(8), lengths=(10, 4))
     greedy = generator.generate(batch_prompts, max_len=8, end_id=1)
     assert generator.generate(batch_prompts, max_len=8, end_id=1, do_sample=True, top_k=1) == greedy
-    beam = generator.generate(batch_prompts, max_len=8, end_id=1, num_beams=4)
+    beam = generator.generate(batch_prompts, max_len=8, end_id=1, num_beams=4, exact=True)
     for p, g, b in zip(batch_prompts, greedy, beam):
-        if g[-1] == 1 or len(g) == 8:  # both are complete hypotheses: the beam one scores at least as well
+        if g[-1] == 1 or len(g) == 8:  # both are complete hypotheses: the exact beam one scores at least as well
             assert sequence_log_prob(t5, p, b) >= sequence_log_prob(t5, p, g) - 1e-4
+    # The default (bert4keras) rule: the best hypothesis of the beam once it ends, so it is a complete one too; the
+    # keras model reaches the same decoding interface as the T5 object.
+    default = Generator(t5.model, jit=False).generate(batch_prompts, max_len=8, end_id=1, num_beams=4)
+    assert all(o[-1] == 1 or len(o) == 8 for o in default)
     for output in generator.generate(batch_prompts, max_len=8, end_id=1, min_len=6):
         assert 1 not in output[:5]
     tree = PrefixTree([[7, 8, 9], [7, 10], [11]], end_id=1)
     for output in generator.generate(batch_prompts, max_len=8, end_id=1, num_beams=2, prefix_tree=tree):
         assert output in tree
+
+
+def test_beam_rules_equal_their_references_on_the_uncached_model(tmp_path):
+    """Every beam rule through the cached decoder equals its pure-Python reimplementation (test_beam_search.py) fed
+    with log-probabilities from the whole uncached model."""
+    from test_beam_search import ref_bert4keras, ref_exact, ref_transformers
+
+    from bert4x.generation import Generator
+
+    _, t5 = generation_model(tmp_path)
+    generator = Generator(t5.model, jit=False)
+    batch_prompts = prompts(np.random.default_rng(8), lengths=(10, 4))
+
+    def logp(prompt):
+        memo = {}
+
+        def fn(seq):
+            if seq not in memo:
+                decoder_ids = np.zeros((1, 8), "int32")  # causal: the right padding changes no earlier position
+                decoder_ids[0, 1:len(seq) + 1] = seq
+                logits = run(t5.model, [np.array([prompt], "int32"), decoder_ids])[0, len(seq)].astype(np.float64)
+                memo[seq] = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+            return memo[seq]
+
+        return fn
+
+    rules = (({}, lambda f: ref_bert4keras(f, 3, 6, 1)), ({"exact": True}, lambda f: ref_exact(f, 3, 6, 1)),
+             ({"length_penalty": 1.0}, lambda f: ref_transformers(f, 3, 6, 1, 1.0)))
+    outputs = []
+    for kwargs, reference in rules:
+        expected = [reference(logp(p)) for p in batch_prompts]
+        outputs += generator.generate(batch_prompts, max_len=6, end_id=1, num_beams=3, **kwargs)
+        assert outputs[-2:] == expected, kwargs
+    assert len({len(o) for o in outputs}) > 1, f"degenerate test: every output has the same length: {outputs}"
 
 
 @pytest.mark.skipif(in_subprocess, reason="already in a subprocess")

@@ -17,7 +17,7 @@ from keras import ops
 from bert4x import backend
 from bert4x.layers import AttentionMask, Dropout, Embedding, FeedForward, MultiHeadAttention
 from bert4x.models.base import Source, register_model, src
-from bert4x.models.bert import BERT, GOOGLE_TABLE, _google_layer_table, _output_dtype
+from bert4x.models.bert import BERT, GOOGLE_TABLE, _google_layer_table, _output_dtype, _producer
 
 __all__ = ["RotaryEmbedding", "UnscaledRMSNorm", "RoFormer", "RoFormerV2"]
 
@@ -181,6 +181,14 @@ class RoFormer(BERT):
             )
         return name, config
 
+    # ----------------------------------------------------------------- decoding (bert4x.generation)
+    def decode_max_positions(self):
+        return None  # RoPE: any length
+
+    def _decode_rotary(self, positions):
+        rotary = _producer(self.rotary)
+        return {"rotary": backend.rotary_cos_sin(positions, rotary.head_size, rotary.base)}
+
 
 @register_model("roformer_v2")
 class RoFormerV2(RoFormer):
@@ -228,13 +236,14 @@ class RoFormerV2(RoFormer):
         if segment_ids is not None:
             # bert4x's Embedding, as in BERT: a 2-row table is read as a one-hot sum, whose gradient is a reduction
             # rather than a scatter-add that every token serialises on (27 of 38 GPU-busy ms of a BERT step).
-            s = Embedding(
+            self.segment_embedding = Embedding(
                 self.segment_vocab_size, self.hidden_size, embeddings_initializer=self.initializer(),
                 name="Embedding-Segment",
-            )(segment_ids)
-            x = keras.layers.Add(name="Embedding-Token-Segment")([x, s])
+            )
+            x = keras.layers.Add(name="Embedding-Token-Segment")([x, self.segment_embedding(segment_ids)])
         x = Dropout(self.dropout_rate, name="Embedding-Dropout")(x)
-        x = UnscaledRMSNorm(name="Embedding-Norm")(x)
+        self.embedding_norm = UnscaledRMSNorm(name="Embedding-Norm")
+        x = self.embedding_norm(x)
         x = self.apply_position_embedding(x)
         self.attention_mask = AttentionMask(self.application, name="Attention-Mask")(token_ids, segment_ids)
         return x
@@ -246,16 +255,21 @@ class RoFormerV2(RoFormer):
             self.num_attention_heads, self.attention_head_size, use_bias=False,
             attention_dropout=self.attention_dropout_rate, kernel_initializer=self.initializer(), name=attention,
         )(x, attention_mask=self.attention_mask, **self.attention_kwargs())
+        block = [_producer(y)]  # this block's layers, in the order decode_step applies them
         y = Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
         x = keras.layers.Add(name=f"{attention}-Add")([x, y])
         x = UnscaledRMSNorm(name=f"{attention}-Norm")(x)
+        block.append(_producer(x))
         y = FeedForward(
             self.intermediate_size, activation=self.ffn_activation, gated=self.ffn_gated, use_bias=False,
             kernel_initializer=self.initializer(), name=feed_forward,
         )(x)
+        block.append(_producer(y))
         y = Dropout(self.dropout_rate, name=f"{feed_forward}-Dropout")(y)
         x = keras.layers.Add(name=f"{feed_forward}-Add")([x, y])
-        return UnscaledRMSNorm(name=f"{feed_forward}-Norm")(x)
+        x = UnscaledRMSNorm(name=f"{feed_forward}-Norm")(x)
+        self.keep_decode_block(index, *block, _producer(x))
+        return x
 
     def apply_final_layers(self, x):
         if not self.with_mlm:
@@ -286,3 +300,7 @@ class RoFormerV2(RoFormer):
         if fmt != "google":
             raise ValueError(f"RoFormerV2 exports Google (bert4keras) format only; got format {fmt!r}.")
         return super().export_config(fmt)
+
+    # ----------------------------------------------------------------- decoding (bert4x.generation)
+    def decode_head_layers(self):
+        return None, None, None  # the head is the tied projection alone

@@ -42,12 +42,12 @@ that the model's vocabulary is exactly the tokenizer's (no unreachable outputs f
                                  return_keras_model=False)
     tokenizer = SpTokenizer(".../sentencepiece_cn.model")   # its ids index the trimmed embedding directly
 
-Generation: `bert4x.generation.generate(t5, encoder_prompts, max_len=..., end_id=1, num_beams=..., ...)` (the T5 object,
-not its keras model) runs greedy, beam or sampling search with the shared fast generator: the encoder runs once per
-batch, cross-attention keys/values are computed once, and the decoder keeps a self-attention cache
-(`T5DecodingAdapter`). Underneath, `t5.generation_state(encoder_token_ids, max_length)` runs the encoder and prepares
-the caches and `t5.decode_step(token_ids, index, state)` runs the decoder on new tokens only, returning
-`(logits, state)`.
+Generation: `bert4x.generation.generate(t5, encoder_prompts, max_len=..., end_id=1, num_beams=..., ...)` (the T5 object
+or its keras model) runs greedy, beam or sampling search with the shared fast generator: the encoder runs once per
+batch, cross-attention keys/values are computed once, and the decoder keeps a self-attention cache (the `Transformer`
+decoding interface: `decode_prepare`, `decode_start`, `decode_step`). Underneath,
+`t5.generation_state(encoder_token_ids, max_length)` runs the encoder and prepares the caches and
+`t5.decode_chunk(token_ids, index, state)` runs the decoder on new tokens only, returning `(logits, state)`.
 """
 
 from __future__ import annotations
@@ -61,10 +61,9 @@ import numpy as np
 from keras import ops
 
 from bert4x import backend
-from bert4x.generation import DecodingAdapter, register_adapter
 from bert4x.layers import AttentionMask, Dropout, Embedding, FeedForward, MultiHeadAttention
 from bert4x.layers.t5 import ContextMask, MaskPadding, RelativePositionBias
-from bert4x.models.base import Transformer, register_model, src
+from bert4x.models.base import Transformer, _id_lists, register_model, src
 from bert4x.training import Model
 
 logger = logging.getLogger("bert4x")
@@ -422,11 +421,12 @@ class T5(Transformer):
         self.decoder = keras.Model([context_in, decoder_ids], self.apply_decoder(context_in, decoder_ids),
                                    name=f"{self.name}_decoder" if self.name else "decoder")
         self.model = Model([encoder_ids, decoder_ids], self.apply_decoder(context, decoder_ids), name=self.name)
+        self.model.transformer = self  # lets `Generator(keras_model)` reach the decoding methods
         return self.model
 
     # ----------------------------------------------------------------------------------------------- cached decoding
     def generation_state(self, encoder_token_ids, max_length: int) -> dict:
-        """Runs the encoder once and prepares the caches for `decode_step` (up to `max_length` decoder positions).
+        """Runs the encoder once and prepares the caches for `decode_chunk` (up to `max_length` decoder positions).
 
         Returns a dict of tensors: `context_mask` `[batch, 1, 1, enc_len]`, `cross` (one precomputed `[batch, 2,
         enc_len, heads, head_size]` key/value per decoder layer) and `self` (zeroed self-attention caches of
@@ -452,7 +452,7 @@ class T5(Transformer):
             "self": [ops.zeros(cache_shape, dtype=dtype) for _ in range(self.num_decoder_layers)],
         }
 
-    def decode_step(self, token_ids, index, state: dict):
+    def decode_chunk(self, token_ids, index, state: dict):
         """Decoder logits `[batch, t, vocab]` (float32) of `token_ids` `[batch, t]` at positions `index..index+t-1`.
 
         Keys and values of earlier positions come from `state['self']`, which is returned updated; the encoder is not
@@ -482,6 +482,49 @@ class T5(Transformer):
         x = self.layers["Decoder-Output-Norm"](x)
         logits = self.layers["Decoder-Output-LM"](x)
         return ops.cast(logits, "float32"), dict(state, self=caches)
+
+    # The `Transformer` decoding interface (bert4x.generation): prompts are encoder inputs, right-padded with 0 (the
+    # encoder masks padding); the decoder starts from id 0 and the index-th generated token sits at decoder
+    # position index + 1.
+    decoder_start_id = 0
+
+    def decoding_unsupported(self):
+        if self.model is None:
+            return f"{type(self).__name__} is not built yet."
+        if self.with_lm is False:
+            return "the model has no LM head; build it with with_lm=True or 'linear'."
+        return None
+
+    def decode_prepare(self, prompts, segment_ids, pad_to_multiple, max_len):
+        if segment_ids is not None:
+            raise ValueError("generate: T5/mT5 prompts are encoder inputs and take no segment_ids.")
+        prompts = _id_lists(prompts, "prompts")
+        if not prompts:
+            raise ValueError("generate: prompts is empty; pass at least one prompt.")
+        for n, p in enumerate(prompts):
+            bad = [i for i in p if not 0 < i < self.vocab_size]
+            if not p or bad:
+                raise ValueError(
+                    f"generate: encoder prompts[{n}] must be non-empty ids in [1, {self.vocab_size}) (vocab_size; 0 "
+                    f"is padding); got {len(p)} ids, bad ones: {bad[:5]}."
+                )
+        longest = max(len(p) for p in prompts)
+        length = -(-longest // pad_to_multiple) * pad_to_multiple
+        token_ids = np.zeros((len(prompts), length), dtype=np.int32)
+        for n, p in enumerate(prompts):
+            token_ids[n, :len(p)] = p
+        return {"token_ids": token_ids}
+
+    def decode_start(self, prompt, max_len):
+        # Slots for the start token and every generated token (the search steps after the last one too).
+        state = self.generation_state(prompt["token_ids"], max_len + 1)
+        start = ops.full((prompt["token_ids"].shape[0], 1), self.decoder_start_id, "int32")
+        logits, state = self.decode_chunk(start, 0, state)
+        return logits[:, 0], state
+
+    def decode_step(self, token_ids, cache, index):
+        logits, cache = self.decode_chunk(ops.expand_dims(ops.cast(token_ids, "int32"), 1), index + 1, cache)
+        return logits[:, 0], cache
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def variable_mapping(self, fmt):
@@ -547,84 +590,6 @@ class T5(Transformer):
             "eos_token_id": 1,
             "decoder_start_token_id": 0,
         }
-
-
-# ----------------------------------------------------------------------------------------------- generation
-class T5DecodingAdapter(DecodingAdapter):
-    """Plugs T5/mT5 into `bert4x.generation`: prompts are encoder inputs, outputs the decoder's tokens.
-
-    `init_cache` runs the encoder once per batch and precomputes every cross-attention key/value, then feeds the start
-    id (0) to the decoder; each `step` runs the decoder on one new token with the self-attention cache. Prompts are
-    right-padded with 0 (the encoder masks padding). `generate(t5, prompts, end_id=1, ...)` builds one of these.
-
-    Example:
-    >>> from bert4x.generation import generate
-    >>> from bert4x.models import build_transformer_model
-    >>> t5 = build_transformer_model({"vocab_size": 40, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1,
-    ...     "num_heads": 2}, model="mt5.1.1", return_keras_model=False)
-    >>> outputs = generate(t5, [[5, 6, 7, 1], [8, 1]], max_len=4, end_id=1)
-    >>> len(outputs), all(len(o) <= 4 for o in outputs)
-    (2, True)
-    """
-
-    def __init__(self, t5: T5, start_id: int = 0):
-        if not isinstance(t5, T5) or t5.model is None:
-            raise TypeError(f"T5DecodingAdapter needs a built bert4x T5 (return_keras_model=False), got {type(t5)}.")
-        if t5.with_lm is False:
-            raise ValueError("Generation needs the LM head: build the T5 with with_lm=True or 'linear'.")
-        self.t5, self.start_id = t5, start_id
-        self.vocab_size = t5.vocab_size
-
-    def variables(self):
-        return list(self.t5.model.variables)
-
-    def prepare(self, prompts, segment_ids=None, pad_to_multiple=8, max_len=0):
-        if segment_ids is not None:
-            raise ValueError("generate: T5/mT5 prompts are encoder inputs and take no segment_ids.")
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise ValueError("generate: no prompts given.")
-        for n, p in enumerate(prompts):
-            bad = [i for i in p if not 0 < i < self.vocab_size]
-            if not p or bad:
-                raise ValueError(
-                    f"generate: encoder prompt #{n} must be non-empty ids in [1, {self.vocab_size}) (0 is padding); "
-                    f"got {len(p)} ids, bad ones: {bad[:5]}."
-                )
-        longest = max(len(p) for p in prompts)
-        length = -(-longest // pad_to_multiple) * pad_to_multiple
-        token_ids = np.zeros((len(prompts), length), dtype=np.int32)
-        for n, p in enumerate(prompts):
-            token_ids[n, :len(p)] = p
-        return {"token_ids": token_ids}
-
-    def init_cache(self, prompt, max_len):
-        # Slots for the start token and every generated token (the search steps after the last one too).
-        state = self.t5.generation_state(prompt["token_ids"], max_len + 1)
-        start = ops.full((prompt["token_ids"].shape[0], 1), self.start_id, "int32")
-        logits, state = self.t5.decode_step(start, 0, state)
-        return logits[:, 0], state
-
-    def step(self, token_ids, cache, index):
-        # The index-th generated token sits at decoder position index + 1 (after the start token).
-        logits, cache = self.t5.decode_step(ops.expand_dims(ops.cast(token_ids, "int32"), 1), index + 1, cache)
-        return logits[:, 0], cache
-
-
-def _t5_keras_model(model) -> bool:
-    return isinstance(model, keras.Model) and any(layer.name == "Decoder-Output-LM" for layer in model.layers)
-
-
-def _make_adapter(model):
-    if isinstance(model, T5):
-        return T5DecodingAdapter(model)
-    raise TypeError(
-        "generate: pass the T5/mT5 object itself (build_transformer_model(..., return_keras_model=False)), not its "
-        "keras model: decoding needs the separate encoder and the cached decoder step."
-    )
-
-
-register_adapter(lambda m: isinstance(m, T5) or _t5_keras_model(m), _make_adapter)
 
 
 @register_model("t5.1.1")

@@ -224,7 +224,8 @@ def open_checkpoint(path: str) -> CheckpointReader:
     """Open the checkpoint at ``path`` (any form accepted by :func:`detect_format`).
 
     Example:
-        >>> reader = open_checkpoint("../shared/data/checkpoints/keras-bert_test_checkpoint_tf/bert_model.ckpt")  # doctest: +SKIP
+        >>> path = "../shared/data/checkpoints/keras-bert_test_checkpoint_tf/bert_model.ckpt"
+        >>> reader = open_checkpoint(path)  # doctest: +SKIP
         >>> reader.shape("bert/embeddings/word_embeddings")  # doctest: +SKIP
         (15, 4)
     """
@@ -506,7 +507,9 @@ def _string_tensor_crc(raw: bytes, count: int, name: str, data_file: str) -> int
             length, pos = _read_varint(raw, pos)
             crc = google_crc32c.extend(crc, struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length))
     except IndexError:
-        raise ValueError(f"string variable {name!r} in {data_file!r} is corrupt (its lengths run past its bytes)") from None
+        raise ValueError(
+            f"string variable {name!r} in {data_file!r} is corrupt (its lengths run past its bytes)"
+        ) from None
     return google_crc32c.extend(crc, raw[pos:])
 
 
@@ -552,7 +555,7 @@ class _SafetensorsReader(CheckpointReader):
             self._file = safe_open(path, framework="numpy")
         except Exception as error:  # safetensors raises its own error types
             raise ValueError(f"cannot read safetensors file {path!r}: {error}") from error
-        for name in self._file.keys():
+        for name in self._file.keys():  # noqa: SIM118 (safe_open is not a Mapping)
             tensor_slice = self._file.get_slice(name)
             code = tensor_slice.get_dtype()
             self._specs[name] = (tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES.get(code, code))
@@ -702,7 +705,9 @@ def write_google_checkpoint(tensors: Mapping[str, np.ndarray], prefix: str) -> s
         try:
             values.append(tf.convert_to_tensor(array))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"write_google_checkpoint: variable {name!r} ({array.dtype}) can't be saved: {error}") from error
+            raise ValueError(
+                f"write_google_checkpoint: variable {name!r} ({array.dtype}) can't be saved: {error}"
+            ) from error
     prefix = os.fspath(prefix)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     with tf.device("/CPU:0"):
@@ -727,7 +732,9 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: di
     arrays = _check_tensors(tensors, "write_safetensors")
     for name, array in arrays.items():
         if array.dtype.name not in _SAFETENSORS_DTYPES.values():
-            raise ValueError(f"write_safetensors: variable {name!r} has dtype {array.dtype}, which safetensors can't store")
+            raise ValueError(
+                f"write_safetensors: variable {name!r} has dtype {array.dtype}, which safetensors can't store"
+            )
         arrays[name] = np.require(array, requirements="C")  # ascontiguousarray would turn scalars 1-d
     metadata = {"format": "pt"} if metadata is None else metadata
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):

@@ -12,13 +12,91 @@ the jitted step's call, which passes the ≈500 state arrays), then falls from 6
 
 On the tensorflow and torch backends, with `steps_per_execution=1`, under `run_eagerly`, `jit_compile=False` or a
 `keras.distribution`, `Model` trains exactly as `keras.Model` does.
+
+On every backend `predict`, `fit` and `evaluate` check their inputs on the host before anything is dispatched: ids fed
+to an `Embedding` must lie in `[0, input_dim)` (token ids within the vocabulary, segment ids within the segment
+table), sequences may not be longer than a learned `PositionEmbedding`, and the inputs of one batch must agree in
+batch size and length. A `ValueError` names the input, the offending value and the limit. Arrays are checked once;
+batches from generators, `keras.utils.PyDataset`s and `tf.data.Dataset`s one at a time as they are drawn.
+
+On jax, Keras's loops take the variables' values out of the model for the duration of a call (they pass the state
+to compiled functions and put it back at the end), so a call that raises, or a second thread calling meanwhile, would
+leave the model without weights. `Model` serialises these calls per model and, if one raises, puts the last state
+back before the error propagates.
+
+Both the fused steps and that guard override private parts of Keras's jax trainer (`_jax_state`, the variables'
+`_value`), which Keras may change in any release: `TESTED_KERAS` is the range of Keras versions this module was
+tested with (setup.py pins it), and building a `Model` under another version warns.
 """
 
 from __future__ import annotations
 
-import keras
+import contextlib
+import functools
+import threading
+import warnings
 
-__all__ = ["Model"]
+import keras
+import numpy as np
+
+__all__ = ["Model", "TESTED_KERAS", "check_keras_version"]
+
+# [lowest, first untested) Keras release whose jax trainer internals `Model` relies on.
+TESTED_KERAS = ((3, 10), (3, 16))
+
+
+def check_keras_version(version: str | None = None) -> bool:
+    """Warns (`RuntimeWarning`, naming the tested range) and returns False when Keras is outside `TESTED_KERAS`.
+
+    Args:
+        version: a Keras version string; defaults to the installed `keras.__version__`.
+    """
+    version = keras.__version__ if version is None else version
+    try:
+        release = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        release = None
+    (low, high) = TESTED_KERAS
+    if release is not None and low <= release < high:
+        return True
+    warnings.warn(
+        f"bert4x.models.Model was tested with Keras >={low[0]}.{low[1]},<{high[0]}.{high[1]} and Keras {version} is "
+        "installed: Model overrides private parts of Keras's jax trainer, which may have changed.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+def _guarded(method):
+    """Wraps a Keras loop method with the input checks and, on jax, the state guard."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        args, kwargs = self._checked_arguments(method.__name__, args, kwargs)
+        if keras.backend.backend() != "jax":
+            return _reraise_input_errors(method, self, *args, **kwargs)
+        with self._jax_call_lock:
+            saved = self._jax_values()
+            try:
+                return _reraise_input_errors(method, self, *args, **kwargs)
+            except BaseException:
+                self._restore_jax_values(saved)
+                raise
+
+    return wrapper
+
+
+def _reraise_input_errors(method, model, *args, **kwargs):
+    """tf.data pipelines report a failed input check as a TensorFlow error: re-raised here as the `ValueError`."""
+    try:
+        return method(model, *args, **kwargs)
+    except Exception as error:
+        message = str(error)
+        if type(error).__module__.startswith("tensorflow") and _CHECK_MARK in message:
+            start = message.index(_CHECK_MARK) + len(_CHECK_MARK)
+            raise ValueError(message[start:].split(_CHECK_MARK)[0]) from error
+        raise
 
 
 @keras.saving.register_keras_serializable(package="bert4x")
@@ -40,6 +118,17 @@ class Model(keras.Model):
         >>> model.fit(np.ones((32, 4)), np.zeros((32, 1)), batch_size=4, verbose=0).history["loss"][0] >= 0
         True
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_keras_version()
+
+    fit = _guarded(keras.Model.fit)
+    evaluate = _guarded(keras.Model.evaluate)
+    predict = _guarded(keras.Model.predict)
+    train_on_batch = _guarded(keras.Model.train_on_batch)
+    test_on_batch = _guarded(keras.Model.test_on_batch)
+    predict_on_batch = _guarded(keras.Model.predict_on_batch)
 
     def __setattr__(self, name: str, value) -> None:
         # Keras's jax loop stores the training state here after every dispatch, for callbacks that sync it. As a
@@ -89,6 +178,64 @@ class Model(keras.Model):
 
         self.train_function = train_function
 
+    # ----------------------------------------------------------------- input checks
+    @property
+    def input_checker(self) -> _InputChecker | None:
+        """The host-side checks of this model's inputs (None for a model with no functional graph to read them from)."""
+        if "_bert4x_input_checker" not in self.__dict__:
+            object.__setattr__(self, "_bert4x_input_checker", _InputChecker.for_model(self))
+        return self.__dict__["_bert4x_input_checker"]
+
+    def _checked_arguments(self, method: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        checker = self.input_checker
+        if checker is None:
+            return args, kwargs
+        args = list(args)
+        if args:
+            args[0] = checker.wrap(args[0], method)
+        elif "x" in kwargs:
+            kwargs["x"] = checker.wrap(kwargs["x"], method)
+        if kwargs.get("validation_data") is not None:
+            kwargs["validation_data"] = checker.wrap(kwargs["validation_data"], "fit", validation=True)
+        return tuple(args), kwargs
+
+    # ----------------------------------------------------------------- jax state guard
+    @property
+    def _jax_call_lock(self) -> threading.RLock:
+        if "_bert4x_lock" not in self.__dict__:
+            object.__setattr__(self, "_bert4x_lock", threading.RLock())
+        return self.__dict__["_bert4x_lock"]
+
+    def _jax_values(self) -> list:
+        """(variable, its current value) for every variable a Keras loop may take out of the model."""
+        variables = list(self.variables) + list(self.metrics_variables)
+        if getattr(self, "optimizer", None) is not None:
+            variables += list(self.optimizer.variables)
+        seen, saved = set(), []
+        for variable in variables:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                saved.append((variable, variable._value))
+        return saved
+
+    def _restore_jax_values(self, saved: list) -> None:
+        """After a failed call: the state of the last step that ran (fit), else the values from before the call."""
+        if getattr(self, "_jax_state", None):
+            self._jax_state_synced = False
+            with contextlib.suppress(Exception):  # a half-built state: the values saved before the call are used
+                self.jax_state_sync()
+        for variable, value in saved:
+            current = variable._value
+            if current is None or _is_deleted(current):
+                if value is None or _is_deleted(value):
+                    continue
+                variable._value = value
+        object.__setattr__(self, "_jax_state", None)
+        self._jax_state_synced = True
+        lost = [variable.path for variable, _ in saved if variable._value is None or _is_deleted(variable._value)]
+        if lost:
+            raise RuntimeError(f"The failed call left {len(lost)} variables without values: {lost[:10]}")
+
     def _fuses_steps(self) -> bool:
         if keras.backend.backend() != "jax" or self.steps_per_execution <= 1:
             return False
@@ -115,3 +262,202 @@ def _signature(batch) -> tuple:
 
     leaves, structure = jax.tree.flatten(batch)
     return structure, [(getattr(leaf, "shape", None), getattr(leaf, "dtype", None)) for leaf in leaves]
+
+
+def _is_deleted(value) -> bool:
+    return bool(getattr(value, "is_deleted", lambda: False)())
+
+
+# Marks a failed input check inside a tf.data pipeline, whose error re-raises as TensorFlow's.
+_CHECK_MARK = "[bert4x input check] "
+
+
+class _InputChecker:
+    """Host-side checks of a functional model's integer inputs, derived from the layers that read them.
+
+    `ids[i]` is the exclusive upper bound of input `i` (an `Embedding`'s `input_dim`) or None; `max_length` is the
+    length of the shortest learned `PositionEmbedding`, which bounds axis 1 of every input with an id bound.
+    Plain data (picklable), so that `PyDataset` workers can run it.
+    """
+
+    def __init__(self, names: list[str], ids: list[int | None], max_length: int | None, dict_input: bool):
+        self.names, self.ids, self.max_length, self.dict_input = names, ids, max_length, dict_input
+
+    @classmethod
+    def for_model(cls, model: keras.Model) -> _InputChecker | None:
+        inputs = getattr(model, "inputs", None)
+        if not inputs or not hasattr(model, "_inputs_struct"):
+            return None
+        from bert4x.layers.core import PositionEmbedding
+
+        position = {id(tensor): index for index, tensor in enumerate(inputs)}
+        ids: list[int | None] = [None] * len(inputs)
+        lengths = []
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, PositionEmbedding):
+                lengths.append(int(layer.input_dim))
+            if not isinstance(layer, keras.layers.Embedding):
+                continue
+            for node in layer._inbound_nodes:
+                tensors = node.arguments.keras_tensors
+                if tensors and id(tensors[0]) in position:
+                    index = position[id(tensors[0])]
+                    limit = int(layer.input_dim)
+                    ids[index] = limit if ids[index] is None else min(ids[index], limit)
+        if not any(limit is not None for limit in ids):
+            return None
+        names = [tensor.name for tensor in inputs]
+        return cls(names, ids, min(lengths) if lengths else None, isinstance(model._inputs_struct, dict))
+
+    # ---- the checks
+    def check(self, x) -> None:
+        """Raises `ValueError` if the model inputs `x` break a limit; arrays other than numpy's are not read."""
+        arrays = self._arrays(x)
+        if arrays is None:
+            return
+        first = None
+        for name, limit, array in zip(self.names, self.ids, arrays):
+            if limit is None or array is None:
+                continue
+            if array.ndim == 0:
+                raise ValueError(f"Input {name!r} is a scalar; it needs a batch axis (shape [batch, length]).")
+            if array.shape[0] == 0:
+                raise ValueError(f"Input {name!r} is an empty batch (shape {array.shape}).")
+            if array.ndim >= 2:
+                if array.shape[1] == 0:
+                    raise ValueError(f"Input {name!r} holds zero-length sequences (shape {array.shape}).")
+                if self.max_length is not None and array.shape[1] > self.max_length:
+                    raise ValueError(
+                        f"Input {name!r} has sequences of length {array.shape[1]}, longer than the model's "
+                        f"{self.max_length} learned positions (max_position_embeddings)."
+                    )
+                if first is None:
+                    first = (name, array.shape[:2])
+                elif array.shape[:2] != first[1]:
+                    raise ValueError(
+                        f"Inputs {first[0]!r} and {name!r} differ in [batch, length]: {tuple(first[1])} vs "
+                        f"{tuple(array.shape[:2])}."
+                    )
+            if array.dtype.kind not in "iub":
+                continue
+            low, high = array.min(), array.max()
+            if low < 0 or high >= limit:
+                bad = low if low < 0 else high
+                where = tuple(int(i) for i in np.argwhere(array == bad)[0])
+                raise ValueError(
+                    f"Input {name!r} holds id {int(bad)} at {where}, outside [0, {limit}) (the size of the embedding "
+                    "table it indexes: vocab_size for token ids, type_vocab_size for segment ids)."
+                )
+
+    def _arrays(self, x) -> list | None:
+        if isinstance(x, dict):
+            return [_host_array(x.get(name)) for name in self.names]
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(self.names) or (len(self.names) == 1 and np.ndim(x[0]) == 0 and len(x) > 0):
+                return [_host_array(x)] if len(self.names) == 1 else None
+            return [_host_array(value) for value in x]
+        return [_host_array(x)] if len(self.names) == 1 else None
+
+    def check_batch(self, batch, with_targets: bool) -> None:
+        x = keras.utils.unpack_x_y_sample_weight(batch)[0] if with_targets or isinstance(batch, tuple) else batch
+        self.check(x)
+
+    # ---- applying them to what a Keras loop is given
+    def wrap(self, data, method: str, validation: bool = False):
+        """`data` with its batches checked as they are drawn (arrays are checked here, once)."""
+        with_targets = validation or method in ("fit", "evaluate", "train_on_batch", "test_on_batch")
+        if validation and isinstance(data, tuple) and not _is_stream(data):
+            self.check(keras.utils.unpack_x_y_sample_weight(data)[0])
+            return data
+        if isinstance(data, keras.utils.PyDataset):
+            return _CheckedPyDataset(data, self, with_targets)
+        if _is_tf_dataset(data):
+            return _checked_tf_dataset(data, self, with_targets)
+        if _is_generator(data):
+            return (self._checked(batch, with_targets) for batch in data)
+        self.check(data)
+        return data
+
+    def _checked(self, batch, with_targets: bool):
+        self.check_batch(batch, with_targets)
+        return batch
+
+
+def _host_array(value) -> np.ndarray | None:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged
+            return None
+        return array if array.dtype != object else None
+    return None
+
+
+def _is_stream(data) -> bool:
+    return isinstance(data, keras.utils.PyDataset) or _is_tf_dataset(data) or _is_generator(data)
+
+
+def _is_generator(data) -> bool:
+    import types
+
+    return isinstance(data, types.GeneratorType) or (hasattr(data, "__next__") and hasattr(data, "__iter__"))
+
+
+def _is_tf_dataset(data) -> bool:
+    module = type(data).__module__
+    if not module.startswith("tensorflow"):
+        return False
+    import tensorflow as tf
+
+    return isinstance(data, tf.data.Dataset)
+
+
+class _CheckedPyDataset(keras.utils.PyDataset):
+    """A `PyDataset` whose batches are checked as they are read (in its workers, where it has some)."""
+
+    def __init__(self, dataset: keras.utils.PyDataset, checker: _InputChecker, with_targets: bool):
+        super().__init__(workers=dataset.workers, use_multiprocessing=dataset.use_multiprocessing,
+                         max_queue_size=dataset.max_queue_size)
+        self.dataset, self.checker, self.with_targets = dataset, checker, with_targets
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_batches(self):
+        return self.dataset.num_batches
+
+    def __getitem__(self, index):
+        batch = self.dataset[index]
+        self.checker.check_batch(batch, self.with_targets)
+        return batch
+
+    def on_epoch_begin(self) -> None:
+        self.dataset.on_epoch_begin()
+
+    def on_epoch_end(self) -> None:
+        self.dataset.on_epoch_end()
+
+
+def _checked_tf_dataset(dataset, checker: _InputChecker, with_targets: bool):
+    """`dataset` with each element passed through the checker on the host (in tf.data's pipeline)."""
+    import tensorflow as tf
+
+    def check(*flat):
+        try:
+            checker.check_batch(tf.nest.pack_sequence_as(dataset.element_spec, list(flat)), with_targets)
+        except ValueError as error:
+            raise ValueError(f"{_CHECK_MARK}{error}{_CHECK_MARK}") from None
+        return np.bool_(True)
+
+    def checked(*args):
+        # tf.data passes a tuple element's members as separate arguments; the element keeps its structure.
+        element = args if isinstance(dataset.element_spec, tuple) else args[0]
+        flat = tf.nest.flatten(element)
+        ok = tf.numpy_function(check, flat, tf.bool, stateful=True)
+        with tf.control_dependencies([ok]):
+            return tf.nest.map_structure(tf.identity, element)
+
+    return dataset.map(checked)

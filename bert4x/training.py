@@ -76,6 +76,7 @@ def _guarded(method):
         args, kwargs = self._checked_arguments(method.__name__, args, kwargs)
         if keras.backend.backend() != "jax":
             return _reraise_input_errors(method, self, *args, **kwargs)
+        self._check_jax_float16()
         with self._jax_call_lock:
             saved = self._jax_values()
             try:
@@ -178,6 +179,44 @@ class Model(keras.Model):
 
         self.train_function = train_function
 
+    # ----------------------------------------------------------------- compile config
+    def get_compile_config(self) -> dict:
+        """Keras's compile config, with losses and metrics that are methods of this model's layers (the CRF's
+        `sparse_loss`, ...) recorded by layer name and method name, so that `load_model(compile=True)` restores them."""
+        if not (self.compiled and hasattr(self, "_compile_config")):
+            return {}
+        from keras.src.saving import serialization_lib
+
+        raw = {key: _map_structure(_layer_method_marker(self), value) for key, value in
+               self._compile_config.config.items()}
+        return serialization_lib.SerializableDict(**raw).serialize()
+
+    def compile_from_config(self, config: dict) -> None:
+        from keras.src.saving import serialization_lib
+
+        markers = {}
+
+        def take(value):
+            if isinstance(value, dict) and set(value) == {_METHOD_KEY}:
+                token = f"__bert4x_method_{len(markers)}__"
+                layer_name, method = value[_METHOD_KEY]
+                try:
+                    markers[token] = getattr(self.get_layer(layer_name), method)
+                except ValueError as error:
+                    raise ValueError(
+                        f"The compile config names {layer_name}.{method}, but the model has no layer {layer_name!r}."
+                    ) from error
+                return token
+            return value
+
+        config = {key: _map_structure(take, value) for key, value in config.items()}
+        config = serialization_lib.deserialize_keras_object(config)
+        config = {key: _map_structure(lambda v: markers.get(v, v) if isinstance(v, str) else v, value)
+                  for key, value in config.items()}
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
     # ----------------------------------------------------------------- input checks
     @property
     def input_checker(self) -> _InputChecker | None:
@@ -200,6 +239,24 @@ class Model(keras.Model):
         return tuple(args), kwargs
 
     # ----------------------------------------------------------------- jax state guard
+    def _check_jax_float16(self) -> None:
+        """XLA on CPU has no float16 matmul with float32 accumulation, which Keras's jax backend asks for."""
+        if "_bert4x_float16_layer" not in self.__dict__:
+            import jax
+
+            layer = None
+            if jax.default_backend() == "cpu":
+                layer = next((layer.name for layer in self._flatten_layers(include_self=True)
+                              if layer.compute_dtype == "float16"), None)
+            object.__setattr__(self, "_bert4x_float16_layer", layer)
+        layer = self.__dict__["_bert4x_float16_layer"]
+        if layer is not None:
+            raise ValueError(
+                f"Layer {layer!r} computes in float16 (e.g. the 'mixed_float16' policy), which Keras's jax backend "
+                "cannot run on CPU (XLA's CPU dot has no float16 x float16 -> float32 form); use 'mixed_bfloat16' "
+                "or 'float32' on CPU, or run on a GPU."
+            )
+
     @property
     def _jax_call_lock(self) -> threading.RLock:
         if "_bert4x_lock" not in self.__dict__:
@@ -262,6 +319,34 @@ def _signature(batch) -> tuple:
 
     leaves, structure = jax.tree.flatten(batch)
     return structure, [(getattr(leaf, "shape", None), getattr(leaf, "dtype", None)) for leaf in leaves]
+
+
+_METHOD_KEY = "bert4x_layer_method"
+
+
+def _layer_method_marker(model: keras.Model):
+    """A function turning a bound method of one of `model`'s layers into {_METHOD_KEY: [layer name, method]}."""
+    layers = {id(layer) for layer in model._flatten_layers(include_self=False)}
+
+    def mark(value):
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, keras.layers.Layer) and id(owner) in layers and callable(value):
+            return {_METHOD_KEY: [owner.name, value.__name__]}
+        return value
+
+    return mark
+
+
+def _map_structure(fn, value):
+    """`fn` applied to the leaves of nested lists, tuples and dicts (dicts that `fn` rewrites count as leaves)."""
+    mapped = fn(value)
+    if mapped is not value:
+        return mapped
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_structure(fn, item) for item in value)
+    if isinstance(value, dict):
+        return {key: _map_structure(fn, item) for key, item in value.items()}
+    return value
 
 
 def _is_deleted(value) -> bool:

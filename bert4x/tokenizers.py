@@ -155,14 +155,19 @@ def _dedupe(positions: Iterable[int]) -> list[int]:
     return out
 
 
-def _truncate(maxlen: int, index: int, *sequences: list | None) -> None:
+def _truncate(maxlen: int, index: int, *sequences: list | None, head: int = 0, tail: int = 0) -> None:
     """Pop ``sequence[index]`` from the longest sequence until the total length
     is <= maxlen (bert4x.snippets.truncate_sequences, kept here so that the
-    tokenizers do not import keras)."""
+    tokenizers do not import keras). The first ``head`` and last ``tail`` items
+    of each sequence (its start/end tokens) are never popped: an index that
+    would reach them, as a sequence shrinks, is moved to the nearest other item."""
     sequences = [s for s in sequences if s is not None]
     while sum(len(s) for s in sequences) > maxlen:
         longest = max(sequences, key=len)
-        longest.pop(index)
+        if len(longest) <= head + tail:
+            return  # only start/end tokens left; callers check that maxlen can hold them
+        position = index if index >= 0 else len(longest) + index
+        longest.pop(min(max(position, head), len(longest) - tail - 1))
 
 
 # ---------------------------------------------------------------------------
@@ -173,8 +178,14 @@ def _truncate(maxlen: int, index: int, *sequences: list | None) -> None:
 def _read_vocab_lines(dict_path: PathLike, encoding: str) -> list[str]:
     if not os.path.isfile(dict_path):
         raise FileNotFoundError(f"vocab file not found: {os.fspath(dict_path)!r}")
-    with open(dict_path, encoding=encoding) as reader:
-        lines = reader.read().split("\n")
+    try:
+        with open(dict_path, encoding=encoding) as reader:
+            lines = reader.read().split("\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"vocab file {os.fspath(dict_path)!r} is not valid {encoding} (byte {error.start}: {error.reason}); "
+            "pass the file's encoding as `encoding=`"
+        ) from None
     if lines and lines[-1] == "":
         lines.pop()  # the file's final newline
     return [line.rstrip("\r") for line in lines]
@@ -388,16 +399,26 @@ class TokenizerBase:
         first_tokens = self._as_tokens(first_text, "first_text")
         second_tokens = None if second_text is None else self._as_tokens(second_text, "second_text")
 
+        head, tail = int(self._token_start is not None), int(self._token_end is not None)
         if maxlen is not None:
-            if truncate_from == "right":
-                index = -int(self._token_end is not None) - 1
-            elif truncate_from == "left":
-                index = int(self._token_start is not None)
-            elif isinstance(truncate_from, int):
+            if isinstance(truncate_from, str) and truncate_from == "right":
+                index = -tail - 1
+            elif isinstance(truncate_from, str) and truncate_from == "left":
+                index = head
+            elif isinstance(truncate_from, int) and not isinstance(truncate_from, bool):
                 index = truncate_from
+                longest = max(len(first_tokens), len(second_tokens or ()))
+                if not (head <= index < longest - tail or -longest + head <= index < -tail):
+                    raise ValueError(
+                        f"truncate_from={index} is out of range: it indexes the longer text's tokens, start/end "
+                        f"tokens included, and must point at a text token (from {head} to {longest - tail - 1}, "
+                        f"or from {-longest + head} to {-tail - 1})"
+                    )
+            elif isinstance(truncate_from, str):
+                raise ValueError(f"truncate_from must be 'right', 'left' or an int, got {truncate_from!r}")
             else:
-                raise ValueError(
-                    f"truncate_from must be 'right', 'left' or an int, got {truncate_from!r}"
+                raise TypeError(
+                    f"truncate_from must be 'right', 'left' or an int, got {type(truncate_from).__name__}"
                 )
             if second_tokens is None:
                 maxlen = self._check_maxlen(maxlen, self._num_specials())
@@ -406,7 +427,7 @@ class TokenizerBase:
                 maxlen = self._check_maxlen(maxlen, self._num_specials() + extra)
                 if pattern == "S*E*E" and self._token_start is not None:
                     maxlen += 1  # the second start token is dropped below
-            _truncate(maxlen, index, first_tokens, second_tokens)
+            _truncate(maxlen, index, first_tokens, second_tokens, head=head, tail=tail)
 
         token_ids = self.tokens_to_ids(first_tokens)
         segment_ids = [0] * len(token_ids)
@@ -542,6 +563,11 @@ class Tokenizer(TokenizerBase):
     @property
     def vocab_size(self) -> int:
         return max(self._token_dict.values()) + 1
+
+    @property
+    def _vocab_size(self) -> int:
+        """bert4keras's name for `vocab_size`, which its scripts read."""
+        return self.vocab_size
 
     def token_to_id(self, token: str) -> int:
         """The token's id; unknown tokens get the ``[UNK]`` id (KeyError if the

@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
+import tempfile
 import threading
 import warnings
 
@@ -178,6 +181,46 @@ class Model(keras.Model):
             return logs, state
 
         self.train_function = train_function
+
+    # ----------------------------------------------------------------- weights files
+    def save_weights(self, filepath, overwrite: bool = True, max_shard_size=None) -> None:
+        """Keras's `save_weights`; a path without Keras's `.weights.h5` suffix (bert4keras scripts save to
+        'best_model.weights') is written in the same format under exactly that name, through a temporary file in
+        its folder, so an interrupted save leaves the previous file."""
+        path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else None
+        if path is None or max_shard_size is not None or path.endswith((".weights.h5", ".weights.json")):
+            return super().save_weights(filepath, overwrite=overwrite, max_shard_size=max_shard_size)
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path!r} exists and overwrite=False.")
+        descriptor, temporary = tempfile.mkstemp(suffix=".weights.h5", dir=os.path.dirname(os.path.abspath(path)))
+        os.close(descriptor)
+        try:
+            super().save_weights(temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def load_weights(self, filepath, skip_mismatch: bool = False, **kwargs) -> None:
+        """Keras's `load_weights`, also for a weights file saved under a name without a suffix (see `save_weights`)."""
+        path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else None
+        if path is None or not os.path.isfile(path) or path.endswith((".keras", ".h5", ".hdf5", ".json")):
+            return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89HDF\r\n\x1a\n":
+                raise ValueError(f"{path!r} is not a Keras weights file (no HDF5 signature).")
+        folder = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)))
+        alias = os.path.join(folder, "model.weights.h5")
+        try:
+            try:
+                os.link(path, alias)
+            except OSError:  # file systems without hard links
+                shutil.copyfile(path, alias)
+            return super().load_weights(alias, skip_mismatch=skip_mismatch, **kwargs)
+        finally:
+            if os.path.exists(alias):
+                os.remove(alias)
+            os.rmdir(folder)
 
     # ----------------------------------------------------------------- compile config
     def get_compile_config(self) -> dict:

@@ -184,7 +184,7 @@ def _read_vocab_lines(dict_path: PathLike, encoding: str) -> list[str]:
     except UnicodeDecodeError as error:
         raise ValueError(
             f"vocab file {os.fspath(dict_path)!r} is not valid {encoding} (byte {error.start}: {error.reason}); "
-            "pass the file's encoding as `encoding=`"
+            "read it with load_vocab(path, encoding=...) and pass the dict"
         ) from None
     if lines and lines[-1] == "":
         lines.pop()  # the file's final newline

@@ -159,8 +159,8 @@ def check_config_value(key: str, value: Any, config_path: str = "<config>", cano
             raise ValueError(f"{where} must be finite.")
         if rule_of in _PROBABILITY and not 0 <= value < 1:
             raise ValueError(f"{where} must be a probability in [0, 1).")
-        if rule_of in _POSITIVE_FLOAT and value <= 0:
-            raise ValueError(f"{where} must be > 0.")
+        if rule_of in _POSITIVE_FLOAT and not np.float32(value) > 0:
+            raise ValueError(f"{where} must be > 0 (and not round to 0 in float32).")
         if rule_of in _NON_NEGATIVE_FLOAT and value < 0:
             raise ValueError(f"{where} must be >= 0.")
     elif rule_of in _STRING and not isinstance(value, str) and not (rule_of == "hidden_act" and callable(value)):
@@ -215,6 +215,8 @@ def read_config(config_path: str) -> dict:
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"Config file {config_path} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Config file {config_path} is not valid UTF-8 (byte {e.start}: {e.reason}).") from None
     if not isinstance(config, dict):
         raise ValueError(f"Config file {config_path} must hold a JSON object, got {type(config).__name__}.")
     return config

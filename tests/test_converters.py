@@ -19,11 +19,12 @@ def test_google_to_hf_to_google_is_exact(tmp_path):
     folder = shared_path("checkpoints", "keras-bert_test_checkpoint_tf")
     config, prefix = str(folder / "bert_config.json"), str(folder / "bert_model.ckpt")
     hf_dir, back = tmp_path / "hf", tmp_path / "back" / "bert_model.ckpt"
-    assert main(["--config", config, "--source", prefix, "--target", str(hf_dir), "--target-format", "huggingface"]) == 0
+    assert main(["--config", config, "--source", prefix, "--target", str(hf_dir),
+                 "--target-format", "huggingface"]) == 0
     assert main(["--config", str(hf_dir / "config.json"), "--source", str(hf_dir), "--target", str(back),
                  "--target-format", "google"]) == 0
     original, returned = open_checkpoint(prefix), open_checkpoint(str(back))
-    kept = [k for k in original.keys() if "adam" not in k and k != "global_step"]
+    kept = [k for k in original if "adam" not in k and k != "global_step"]
     assert sorted(kept) == sorted(returned.keys())
     for k in kept:
         np.testing.assert_array_equal(original.get(k), returned.get(k))
@@ -36,7 +37,7 @@ def test_converter_refuses_unmappable_variables(tmp_path, capsys):
 
     folder = shared_path("checkpoints", "keras-bert_test_checkpoint_tf")
     reader = open_checkpoint(str(folder / "bert_model.ckpt"))
-    tensors = {k: reader.get(k) for k in reader.keys() if "adam" not in k}
+    tensors = {k: reader.get(k) for k in reader if "adam" not in k}
     tensors["bert/encoder/layer_2/output/dense/kernel"] = np.zeros((16, 4), "float32")  # a layer the config lacks
     prefix = write_google_checkpoint(tensors, str(tmp_path / "bad" / "bert_model.ckpt"))
     code = main(["--config", str(folder / "bert_config.json"), "--source", prefix, "--target", str(tmp_path / "o"),

@@ -137,7 +137,7 @@ def test_batches_from_generators_and_pydatasets_are_checked():
 def test_batches_from_tf_data_are_checked():
     tf = pytest.importorskip("tensorflow")
     model = compiled_bert()
-    (ids, seg), y = batch(), np.zeros((2, 8))
+    ids, seg = batch()
     bad = ids.copy()
     bad[0, 5] = 77
     data = tf.data.Dataset.from_tensor_slices(((np.concatenate([ids, bad]), np.concatenate([seg, seg])),
@@ -162,7 +162,7 @@ def assert_intact(model, weights, ids, seg, tmp_path):
     for got, want in zip(model.get_weights(), weights):
         np.testing.assert_array_equal(got, want)
     assert np.all(np.isfinite(model.predict([ids, seg], verbose=0)))
-    model(ids, seg) if False else model([ids, seg])
+    model([ids, seg])
     model.save(str(tmp_path / "after.keras"))
 
 
@@ -325,7 +325,7 @@ def test_truncate_from_out_of_range_is_refused(tokenizer, truncate_from, error, 
 
 def test_vocab_file_not_utf8_is_named(tmp_path):
     path = tmp_path / "vocab.txt"
-    path.write_bytes("[PAD]\n[UNK]\n".encode() + "中".encode("gbk") + "\n[CLS]\n[SEP]\n".encode())
+    path.write_bytes(b"[PAD]\n[UNK]\n" + "中".encode("gbk") + b"\n[CLS]\n[SEP]\n")
     assert_refused(lambda: Tokenizer(str(path)), ValueError, str(path), "not valid utf-8", "encoding=")
     assert Tokenizer(load_vocab(str(path), encoding="gbk")).token_to_id("中") == 2
 

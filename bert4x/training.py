@@ -1,14 +1,11 @@
 """`Model`: a `keras.Model` whose `fit` on jax runs `steps_per_execution` steps as one compiled program.
 
 Keras 3's jax trainer honours `steps_per_execution` with a Python loop that dispatches one compiled step at a time, so
-every step still pays the host's dispatch of the whole training state: a BERT-base classifier with AdamW passes ≈500
-arrays in and out, and on the H200 machine of `benchmarks/` Keras's loop cannot go below ≈5 ms a step (202k tokens/s
-at 8 × 128 for bert4x and keras-hub alike, where the GPU's work takes at most 3.6 ms). Here the `k` batches of one
+every step still pays the host's dispatch of the whole training state (hundreds of arrays in and out for a BERT
+classifier with AdamW), and on a fast GPU that dispatch, not the GPU, sets the step time. Here the `k` batches of one
 execution are stacked on the device and the compiled program loops over them (`jax.lax.scan`): one dispatch per `k`
-steps (284k tokens/s there with `k=8`), and the same steps as Keras's loop, dropout draws included. Where the GPU is
-the limit (BERT-base at 32 × 128 and above) it keeps the step GPU-bound when the host slows: on that machine the
-host's single-thread speed halves at times, and Keras's loop, which needs ≈5 ms of host time a step (most of it
-the jitted step's call, which passes the ≈500 state arrays), then falls from 600k to 400k tokens/s at 32 × 128.
+steps, and the same steps as Keras's loop, dropout draws included. Where the GPU is the limit it keeps the step
+GPU-bound when the host slows. The measurements are in `benchmarks/RESULTS.md`.
 
 On the tensorflow and torch backends, with `steps_per_execution=1`, under `run_eagerly`, `jit_compile=False` or a
 `keras.distribution`, `Model` trains exactly as `keras.Model` does.
@@ -136,8 +133,8 @@ class Model(keras.Model):
 
     def __setattr__(self, name: str, value) -> None:
         # Keras's jax loop stores the training state here after every dispatch, for callbacks that sync it. As a
-        # layer attribute, each store walks the ≈500 arrays through Keras's tracker (0.6–1.2 ms of host time a step for
-        # BERT-base on the benchmark's H200 host); jax arrays are never tracked, so it is stored plainly.
+        # layer attribute, each store would walk every state array through Keras's tracker, a host cost paid every
+        # step (benchmarks/RESULTS.md); jax arrays are never tracked, so it is stored plainly.
         if name == "_jax_state":
             object.__setattr__(self, name, value)
             return
@@ -344,10 +341,9 @@ class Model(keras.Model):
         return keras.distribution.distribution() is None
 
 
-# XLA's latency-hiding scheduler (on by default in jaxlib 0.11.2 on an H200: setting it true changed nothing) orders
-# the scanned step's backward pass as all input gradients first, then every weight-gradient reduction and optimizer
-# update, whose inputs have by then left the L2 cache. BERT-base at 32 x 128 took 7.10 ms a step with it, 6.85-6.92 ms
-# without, like single steps. The option is per program and ignored off the GPU.
+# XLA's latency-hiding scheduler orders the scanned step's backward pass as all input gradients first, then every
+# weight-gradient reduction and optimizer update, whose inputs have by then left the L2 cache; without it the scanned
+# step is as fast as single steps (benchmarks/RESULTS.md). The option is per program and ignored off the GPU.
 _SCAN_COMPILER_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": False}
 
 

@@ -67,6 +67,9 @@ def detect_format(path: str) -> str:
     a folder holding one TF checkpoint (or a ``checkpoint`` state file), a Hugging Face
     folder, or a ``.safetensors`` / ``.bin`` / ``*.index.json`` file.
 
+    Args:
+        path: the checkpoint's path in any of the forms above.
+
     Example:
         >>> detect_format("/no/such/place")
         Traceback (most recent call last):
@@ -222,6 +225,12 @@ class CheckpointReader:
 
 def open_checkpoint(path: str) -> CheckpointReader:
     """Open the checkpoint at ``path`` (any form accepted by :func:`detect_format`).
+
+    Google checkpoints are checked as they are read: a damaged index is refused when opened, a tensor whose bytes
+    do not match its stored CRC32C when read (``ValueError`` naming the file and the variable).
+
+    Args:
+        path: a checkpoint prefix, ``.index`` file, folder, or Hugging Face weights file.
 
     Example:
         >>> path = "../shared/data/checkpoints/keras-bert_test_checkpoint_tf/bert_model.ckpt"
@@ -683,6 +692,10 @@ def write_google_checkpoint(tensors: Mapping[str, np.ndarray], prefix: str) -> s
     ``prefix.data-00000-of-00001``; bfloat16 arrays (``ml_dtypes.bfloat16``) and
     bytes/str arrays are accepted.
 
+    Args:
+        tensors: ``{variable name: array}``, non-empty.
+        prefix: the checkpoint prefix (its folder is created if needed).
+
     Example:
         >>> import numpy as np, tempfile, os
         >>> prefix = write_google_checkpoint({"layer/kernel": np.eye(2, dtype="float32")},
@@ -721,6 +734,11 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: di
     ``path`` ending in ``.safetensors`` is the file; anything else is a folder (created if
     needed) that receives ``model.safetensors``. ``metadata`` defaults to ``{'format': 'pt'}``,
     which transformers expects.
+
+    Args:
+        tensors: ``{variable name: array}``, non-empty; dtypes safetensors can store.
+        path: a ``.safetensors`` file, or a folder that receives ``model.safetensors``.
+        metadata: string-to-string metadata stored in the header.
 
     Example:
         >>> import numpy as np, tempfile

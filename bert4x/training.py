@@ -110,6 +110,10 @@ class Model(keras.Model):
     batch, a generator of varying lengths) and the tail of an epoch shorter than `k` run one step per dispatch (that
     single step compiles once, on first use).
 
+    Args:
+        *args: as `keras.Model`: `inputs` and `outputs` for a functional model.
+        **kwargs: as `keras.Model` (`name`, ...).
+
     Example:
         >>> import keras, numpy as np
         >>> from bert4x.models import Model

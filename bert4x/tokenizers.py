@@ -211,6 +211,12 @@ def load_vocab(
     keep_tokens)`` where ``keep_tokens[new_id]`` is the original id, so a model's
     embedding can be sliced with ``keep_tokens``.
 
+    Args:
+        dict_path: the vocab file.
+        encoding: its text encoding (a file in another one raises ``ValueError`` naming it).
+        simplified: shrink the vocab as described above and also return ``keep_tokens``.
+        startswith: with ``simplified``, tokens placed first, in this order.
+
     Example:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "vocab.txt")
@@ -249,6 +255,11 @@ def load_vocab(
 
 def save_vocab(dict_path: PathLike, token_dict: dict[str, int], encoding: str = "utf-8") -> None:
     """Write ``token_dict`` as a vocab file, one token per line in id order.
+
+    Args:
+        dict_path: the file to write.
+        token_dict: ``{token: id}`` with ids exactly ``0 .. len(token_dict) - 1``.
+        encoding: the file's text encoding.
 
     Example:
         >>> import tempfile, os
@@ -343,6 +354,10 @@ class TokenizerBase:
 
         ``maxlen`` truncates: tokens before the end token are dropped until the
         total length (specials included) is at most ``maxlen``.
+
+        Args:
+            text: the text.
+            maxlen: the most tokens to return, start/end tokens included.
         """
         text = self._check_text(text, "text")
         tokens = [self._token_translate.get(t, t) for t in self._tokenize(text)]
@@ -393,6 +408,14 @@ class TokenizerBase:
         text, at its end (``truncate_from='right'``), its start (``'left'``) or
         a given index (an int), never the start/end tokens themselves.
         ``maxlen`` smaller than the number of special tokens raises ValueError.
+
+        Args:
+            first_text: a text or a token list.
+            second_text: an optional second text or token list (segment 1).
+            maxlen: the most ids to return, start/end tokens included.
+            pattern: 'S*E*E' or 'S*ES*E', the layout of a pair.
+            truncate_from: 'right', 'left', or an int index into the longer text's tokens (start/end tokens
+                included) that must point at a text token.
         """
         if pattern not in ("S*E*E", "S*ES*E"):
             raise ValueError(f"pattern must be 'S*E*E' or 'S*ES*E', got {pattern!r}")
@@ -454,6 +477,10 @@ class TokenizerBase:
         a token that text does not produce (``[CLS]``, ``[SEP]``, ``[PAD]``...)
         maps to ``[]``. ``[UNK]`` maps to the chars it replaced.
 
+        Args:
+            text: the original text.
+            tokens: tokens of that text, e.g. ``tokenize(text)``.
+
         Example:
             >>> vocab = {"[CLS]": 0, "[SEP]": 1, "[UNK]": 2, "hello": 3, "中": 4}
             >>> tokenizer = Tokenizer(vocab, do_lower_case=True)
@@ -509,6 +536,12 @@ class Tokenizer(TokenizerBase):
 
     Args:
         token_dict: ``{token: id}`` or the path of a vocab file.
+        do_lower_case: lower-case and strip accents, as uncased BERT vocabularies expect.
+        word_maxlen: words longer than this many chars become ``[UNK]``.
+        token_start: added before each text (None: nothing).
+        token_end: added after each text (None: nothing).
+        pre_tokenize: a callable text -> words, see above.
+        token_translate: a dict applied to tokens after tokenization.
 
     Example:
         >>> vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4,
@@ -750,6 +783,13 @@ class SpTokenizer(TokenizerBase):
     ``rematch`` uses sentencepiece's piece offsets; byte-fallback pieces map
     to the char they are part of, the leading '▁' that sentencepiece adds maps
     to ``[]``.
+
+    Args:
+        sp_model_path: the sentencepiece model file.
+        token_start: a piece added before each text (None: nothing).
+        token_end: a piece added after each text (T5's '</s>').
+        pre_tokenize: a callable text -> words, joined with spaces before sentencepiece.
+        token_translate: a dict applied to pieces after tokenization.
 
     Example (with the trimmed mT5 model from ../shared/data):
         >>> tokenizer = SpTokenizer("../shared/data/vocab/mt5_cn_trimmed/sentencepiece_cn.model")  # doctest: +SKIP

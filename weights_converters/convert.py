@@ -31,7 +31,13 @@ class TargetExistsError(FileExistsError):
 
 
 def target_files(transformer, target: str, target_format: str) -> list[str]:
-    """The files a conversion to `target` writes, in the order they are renamed into place."""
+    """The files a conversion to `target` writes, in the order they are renamed into place.
+
+    Args:
+        transformer: the model template built from the config (it names the config file).
+        target: a checkpoint prefix (google) or a folder (huggingface).
+        target_format: 'google' or 'huggingface'.
+    """
     name, _ = transformer.export_config(target_format)
     if target_format == "google":
         prefix = os.path.abspath(target)
@@ -42,7 +48,14 @@ def target_files(transformer, target: str, target_format: str) -> list[str]:
 
 
 def check_shapes(transformer, tensors: dict[str, np.ndarray], target_format: str, config_path: str) -> None:
-    """Raises `CheckpointError` unless every weight the config implies is among `tensors`, with the config's shape."""
+    """Raises `CheckpointError` unless every weight the config implies is among `tensors`, with the config's shape.
+
+    Args:
+        transformer: the model template built from the config.
+        tensors: the converted tensors, under `target_format` names.
+        target_format: 'google' or 'huggingface'.
+        config_path: the config's path, named in the error.
+    """
     model = transformer.model or transformer.build()
     table = transformer._resolve_table(target_format)
     wrong, absent = [], []

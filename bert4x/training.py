@@ -13,8 +13,9 @@ On the tensorflow and torch backends, with `steps_per_execution=1`, under `run_e
 On every backend `predict`, `fit` and `evaluate` check their inputs on the host before anything is dispatched: ids fed
 to an `Embedding` must lie in `[0, input_dim)` (token ids within the vocabulary, segment ids within the segment
 table), sequences may not be longer than a learned `PositionEmbedding`, and the inputs of one batch must agree in
-batch size and length. A `ValueError` names the input, the offending value and the limit. Arrays are checked once;
-batches from generators, `keras.utils.PyDataset`s and `tf.data.Dataset`s one at a time as they are drawn.
+batch size and length. A `ValueError` names the input, the offending value and the limit. numpy arrays (and nested
+lists) are checked once; batches from generators, `keras.utils.PyDataset`s and `tf.data.Dataset`s one at a time as they
+are drawn. Tensors already on a device are not read back to the host, so they are not checked.
 
 On jax, Keras's loops take the variables' values out of the model for the duration of a call (they pass the state
 to compiled functions and put it back at the end), so a call that raises, or a second thread calling meanwhile, would

@@ -370,6 +370,22 @@ def test_crf_model_loads_compiled(tmp_path):
     loaded.fit([ids, seg], labels, verbose=0)  # the restored loss trains
 
 
+def test_ordinary_compile_config_round_trips(tmp_path):
+    bert = build_transformer_model(CONFIG, with_pool=True)
+    model = Model(bert.inputs, keras.layers.Dense(3, name="head")(bert.output))
+    model.compile(keras.optimizers.AdamW(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2)])
+    (ids, seg), labels = batch(), np.array([0, 2])
+    model.fit([ids, seg], labels, verbose=0)
+    model.save(str(tmp_path / "m.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "m.keras"))
+    assert loaded.get_compile_config() == model.get_compile_config()
+    want = model.evaluate([ids, seg], labels, verbose=0, return_dict=True)
+    got = loaded.evaluate([ids, seg], labels, verbose=0, return_dict=True)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+
+
 # ------------------------------------------------------------------ Keras version
 
 

@@ -9,16 +9,18 @@ setup(
     packages=find_packages(include=["bert4x", "bert4x.*", "weights_converters"]),
     python_requires=">=3.10",
     install_requires=[
-        "keras>=3.10",
+        "keras>=3.10,<3.16",  # bert4x.models.Model overrides private parts of Keras's jax trainer
         "tensorflow>=2.18",
         "numpy",
         "jieba",
         "sentencepiece",
         "safetensors",
+        "google-crc32c",
     ],
     extras_require={
         "test": [
             "pytest",
+            "hypothesis",
             "jax",
             "torch==2.13.0",
             "transformers",

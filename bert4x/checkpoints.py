@@ -8,6 +8,10 @@ Two families are supported, with no knowledge of any model:
 * ``'huggingface'``: ``model.safetensors``, ``pytorch_model.bin`` and their sharded
   ``*.index.json`` forms. ``.bin`` files need PyTorch.
 
+Reading a Google checkpoint verifies the checksums TensorFlow's writer stores (a masked CRC32C per index block and
+per tensor), so a damaged ``.index`` or ``.data`` file is refused with the file and variable named. Safetensors files
+carry no checksum; their header is validated, their tensor bytes cannot be.
+
 Everything is numpy in, numpy out. numpy has no bfloat16, so bfloat16 tensors are returned
 upcast to float32 (exact); ``reader.dtype(name)`` still reports ``'bfloat16'``.
 
@@ -62,6 +66,9 @@ def detect_format(path: str) -> str:
     ``path`` may be a TF checkpoint prefix (``.../bert_model.ckpt``), its ``.index`` file,
     a folder holding one TF checkpoint (or a ``checkpoint`` state file), a Hugging Face
     folder, or a ``.safetensors`` / ``.bin`` / ``*.index.json`` file.
+
+    Args:
+        path: the checkpoint's path in any of the forms above.
 
     Example:
         >>> detect_format("/no/such/place")
@@ -219,8 +226,15 @@ class CheckpointReader:
 def open_checkpoint(path: str) -> CheckpointReader:
     """Open the checkpoint at ``path`` (any form accepted by :func:`detect_format`).
 
+    Google checkpoints are checked as they are read: a damaged index is refused when opened, a tensor whose bytes
+    do not match its stored CRC32C when read (``ValueError`` naming the file and the variable).
+
+    Args:
+        path: a checkpoint prefix, ``.index`` file, folder, or Hugging Face weights file.
+
     Example:
-        >>> reader = open_checkpoint("../shared/data/checkpoints/keras-bert_test_checkpoint_tf/bert_model.ckpt")  # doctest: +SKIP
+        >>> path = "../shared/data/checkpoints/keras-bert_test_checkpoint_tf/bert_model.ckpt"
+        >>> reader = open_checkpoint(path)  # doctest: +SKIP
         >>> reader.shape("bert/embeddings/word_embeddings")  # doctest: +SKIP
         (15, 4)
     """
@@ -243,7 +257,8 @@ def open_checkpoint(path: str) -> CheckpointReader:
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_SIZE = 48
-_BLOCK_TRAILER_SIZE = 5  # 1 byte compression type + 4 bytes crc32c
+_BLOCK_TRAILER_SIZE = 5  # 1 byte compression type + 4 bytes masked crc32c
+_CRC_MASK_DELTA = 0xA282EAD8
 
 # TF DataType enum -> numpy dtype name ("bfloat16" / "string" are special-cased).
 _TF_DTYPES = {
@@ -335,6 +350,17 @@ def _snappy_decompress(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _crc32c(data: bytes) -> int:
+    import google_crc32c
+
+    return google_crc32c.value(data)
+
+
+def _mask_crc(crc: int) -> int:
+    """TensorFlow's (LevelDB's) stored form of a CRC32C: rotated right by 15 bits, plus a constant."""
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
 def _read_block(table: bytes, handle: bytes, file_name: str) -> bytes:
     offset, pos = _read_varint(handle, 0)
     size, _ = _read_varint(handle, pos)
@@ -342,6 +368,11 @@ def _read_block(table: bytes, handle: bytes, file_name: str) -> bytes:
         raise ValueError(f"{file_name!r} is truncated: block at {offset}+{size} beyond file size {len(table)}")
     block = table[offset : offset + size]
     compression = table[offset + size]
+    stored_crc = struct.unpack_from("<I", table, offset + size + 1)[0]
+    if _mask_crc(_crc32c(table[offset : offset + size + 1])) != stored_crc:
+        raise ValueError(
+            f"{file_name!r} is corrupt: the checksum of its table block at byte {offset} ({size} bytes) does not match"
+        )
     if compression == 0:
         return block
     if compression == 1:
@@ -374,8 +405,11 @@ def _read_sstable(index_path: str) -> Iterator[tuple[bytes, bytes]]:
     _, pos = _read_varint(footer, 0)  # metaindex handle: offset, size (unused)
     _, pos = _read_varint(footer, pos)
     index_block = _read_block(table, footer[pos:], index_path)
-    for _, handle in _block_entries(index_block):
-        yield from _block_entries(_read_block(table, handle, index_path))
+    try:
+        for _, handle in _block_entries(index_block):
+            yield from _block_entries(_read_block(table, handle, index_path))
+    except (IndexError, struct.error) as error:
+        raise ValueError(f"{index_path!r} is corrupt: its table blocks do not parse ({error})") from error
 
 
 class _GoogleReader(CheckpointReader):
@@ -386,13 +420,19 @@ class _GoogleReader(CheckpointReader):
         num_shards, big_endian = 1, False
         for key, value in _read_sstable(index_path):
             if key == b"":
-                header = dict(_proto_fields(value))
+                try:
+                    header = dict(_proto_fields(value))
+                except (ValueError, IndexError) as error:
+                    raise ValueError(f"{index_path!r} is corrupt: its header does not parse ({error})") from error
                 num_shards, big_endian = header.get(1, 1), header.get(2, 0) == 1
                 continue
             if key.startswith(b"\x00"):
                 continue  # slices of partitioned variables, keyed by an encoded (name, slice)
-            name = key.decode("utf-8")
-            self._entries[name] = entry = self._parse_entry(value)
+            try:
+                name = key.decode("utf-8")
+                self._entries[name] = entry = self._parse_entry(value)
+            except (ValueError, IndexError) as error:
+                raise ValueError(f"{index_path!r} is corrupt: entry {key[:80]!r} does not parse ({error})") from error
             dtype = _TF_DTYPES.get(entry["dtype"]) or _TF_DTYPE_NAMES.get(entry["dtype"], f"tf_dtype_{entry['dtype']}")
             self._specs[name] = (entry["shape"], dtype)
         self._num_shards = num_shards
@@ -400,7 +440,7 @@ class _GoogleReader(CheckpointReader):
 
     @staticmethod
     def _parse_entry(value: bytes) -> dict:
-        entry = {"dtype": 0, "shape": (), "shard_id": 0, "offset": 0, "size": 0, "sliced": False}
+        entry = {"dtype": 0, "shape": (), "shard_id": 0, "offset": 0, "size": 0, "sliced": False, "crc32c": None}
         for field, field_value in _proto_fields(value):
             if field == 1:
                 entry["dtype"] = field_value
@@ -412,6 +452,8 @@ class _GoogleReader(CheckpointReader):
                 entry["shape"] = tuple(dims)
             elif field in (3, 4, 5):
                 entry[{3: "shard_id", 4: "offset", 5: "size"}[field]] = field_value
+            elif field == 6:  # fixed32: the masked CRC32C of the tensor's bytes in the data file
+                entry["crc32c"] = field_value
             elif field == 7:
                 entry["sliced"] = True
         return entry
@@ -433,23 +475,51 @@ class _GoogleReader(CheckpointReader):
         if not os.path.isfile(data_file):
             raise FileNotFoundError(f"variable {name!r} lives in {data_file!r}, which is missing")
         count = int(np.prod(shape, dtype=np.int64))
-        if dtype == "string":
-            with open(data_file, "rb") as f:
-                f.seek(entry["offset"])
-                raw = f.read(entry["size"])
-            return _decode_string_tensor(raw, count, name, data_file).reshape(shape)
-        stored = np.dtype("uint16" if dtype == "bfloat16" else dtype).newbyteorder(self._byte_order)
-        if count * stored.itemsize != entry["size"]:
+        stored = np.dtype("uint16" if dtype == "bfloat16" else "uint8" if dtype == "string" else dtype)
+        stored = stored.newbyteorder(self._byte_order)
+        if dtype != "string" and count * stored.itemsize != entry["size"]:
             raise ValueError(
                 f"variable {name!r} in {data_file!r}: index says {entry['size']} bytes, "
                 f"but shape {shape} x {dtype} needs {count * stored.itemsize}"
             )
-        array = np.fromfile(data_file, dtype=stored, count=count, offset=entry["offset"])
-        if array.size != count:
-            raise ValueError(f"{data_file!r} is truncated: variable {name!r} needs {count} values, read {array.size}")
+        with open(data_file, "rb") as f:
+            f.seek(entry["offset"])
+            raw = f.read(entry["size"])
+        if len(raw) != entry["size"]:
+            raise ValueError(
+                f"{data_file!r} is truncated: variable {name!r} needs {entry['size']} bytes at {entry['offset']}, "
+                f"read {len(raw)}"
+            )
+        # TensorFlow refuses a tensor whose bytes do not match the checksum its writer stored; so does bert4x.
+        crc = _string_tensor_crc(raw, count, name, data_file) if dtype == "string" else _crc32c(raw)
+        if entry["crc32c"] is not None and _mask_crc(crc) != entry["crc32c"]:
+            raise ValueError(
+                f"{data_file!r} is corrupt: the bytes of variable {name!r} do not match the CRC32C checksum stored in "
+                f"{self.path + '.index'!r}"
+            )
+        if dtype == "string":
+            return _decode_string_tensor(raw, count, name, data_file).reshape(shape)
+        array = np.frombuffer(raw, dtype=stored)
         if dtype == "bfloat16":
             array = _bfloat16_bits_to_float32(array)
-        return array.astype(array.dtype.newbyteorder("="), copy=False).reshape(shape)
+        return array.astype(array.dtype.newbyteorder("=")).reshape(shape)  # a writable copy
+
+
+def _string_tensor_crc(raw: bytes, count: int, name: str, data_file: str) -> int:
+    """The CRC32C TensorFlow's writer computes for a string tensor: over each length as a little-endian uint32 (uint64
+    beyond 2**32 - 1) rather than its stored varint, then the stored bytes that follow the varints."""
+    import google_crc32c
+
+    crc, pos = 0, 0
+    try:
+        for _ in range(count):
+            length, pos = _read_varint(raw, pos)
+            crc = google_crc32c.extend(crc, struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length))
+    except IndexError:
+        raise ValueError(
+            f"string variable {name!r} in {data_file!r} is corrupt (its lengths run past its bytes)"
+        ) from None
+    return google_crc32c.extend(crc, raw[pos:])
 
 
 def _decode_string_tensor(raw: bytes, count: int, name: str, data_file: str) -> np.ndarray:
@@ -494,7 +564,7 @@ class _SafetensorsReader(CheckpointReader):
             self._file = safe_open(path, framework="numpy")
         except Exception as error:  # safetensors raises its own error types
             raise ValueError(f"cannot read safetensors file {path!r}: {error}") from error
-        for name in self._file.keys():
+        for name in self._file.keys():  # noqa: SIM118 (safe_open is not a Mapping)
             tensor_slice = self._file.get_slice(name)
             code = tensor_slice.get_dtype()
             self._specs[name] = (tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES.get(code, code))
@@ -622,6 +692,10 @@ def write_google_checkpoint(tensors: Mapping[str, np.ndarray], prefix: str) -> s
     ``prefix.data-00000-of-00001``; bfloat16 arrays (``ml_dtypes.bfloat16``) and
     bytes/str arrays are accepted.
 
+    Args:
+        tensors: ``{variable name: array}``, non-empty.
+        prefix: the checkpoint prefix (its folder is created if needed).
+
     Example:
         >>> import numpy as np, tempfile, os
         >>> prefix = write_google_checkpoint({"layer/kernel": np.eye(2, dtype="float32")},
@@ -644,7 +718,9 @@ def write_google_checkpoint(tensors: Mapping[str, np.ndarray], prefix: str) -> s
         try:
             values.append(tf.convert_to_tensor(array))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"write_google_checkpoint: variable {name!r} ({array.dtype}) can't be saved: {error}") from error
+            raise ValueError(
+                f"write_google_checkpoint: variable {name!r} ({array.dtype}) can't be saved: {error}"
+            ) from error
     prefix = os.fspath(prefix)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     with tf.device("/CPU:0"):
@@ -659,6 +735,11 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: di
     needed) that receives ``model.safetensors``. ``metadata`` defaults to ``{'format': 'pt'}``,
     which transformers expects.
 
+    Args:
+        tensors: ``{variable name: array}``, non-empty; dtypes safetensors can store.
+        path: a ``.safetensors`` file, or a folder that receives ``model.safetensors``.
+        metadata: string-to-string metadata stored in the header.
+
     Example:
         >>> import numpy as np, tempfile
         >>> write_safetensors({"w": np.zeros(2, "float32")}, tempfile.mkdtemp()).endswith("model.safetensors")
@@ -669,7 +750,9 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: di
     arrays = _check_tensors(tensors, "write_safetensors")
     for name, array in arrays.items():
         if array.dtype.name not in _SAFETENSORS_DTYPES.values():
-            raise ValueError(f"write_safetensors: variable {name!r} has dtype {array.dtype}, which safetensors can't store")
+            raise ValueError(
+                f"write_safetensors: variable {name!r} has dtype {array.dtype}, which safetensors can't store"
+            )
         arrays[name] = np.require(array, requirements="C")  # ascontiguousarray would turn scalars 1-d
     metadata = {"format": "pt"} if metadata is None else metadata
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):

@@ -155,14 +155,19 @@ def _dedupe(positions: Iterable[int]) -> list[int]:
     return out
 
 
-def _truncate(maxlen: int, index: int, *sequences: list | None) -> None:
+def _truncate(maxlen: int, index: int, *sequences: list | None, head: int = 0, tail: int = 0) -> None:
     """Pop ``sequence[index]`` from the longest sequence until the total length
     is <= maxlen (bert4x.snippets.truncate_sequences, kept here so that the
-    tokenizers do not import keras)."""
+    tokenizers do not import keras). The first ``head`` and last ``tail`` items
+    of each sequence (its start/end tokens) are never popped: an index that
+    would reach them, as a sequence shrinks, is moved to the nearest other item."""
     sequences = [s for s in sequences if s is not None]
     while sum(len(s) for s in sequences) > maxlen:
         longest = max(sequences, key=len)
-        longest.pop(index)
+        if len(longest) <= head + tail:
+            return  # only start/end tokens left; callers check that maxlen can hold them
+        position = index if index >= 0 else len(longest) + index
+        longest.pop(min(max(position, head), len(longest) - tail - 1))
 
 
 # ---------------------------------------------------------------------------
@@ -173,8 +178,14 @@ def _truncate(maxlen: int, index: int, *sequences: list | None) -> None:
 def _read_vocab_lines(dict_path: PathLike, encoding: str) -> list[str]:
     if not os.path.isfile(dict_path):
         raise FileNotFoundError(f"vocab file not found: {os.fspath(dict_path)!r}")
-    with open(dict_path, encoding=encoding) as reader:
-        lines = reader.read().split("\n")
+    try:
+        with open(dict_path, encoding=encoding) as reader:
+            lines = reader.read().split("\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"vocab file {os.fspath(dict_path)!r} is not valid {encoding} (byte {error.start}: {error.reason}); "
+            "read it with load_vocab(path, encoding=...) and pass the dict"
+        ) from None
     if lines and lines[-1] == "":
         lines.pop()  # the file's final newline
     return [line.rstrip("\r") for line in lines]
@@ -199,6 +210,12 @@ def load_vocab(
     drops '[unusedN]' and '##中'-style tokens). Returns ``(token_dict,
     keep_tokens)`` where ``keep_tokens[new_id]`` is the original id, so a model's
     embedding can be sliced with ``keep_tokens``.
+
+    Args:
+        dict_path: the vocab file.
+        encoding: its text encoding (a file in another one raises ``ValueError`` naming it).
+        simplified: shrink the vocab as described above and also return ``keep_tokens``.
+        startswith: with ``simplified``, tokens placed first, in this order.
 
     Example:
         >>> import tempfile, os
@@ -238,6 +255,11 @@ def load_vocab(
 
 def save_vocab(dict_path: PathLike, token_dict: dict[str, int], encoding: str = "utf-8") -> None:
     """Write ``token_dict`` as a vocab file, one token per line in id order.
+
+    Args:
+        dict_path: the file to write.
+        token_dict: ``{token: id}`` with ids exactly ``0 .. len(token_dict) - 1``.
+        encoding: the file's text encoding.
 
     Example:
         >>> import tempfile, os
@@ -332,6 +354,10 @@ class TokenizerBase:
 
         ``maxlen`` truncates: tokens before the end token are dropped until the
         total length (specials included) is at most ``maxlen``.
+
+        Args:
+            text: the text.
+            maxlen: the most tokens to return, start/end tokens included.
         """
         text = self._check_text(text, "text")
         tokens = [self._token_translate.get(t, t) for t in self._tokenize(text)]
@@ -382,22 +408,40 @@ class TokenizerBase:
         text, at its end (``truncate_from='right'``), its start (``'left'``) or
         a given index (an int), never the start/end tokens themselves.
         ``maxlen`` smaller than the number of special tokens raises ValueError.
+
+        Args:
+            first_text: a text or a token list.
+            second_text: an optional second text or token list (segment 1).
+            maxlen: the most ids to return, start/end tokens included.
+            pattern: 'S*E*E' or 'S*ES*E', the layout of a pair.
+            truncate_from: 'right', 'left', or an int index into the longer text's tokens (start/end tokens
+                included) that must point at a text token.
         """
         if pattern not in ("S*E*E", "S*ES*E"):
             raise ValueError(f"pattern must be 'S*E*E' or 'S*ES*E', got {pattern!r}")
         first_tokens = self._as_tokens(first_text, "first_text")
         second_tokens = None if second_text is None else self._as_tokens(second_text, "second_text")
 
+        head, tail = int(self._token_start is not None), int(self._token_end is not None)
         if maxlen is not None:
-            if truncate_from == "right":
-                index = -int(self._token_end is not None) - 1
-            elif truncate_from == "left":
-                index = int(self._token_start is not None)
-            elif isinstance(truncate_from, int):
+            if isinstance(truncate_from, str) and truncate_from == "right":
+                index = -tail - 1
+            elif isinstance(truncate_from, str) and truncate_from == "left":
+                index = head
+            elif isinstance(truncate_from, int) and not isinstance(truncate_from, bool):
                 index = truncate_from
+                longest = max(len(first_tokens), len(second_tokens or ()))
+                if not (head <= index < longest - tail or -longest + head <= index < -tail):
+                    raise ValueError(
+                        f"truncate_from={index} is out of range: it indexes the longer text's tokens, start/end "
+                        f"tokens included, and must point at a text token (from {head} to {longest - tail - 1}, "
+                        f"or from {-longest + head} to {-tail - 1})"
+                    )
+            elif isinstance(truncate_from, str):
+                raise ValueError(f"truncate_from must be 'right', 'left' or an int, got {truncate_from!r}")
             else:
-                raise ValueError(
-                    f"truncate_from must be 'right', 'left' or an int, got {truncate_from!r}"
+                raise TypeError(
+                    f"truncate_from must be 'right', 'left' or an int, got {type(truncate_from).__name__}"
                 )
             if second_tokens is None:
                 maxlen = self._check_maxlen(maxlen, self._num_specials())
@@ -406,7 +450,7 @@ class TokenizerBase:
                 maxlen = self._check_maxlen(maxlen, self._num_specials() + extra)
                 if pattern == "S*E*E" and self._token_start is not None:
                     maxlen += 1  # the second start token is dropped below
-            _truncate(maxlen, index, first_tokens, second_tokens)
+            _truncate(maxlen, index, first_tokens, second_tokens, head=head, tail=tail)
 
         token_ids = self.tokens_to_ids(first_tokens)
         segment_ids = [0] * len(token_ids)
@@ -432,6 +476,10 @@ class TokenizerBase:
         matched in order against this tokenizer's own tokenization of ``text``;
         a token that text does not produce (``[CLS]``, ``[SEP]``, ``[PAD]``...)
         maps to ``[]``. ``[UNK]`` maps to the chars it replaced.
+
+        Args:
+            text: the original text.
+            tokens: tokens of that text, e.g. ``tokenize(text)``.
 
         Example:
             >>> vocab = {"[CLS]": 0, "[SEP]": 1, "[UNK]": 2, "hello": 3, "中": 4}
@@ -488,6 +536,12 @@ class Tokenizer(TokenizerBase):
 
     Args:
         token_dict: ``{token: id}`` or the path of a vocab file.
+        do_lower_case: lower-case and strip accents, as uncased BERT vocabularies expect.
+        word_maxlen: words longer than this many chars become ``[UNK]``.
+        token_start: added before each text (None: nothing).
+        token_end: added after each text (None: nothing).
+        pre_tokenize: a callable text -> words, see above.
+        token_translate: a dict applied to tokens after tokenization.
 
     Example:
         >>> vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4,
@@ -542,6 +596,11 @@ class Tokenizer(TokenizerBase):
     @property
     def vocab_size(self) -> int:
         return max(self._token_dict.values()) + 1
+
+    @property
+    def _vocab_size(self) -> int:
+        """bert4keras's name for `vocab_size`, which its scripts read."""
+        return self.vocab_size
 
     def token_to_id(self, token: str) -> int:
         """The token's id; unknown tokens get the ``[UNK]`` id (KeyError if the
@@ -724,6 +783,13 @@ class SpTokenizer(TokenizerBase):
     ``rematch`` uses sentencepiece's piece offsets; byte-fallback pieces map
     to the char they are part of, the leading '▁' that sentencepiece adds maps
     to ``[]``.
+
+    Args:
+        sp_model_path: the sentencepiece model file.
+        token_start: a piece added before each text (None: nothing).
+        token_end: a piece added after each text (T5's '</s>').
+        pre_tokenize: a callable text -> words, joined with spaces before sentencepiece.
+        token_translate: a dict applied to pieces after tokenization.
 
     Example (with the trimmed mT5 model from ../shared/data):
         >>> tokenizer = SpTokenizer("../shared/data/vocab/mt5_cn_trimmed/sentencepiece_cn.model")  # doctest: +SKIP

@@ -65,7 +65,7 @@ def assert_same_as_tf(tf, prefix, reader):
     tf_shapes = tf_reader.get_variable_to_shape_map()
     tf_dtypes = tf_reader.get_variable_to_dtype_map()
     assert sorted(tf_shapes) == reader.keys()
-    for name in reader.keys():
+    for name in reader:
         expected = np.asarray(tf_reader.get_tensor(name))
         actual = reader.get(name)
         assert reader.shape(name) == tuple(tf_shapes[name]) == actual.shape, name
@@ -117,7 +117,8 @@ def test_google_many_keys_span_several_index_blocks_and_large_tensor(tf, tmp_pat
     tensors = {f"v{i:05d}/" + "w" * 160: np.full((2,), i, "int32") for i in range(2000)}
     tensors["big"] = rng.standard_normal((1024, 1024)).astype("float32")  # 4 MiB of data
     prefix = write_google_checkpoint(tensors, str(tmp_path / "many.ckpt"))
-    index = open(prefix + ".index", "rb").read()
+    with open(prefix + ".index", "rb") as f:
+        index = f.read()
     footer = index[-48:]
     _, pos = checkpoints._read_varint(footer, 0)
     _, pos = checkpoints._read_varint(footer, pos)
@@ -179,9 +180,15 @@ def test_snappy_decompress_handles_every_element_kind():
         checkpoints._snappy_decompress(_varint(4) + bytes([0b000_000_01, 9]))
 
 
+def _snappy_trailer(block: bytes) -> bytes:
+    """A table block's trailer: compression type 1 (snappy), then the masked CRC32C of the block and that byte."""
+    return b"\x01" + checkpoints._mask_crc(checkpoints._crc32c(block + b"\x01")).to_bytes(4, "little")
+
+
 def test_google_reader_reads_snappy_compressed_index(tmp_path, toy_bert):
     """Rewrite the real index with snappy-compressed blocks; values must not change."""
-    index = open(toy_bert + ".index", "rb").read()
+    with open(toy_bert + ".index", "rb") as f:
+        index = f.read()
     footer = index[-48:]
     _, pos = checkpoints._read_varint(footer, 0)
     _, pos = checkpoints._read_varint(footer, pos)
@@ -193,11 +200,11 @@ def test_google_reader_reads_snappy_compressed_index(tmp_path, toy_bert):
     for key, block in blocks:
         compressed = _snappy_literals(block)
         index_entries.append((key, _varint(len(table)) + _varint(len(compressed))))
-        table += compressed + b"\x01\0\0\0\0"  # compression type 1 = snappy; crc unchecked
+        table += compressed + _snappy_trailer(compressed)
     index_block = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in index_entries)
     index_block = _snappy_literals(index_block + (0).to_bytes(4, "little") + (1).to_bytes(4, "little"))
     handle = _varint(len(table)) + _varint(len(index_block))
-    table += index_block + b"\x01\0\0\0\0"
+    table += index_block + _snappy_trailer(index_block)
     table += (_varint(0) + _varint(0) + handle).ljust(40, b"\0") + (0xDB4775248B80FB57).to_bytes(8, "little")
     prefix = tmp_path / "snappy.ckpt"
     prefix.with_name("snappy.ckpt.index").write_bytes(bytes(table))
@@ -205,7 +212,7 @@ def test_google_reader_reads_snappy_compressed_index(tmp_path, toy_bert):
     prefix.with_name("snappy.ckpt.data-00000-of-00001").write_bytes(data)
     original, rewritten = open_checkpoint(toy_bert), open_checkpoint(str(prefix))
     assert rewritten.keys() == original.keys()
-    for name in original.keys():
+    for name in original:
         np.testing.assert_array_equal(rewritten.get(name), original.get(name))
 
 
@@ -424,3 +431,64 @@ def test_list_variables_cli_on_real_checkpoint(toy_bert, capsys):
 def test_list_variables_cli_reports_errors(tmp_path, capsys):
     assert list_variables.main([str(tmp_path / "absent")]) == 1
     assert "absent" in capsys.readouterr().err
+
+
+# ---- checksums
+
+
+def test_crc32c_and_its_mask():
+    assert checkpoints._crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720)
+    crc = 0xE3069283
+    rotated = ((crc >> 15) | (crc << 17)) & 0xFFFFFFFF
+    assert checkpoints._mask_crc(crc) == (rotated + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_checksums_of_tensorflow_written_checkpoints_verify(tf, tmp_path):
+    """Files from TensorFlow's own writers (object-based, v1 Saver, raw SaveV2 via bert4x) carry checksums that the
+    reader recomputes: every tensor, strings included, reads back equal to TensorFlow's reader."""
+    tf2 = tf.train.Checkpoint(v=tf.Variable(np.arange(12, dtype="float32").reshape(3, 4)))
+    prefixes = [tf2.save(str(tmp_path / "tf2" / "ckpt"))]
+    with tf.Graph().as_default():
+        tf.compat.v1.get_variable("bert/w", initializer=np.ones((2, 3), "float32"))
+        tf.compat.v1.get_variable("bert/s", initializer=np.int64(7))
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            prefixes.append(tf.compat.v1.train.Saver().save(session, str(tmp_path / "v1" / "model.ckpt")))
+    prefixes.append(write_google_checkpoint(mixed_tensors(), str(tmp_path / "mixed" / "model.ckpt")))
+    for prefix in prefixes:
+        reader, reference = open_checkpoint(prefix), tf.train.load_checkpoint(prefix)
+        assert all(reader._entries[name]["crc32c"] is not None for name in reader)
+        for name in reader:
+            np.testing.assert_array_equal(reader.get(name), np.asarray(reference.get_tensor(name)))
+
+
+def test_google_written_checkpoint_verifies(toy_bert):
+    reader = open_checkpoint(toy_bert)
+    assert len(reader) == 139
+    for name in reader:
+        assert reader._entries[name]["crc32c"] is not None
+        reader.get(name)
+
+
+def test_flipped_byte_in_data_is_refused_naming_file_and_variable(tmp_path):
+    prefix = write_google_checkpoint({"a/kernel": np.ones((4, 4), "float32"), "b": np.zeros(3, "float32")},
+                                     str(tmp_path / "m.ckpt"))
+    reader = open_checkpoint(prefix)
+    entry = reader._entries["a/kernel"]
+    data = Path(prefix + ".data-00000-of-00001")
+    raw = bytearray(data.read_bytes())
+    raw[entry["offset"] + 5] ^= 0x10
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"m\.ckpt\.data-00000-of-00001' is corrupt.*'a/kernel'.*CRC32C"):
+        open_checkpoint(prefix).get("a/kernel")
+    np.testing.assert_array_equal(open_checkpoint(prefix).get("b"), np.zeros(3))  # other tensors still read
+
+
+def test_flipped_byte_in_index_is_refused_naming_the_file(tmp_path):
+    prefix = write_google_checkpoint({"a/kernel": np.ones((4, 4), "float32")}, str(tmp_path / "m.ckpt"))
+    index = Path(prefix + ".index")
+    raw = bytearray(index.read_bytes())
+    raw[3] ^= 0x40
+    index.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"m\.ckpt\.index' is corrupt"):
+        open_checkpoint(prefix)

@@ -79,7 +79,7 @@ def test_chunks_of_different_shapes_run_one_step_at_a_time(request):
     x, y = _data(rows=32)
 
     def batches():
-        for epoch in range(2):
+        for _epoch in range(2):
             for i in range(8):
                 length = 12 if i % 2 else 9
                 yield (x[0][4 * i:4 * i + 4, :length], x[1][4 * i:4 * i + 4, :length]), y[4 * i:4 * i + 4]

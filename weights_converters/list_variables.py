@@ -4,7 +4,8 @@ Works on Google/TensorFlow checkpoints (no TensorFlow needed) and Hugging Face
 safetensors / pytorch_model.bin files or folders.
 
 Example:
-    python -m weights_converters.list_variables ../shared/data/checkpoints/keras-bert_test_checkpoint_tf/bert_model.ckpt --filter embeddings
+    python -m weights_converters.list_variables \\
+        ../shared/data/checkpoints/keras-bert_test_checkpoint_tf/bert_model.ckpt --filter embeddings
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def format_listing(path: str, name_filter: str | None = None) -> str:
         1 variables, 6 parameters (huggingface checkpoint)
     """
     reader = open_checkpoint(path)
-    names = [name for name in reader.keys() if name_filter is None or name_filter in name]
+    names = [name for name in reader if name_filter is None or name_filter in name]
     rows = [(name, str(list(reader.shape(name))), str(reader.dtype(name))) for name in names]
     name_width = max((len(row[0]) for row in rows), default=0)
     shape_width = max((len(row[1]) for row in rows), default=0)

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ __all__ = [
     "serving_function",
     "serving_inputs",
     "viterbi_decode",
+    "max_length",
     "load_saved_model_signature",
 ]
 
@@ -91,6 +93,34 @@ def serving_inputs(model: keras.Model) -> list[tuple[str, tuple, str, tuple]]:
                 dims.append(f"d{index}_{axis}")
         found.append((name, shape, keras.backend.standardize_dtype(tensor.dtype), tuple(dims)))
     return found
+
+
+def max_length(model: keras.Model) -> int | None:
+    """The longest sequence the model serves: its learned positions (`PositionEmbedding.input_dim`), or None where
+    positions are computed (RoFormer's rotary, T5's relative buckets).
+
+    Args:
+        model: a built `keras.Model`.
+    """
+    from bert4x.layers import PositionEmbedding
+
+    sizes = [layer.input_dim for layer in _all_layers(model) if isinstance(layer, PositionEmbedding)]
+    return min(sizes) if sizes else None
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _length_constraints(model, specs) -> tuple[str, ...]:
+    """jax shape constraints: the shared length fits the learned positions (what lets jax see that slicing the
+    position table to `length` rows gives `length` rows)."""
+    limit = max_length(model)
+    used = {d for _, _, _, dims in specs for d in dims}
+    return tuple(f"{d} <= {limit}" for d in ("length", "target") if d in used) if limit else ()
 
 
 def _crf_outputs(model: keras.Model) -> dict[int, keras.layers.Layer]:
@@ -283,10 +313,61 @@ def _write_saved_model(model, fn, specs, path, verbose):
     if keras.backend.backend() == "jax":
         kwargs["jax2tf_kwargs"] = {
             "polymorphic_shapes": [{name: f"({', '.join(dims)})" for name, _, _, dims in specs}],
+            "polymorphic_constraints": _length_constraints(model, specs),
             "native_serialization": True,
         }
-    archive.add_endpoint(_SIGNATURE, fn, input_signature=[_tf_specs(specs)], **kwargs)
-    archive.write_out(path, verbose=verbose)
+    with _stablehlo_for_tensorflow():
+        archive.add_endpoint(_SIGNATURE, fn, input_signature=[_tf_specs(specs)], **kwargs)
+        import tensorflow as tf
+
+        # jax2tf functions carry jax's custom gradients, which a serving artifact does not need (nor can save).
+        archive.write_out(path, verbose=verbose, options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+
+
+# The float32 rational approximation of erf that XLA and Eigen use on CPU (|error| < 5e-7), clamped to [-4, 4].
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _erf_by_polynomial(x):
+    import jax.numpy as jnp
+
+    dtype = x.dtype
+    x = jnp.clip(x.astype("float32"), -4.0, 4.0)
+    x2 = x * x
+    p = jnp.full_like(x2, _ERF_P[0])
+    for c in _ERF_P[1:]:
+        p = p * x2 + c
+    q = jnp.full_like(x2, _ERF_Q[0])
+    for c in _ERF_Q[1:]:
+        q = q * x2 + c
+    return (x * p / q).astype(dtype)
+
+
+@contextlib.contextmanager
+def _stablehlo_for_tensorflow():
+    """On jax, lowers `erf` to plain arithmetic while exporting for tensorflow's XlaCallModule.
+
+    jax writes `erf` (GELU's) as a CHLO composite that the installed tensorflow may not read (`vhlo.composite_v2`),
+    or, at older StableHLO versions, as a decomposition whose dynamic shapes XlaCallModule cannot refine. The
+    polynomial is the one XLA itself uses for float32 erf on CPU. Elsewhere this does nothing."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    from jax._src.interpreters import mlir
+    from jax._src.lax.special import erf_p
+
+    generic = mlir._lowerings.get(erf_p)
+    specific = {p: rules.pop(erf_p) for p, rules in mlir._platform_specific_lowerings.items() if erf_p in rules}
+    mlir.register_lowering(erf_p, mlir.lower_fun(_erf_by_polynomial, multiple_results=False))
+    try:
+        yield
+    finally:
+        mlir._lowerings[erf_p] = generic
+        for platform, rule in specific.items():
+            mlir._platform_specific_lowerings[platform][erf_p] = rule
 
 
 def _rename_onnx_outputs(path, names):

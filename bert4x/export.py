@@ -282,11 +282,12 @@ def export_model(
     specs = serving_inputs(model)
     if format == "tf_saved_model":
         _write_saved_model(model, fn, specs, path, verbose)
+        _write_info(path, model, specs)
     elif format == "onnx":
         if backend_name == "tensorflow":
             _onnx_from_tensorflow(fn, specs, path, opset, verbose)
         else:
-            _onnx_from_jax(fn, specs, path, opset)
+            _onnx_from_jax(fn, specs, path, opset, _length_constraints(model, specs))
     else:
         _litert_from_tensorflow(model, fn, specs, path, verbose)
     return path
@@ -321,7 +322,8 @@ def _write_saved_model(model, fn, specs, path, verbose):
         import tensorflow as tf
 
         # jax2tf functions carry jax's custom gradients, which a serving artifact does not need (nor can save).
-        archive.write_out(path, verbose=verbose, options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        archive.write_out(path, verbose=verbose, options=options)
 
 
 # The float32 rational approximation of erf that XLA and Eigen use on CPU (|error| < 5e-7), clamped to [-4, 4].
@@ -370,6 +372,17 @@ def _stablehlo_for_tensorflow():
             mlir._platform_specific_lowerings[platform][erf_p] = rule
 
 
+def _write_info(path, model, specs):
+    """`assets.extra/bert4x.json` (TF Serving ignores it): the inputs, outputs and longest length served, which
+    `bert4x.serve` reads."""
+    import json
+
+    os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
+    info = {"inputs": [s[0] for s in specs], "max_length": max_length(model), "backend": keras.backend.backend()}
+    with open(os.path.join(path, "assets.extra", "bert4x.json"), "w") as f:
+        json.dump(info, f)
+
+
 def _rename_onnx_outputs(path, names):
     """Gives the ONNX graph's outputs the serving names (tf2onnx names them after TF's Identity nodes)."""
     import onnx
@@ -389,7 +402,6 @@ def _rename_onnx_outputs(path, names):
 def _onnx_from_tensorflow(fn, specs, path, opset, verbose):
     import tensorflow as tf
     import tf2onnx
-
     from keras.src.export.tf2onnx_lib import patch_tf2onnx
 
     names = [s[0] for s in specs]
@@ -414,12 +426,15 @@ def _onnx_from_tensorflow(fn, specs, path, opset, verbose):
     _rename_onnx_outputs(path, out_names)
 
 
-def _onnx_from_jax(fn, specs, path, opset):
+def _onnx_from_jax(fn, specs, path, opset, constraints):
     import jax
     import jax2onnx
 
     names = [s[0] for s in specs]
-    inputs = [jax.ShapeDtypeStruct(tuple(d if not d.isdigit() else int(d) for d in dims), np.dtype(dtype))
+    symbols = list(dict.fromkeys(d for _, _, _, dims in specs for d in dims if not d.isdigit()))
+    scope = jax.export.SymbolicScope(constraints)
+    values = dict(zip(symbols, jax.export.symbolic_shape(", ".join(symbols), scope=scope)))
+    inputs = [jax.ShapeDtypeStruct(tuple(int(d) if d.isdigit() else values[d] for d in dims), np.dtype(dtype))
               for _, _, dtype, dims in specs]
     result = jax.eval_shape(lambda *a: fn(dict(zip(names, a))), *[
         jax.ShapeDtypeStruct(tuple(2 if not d.isdigit() else int(d) for d in dims), np.dtype(dtype))

@@ -35,10 +35,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import keras
-import numpy as np
 from keras import ops
 
 __all__ = [
@@ -271,7 +270,8 @@ def export_model(
     if os.path.exists(path):
         raise ValueError(f"export_model: {path!r} already exists; remove it or choose another path.")
     backend_name = keras.backend.backend()
-    supported = {"tf_saved_model": ("tensorflow", "jax"), "onnx": ("tensorflow", "jax"), "litert": ("tensorflow",)}
+    supported = {"tf_saved_model": ("tensorflow", "jax"), "onnx": ("tensorflow", "jax"),
+                 "litert": ("tensorflow", "jax")}
     if backend_name not in supported[format]:
         raise ValueError(
             f"export_model: format={format!r} is supported from the {' and '.join(supported[format])} backend(s), "
@@ -287,9 +287,11 @@ def export_model(
         if backend_name == "tensorflow":
             _onnx_from_tensorflow(fn, specs, path, opset, verbose)
         else:
-            _onnx_from_jax(fn, specs, path, opset, _length_constraints(model, specs))
-    else:
+            _export_under_tensorflow(model, path, format, crf_decode, opset)
+    elif backend_name == "tensorflow":
         _litert_from_tensorflow(model, fn, specs, path, verbose)
+    else:
+        _export_under_tensorflow(model, path, format, crf_decode, opset)
     return path
 
 
@@ -411,7 +413,9 @@ def _onnx_from_tensorflow(fn, specs, path, opset, verbose):
     def flat(*args):
         return fn(dict(zip(names, args)))
 
-    out_names = sorted(flat.get_concrete_function().structured_outputs)  # a dict's outputs flatten in key order
+    with _portable_ops(erf_polynomial=False):
+        concrete = flat.get_concrete_function()
+    out_names = sorted(concrete.structured_outputs)  # a dict's outputs flatten in key order
     patch_tf2onnx()  # numpy 2 names tf2onnx still uses
     import tf2onnx.optimizer
 
@@ -426,28 +430,80 @@ def _onnx_from_tensorflow(fn, specs, path, opset, verbose):
     _rename_onnx_outputs(path, out_names)
 
 
-def _onnx_from_jax(fn, specs, path, opset, constraints):
-    import jax
-    import jax2onnx
+_TF_EXPORT_SCRIPT = """
+import sys, keras
+import bert4x.layers, bert4x.models  # registers bert4x's layers
+from bert4x.export import export_model
+model = keras.saving.load_model(sys.argv[1], compile=False)
+opset = None if sys.argv[5] == "none" else int(sys.argv[5])
+export_model(model, sys.argv[2], format=sys.argv[3], crf_decode=sys.argv[4] == "1", opset=opset)
+"""
 
-    names = [s[0] for s in specs]
-    symbols = list(dict.fromkeys(d for _, _, _, dims in specs for d in dims if not d.isdigit()))
-    scope = jax.export.SymbolicScope(constraints)
-    values = dict(zip(symbols, jax.export.symbolic_shape(", ".join(symbols), scope=scope)))
-    inputs = [jax.ShapeDtypeStruct(tuple(int(d) if d.isdigit() else values[d] for d in dims), np.dtype(dtype))
-              for _, _, dtype, dims in specs]
-    result = jax.eval_shape(lambda *a: fn(dict(zip(names, a))), *[
-        jax.ShapeDtypeStruct(tuple(2 if not d.isdigit() else int(d) for d in dims), np.dtype(dtype))
-        for _, _, dtype, dims in specs])
-    out_names = sorted(result)
 
-    def flat(*args):
-        outputs = fn(dict(zip(names, args)))
-        return tuple(outputs[k] for k in out_names)
+def _export_under_tensorflow(model, path, format, crf_decode, opset):  # noqa: A002
+    """ONNX and LiteRT from jax: the same model and weights (saved as `.keras`) exported by a tensorflow-backend
+    process. jax's own converters do not serve a free sequence length yet (jax2onnx cannot trace `arange` over a
+    symbolic length, which positions, masks and span heads need), tensorflow's do."""
+    import subprocess
+    import sys
 
-    kwargs = {"opset": opset} if opset is not None else {}
-    jax2onnx.to_onnx(flat, inputs=inputs, input_names=names, output_names=out_names, return_mode="file",
-                     output_path=path, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.path.join(tmp, "model.keras")
+        model.save(saved)
+        env = dict(os.environ, KERAS_BACKEND="tensorflow")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        proc = subprocess.run(
+            [sys.executable, "-c", _TF_EXPORT_SCRIPT, saved, os.path.abspath(path), format, str(int(crf_decode)),
+             "none" if opset is None else str(opset)],
+            capture_output=True, text=True, env=env, timeout=1800,
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"export_model: the tensorflow-backend export to {format!r} failed:\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+
+
+@contextlib.contextmanager
+def _portable_ops(erf_polynomial: bool = True):
+    """While tracing for LiteRT (and ONNX), tensorflow ops that LiteRT has no builtin for take builtin forms: `erf`
+    (GELU's) the polynomial XLA uses (`erf_polynomial`; ONNX has Erf), `nonzero` (padding removal) one `where`
+    sliced per axis instead of `Unpack`, and `eye` (T5's causal mask) a comparison of ranges instead of
+    `MatrixSetDiag` (ONNX Runtime has no boolean EyeLike)."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import math as tf_math
+    from keras.src.backend.tensorflow import numpy as tf_numpy
+
+    def erf(x):
+        x = tf.convert_to_tensor(x)
+        dtype = x.dtype
+        x = tf.clip_by_value(tf.cast(x, tf.float32), -4.0, 4.0)
+        x2 = x * x
+        p = tf.fill(tf.shape(x2), _ERF_P[0])
+        for c in _ERF_P[1:]:
+            p = p * x2 + c
+        q = tf.fill(tf.shape(x2), _ERF_Q[0])
+        for c in _ERF_Q[1:]:
+            q = q * x2 + c
+        return tf.cast(x * p / q, dtype)
+
+    def nonzero(x):
+        x = tf.convert_to_tensor(x)
+        where = tf.cast(tf.where(tf.cast(x, "bool")), "int32")
+        return tuple(where[:, i] for i in range(x.shape.rank))
+
+    def eye(N, M=None, k=0, dtype=None):  # noqa: N803 (numpy's names)
+        M = N if M is None else M  # noqa: N806
+        rows = tf.expand_dims(tf.range(N), 1)
+        cols = tf.expand_dims(tf.range(M), 0)
+        return tf.cast(tf.equal(rows + k, cols), dtype or keras.config.floatx())
+
+    saved = tf_math.erf, tf_numpy.nonzero, tf_numpy.eye
+    tf_math.erf = erf if erf_polynomial else saved[0]
+    tf_numpy.nonzero, tf_numpy.eye = nonzero, eye
+    try:
+        yield
+    finally:
+        tf_math.erf, tf_numpy.nonzero, tf_numpy.eye = saved
 
 
 def _litert_from_tensorflow(model, fn, specs, path, verbose):
@@ -455,7 +511,8 @@ def _litert_from_tensorflow(model, fn, specs, path, verbose):
 
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
-        _write_saved_model(model, fn, specs, saved, verbose)
+        with _portable_ops():
+            _write_saved_model(model, fn, specs, saved, verbose)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[_SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         flatbuffer = converter.convert()
@@ -486,9 +543,111 @@ def load_saved_model_signature(path: str, signature: str = _SIGNATURE) -> Callab
     return call
 
 
-def export_generator(*args, **kwargs):  # defined below
-    raise NotImplementedError
+# ==================================================================================================== generation
+def export_generator(
+    model,
+    path: str,
+    *,
+    batch_size: int,
+    prompt_length: int,
+    max_len: int,
+    end_id: int | None = None,
+    num_beams: int = 1,
+    min_len: int = 1,
+    verbose: bool = False,
+) -> str:
+    """Exports greedy (`num_beams=1`) or beam decoding as one SavedModel function: prompt ids in, generated ids out.
+
+    The function is `serving_default`. It takes `batch_size` prompts right-padded with 0 to `prompt_length`:
+    `Input-Token` and `Input-Segment` (int32 `[batch_size, prompt_length]`) for a BERT-family model built with
+    `application='unilm'` or `'lm'`, or `Encoder-Input-Token` for a T5/mT5 model (pass the `T5` object,
+    `return_keras_model=False`). It returns `generated_ids` (int32 `[batch_size, max_len]`) and `lengths`
+    (`[batch_size]`: the tokens up to and including `end_id`); `generated_ids[i, :lengths[i]]` is what
+    `bert4x.generation.Generator(model).generate(...)` returns for prompt i. The whole search (prompt pass, cached
+    steps, early stop) runs inside the graph, compiled with XLA. Shapes are fixed at export: export one artifact per
+    batch size / prompt length bucket you serve.
+
+    Args:
+        model: a bert4x 'unilm'/'lm' keras model, a bert4x `T5`, or a `bert4x.generation.DecodingAdapter`.
+        path: the SavedModel directory to write (must not exist).
+        batch_size: prompts per call.
+        prompt_length: the padded prompt length (longest prompt served).
+        max_len: the most tokens generated per prompt (end token included).
+        end_id: the token that ends an output (None: always `max_len` tokens).
+        num_beams: 1 for greedy decoding, more for beam search.
+        min_len: `end_id` is banned until an output has this many tokens.
+        verbose: print the SavedModel writer's messages.
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "export_generator writes a tensorflow graph: run it under KERAS_BACKEND=tensorflow (load the .keras "
+            f"model there); the backend is {keras.backend.backend()!r}."
+        )
+    for name, value in (("batch_size", batch_size), ("prompt_length", prompt_length), ("max_len", max_len),
+                        ("num_beams", num_beams), ("min_len", min_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"export_generator: {name} must be a positive integer, got {value!r}.")
+    path = os.fspath(path)
+    if os.path.exists(path):
+        raise ValueError(f"export_generator: {path!r} already exists; remove it or choose another path.")
+    import tensorflow as tf
+
+    from bert4x.generation import BertDecodingAdapter, _Search, _Searcher, adapter_for
+
+    adapter = adapter_for(model)
+    if end_id is not None and not 0 <= end_id < adapter.vocab_size:
+        raise ValueError(f"export_generator: end_id={end_id} is outside the vocabulary [0, {adapter.vocab_size}).")
+    limit = getattr(adapter, "max_positions", None)
+    if limit is not None and prompt_length + max_len > limit:
+        raise ValueError(f"export_generator: prompt_length={prompt_length} plus max_len={max_len} exceeds the "
+                         f"model's {limit} learned positions.")
+    search = _Search("beam" if num_beams > 1 else "greedy", max_len, min_len, end_id, num_beams, None, None, 1.0, 1.0,
+                     0, False, None)
+    searcher = _Searcher(adapter, search)
+    bert = isinstance(adapter, BertDecodingAdapter)
+    shape = (batch_size, prompt_length)
+    names = ["Input-Token", "Input-Segment"] if bert else ["Encoder-Input-Token"]
+
+    @tf.function(jit_compile=True, autograph=False)
+    def decode(inputs):
+        token_ids = ops.cast(inputs[names[0]], "int32")
+        if bert:  # the adapter's prompts are left-padded with a mask (prepare() does this on the host)
+            lengths = ops.sum(ops.cast(ops.not_equal(token_ids, 0), "int32"), axis=1)
+            source = ops.arange(prompt_length, dtype="int32")[None, :] - (prompt_length - lengths)[:, None]
+            mask = ops.greater_equal(source, 0)
+            source = ops.maximum(source, 0)
+            prompt = {
+                "token_ids": ops.where(mask, ops.take_along_axis(token_ids, source, axis=1), adapter.pad_id),
+                "segment_ids": ops.where(mask, ops.take_along_axis(ops.cast(inputs[names[1]], "int32"), source,
+                                                                   axis=1), 0),
+                "mask": mask,
+            }
+        else:
+            prompt = {"token_ids": token_ids}
+        tokens, _ = searcher.run(prompt, {}, ops.convert_to_tensor(0, "int32"))
+        if end_id is None:
+            lengths = ops.full((batch_size,), max_len, "int32")
+        else:
+            ended = ops.equal(tokens, end_id)
+            first = ops.min(ops.where(ended, ops.arange(max_len, dtype="int32")[None, :], max_len), axis=1)
+            lengths = ops.minimum(first + 1, max_len)
+        return {"generated_ids": tokens, "lengths": lengths}
+
+    archive = keras.export.ExportArchive()
+    for variable_owner in _variable_owners(adapter):
+        archive.track(variable_owner)
+    signature = {n: tf.TensorSpec(shape, "int32", name=n) for n in names}
+    archive.add_endpoint(_SIGNATURE, decode, input_signature=[signature])
+    archive.write_out(path, verbose=verbose)
+    return path
 
 
-def _sequence(x: Sequence) -> list:
-    return list(x)
+def _variable_owners(adapter) -> list:
+    """The Keras models whose variables the decoding reads (tracked so the SavedModel holds them)."""
+    for attribute in ("model", "t5"):
+        owner = getattr(adapter, attribute, None)
+        if isinstance(owner, keras.Model):
+            return [owner]
+        if owner is not None and isinstance(getattr(owner, "model", None), keras.Model):
+            return [owner.model]
+    raise TypeError(f"export_generator: cannot find the Keras model behind {type(adapter).__name__}.")

@@ -4,8 +4,9 @@
 to the model's learned positions, where it has any). Its serving signature takes the model's inputs by name
 (`Input-Token`, `Input-Segment` for the BERT family; `Encoder-Input-Token`, `Decoder-Input-Token` for T5) and returns
 a dict keyed by the names of the layers that make the model's outputs; a model whose output is a
-`ConditionalRandomField` also returns `<crf name>-Viterbi`, the best label path of each row (int32 `[batch, len]`,
--1 at padded positions), so a NER model needs no decoding code at the server.
+`ConditionalRandomField` also returns `<crf name>-Viterbi`, the best label path of each row over its real tokens
+(`Input-Token` not 0; int32 `[batch, len]`, -1 at padded positions), so a NER model needs no decoding code at the
+server.
 
 Formats and backends:
 
@@ -235,7 +236,14 @@ def serving_function(model: keras.Model, crf_decode: bool = True) -> Callable[[d
         result = list(result) if isinstance(result, (list, tuple)) else [result]
         served = dict(zip(outputs, result))
         for index, crf in crfs.items():
-            served[f"{crf.name}-Viterbi"] = viterbi_decode(result[index], crf.trans)
+            mask = None
+            if "Input-Token" in inputs:  # a model without Keras masking leaves padded emissions as they are
+                from bert4x import backend
+
+                real = ops.not_equal(ops.cast(inputs["Input-Token"], "int32"), 0)
+                marked = ops.all(ops.greater(ops.cast(result[index], "float32"), backend.MASK_VALUE / 2), axis=-1)
+                mask = ops.logical_and(real, marked)
+            served[f"{crf.name}-Viterbi"] = viterbi_decode(result[index], crf.trans, mask)
         return served
 
     return fn

@@ -80,14 +80,16 @@ def load_runner(path: str) -> ModelRunner:
         from bert4x.export import load_saved_model_signature
 
         signature = load_saved_model_signature(path)
-        specs = signature.input_specs
-        names = list(specs)
+        # tensorflow's Python view renames 'Input-Token' to 'Input_Token'; the export's own record keeps the names
+        # of the SignatureDef (what TF Serving and this server take).
+        names = list(signature.input_specs)
         outputs = list(signature.loaded.signatures["serving_default"].structured_outputs)
         info = os.path.join(path, "assets.extra", "bert4x.json")
         limit = None
         if os.path.isfile(info):
             with open(info) as f:
-                limit = json.load(f).get("max_length")
+                record = json.load(f)
+            limit, names = record.get("max_length"), record.get("inputs", names)
         return ModelRunner(lambda feeds: signature(**feeds), names, outputs, limit)
     if path.endswith(".keras"):
         import keras

@@ -13,8 +13,10 @@ Formats and backends:
 - `tf_saved_model` from tensorflow (the model's own graph) and from jax (`jax2tf`, with one symbolic length shared
   by the inputs that have the same length, which is what lets position and segment embeddings add up);
   `serving_default` is the TF Serving signature.
-- `onnx` from tensorflow (`tf2onnx`) and from jax (`jax2onnx`); the graph's inputs and outputs carry the same names.
+- `onnx` from tensorflow (`tf2onnx`); the graph's inputs and outputs carry the same names.
 - `litert` from tensorflow (the TFLite converter on the SavedModel's signature; LiteRT resizes inputs per call).
+- From jax, `onnx` and `litert` are written by a tensorflow-backend process from the same model saved as `.keras`
+  (jax's ONNX converter cannot trace `arange` over a symbolic length yet).
 
 `export_generator` exports a UniLM/LM BERT or an mT5 model's greedy or beam decoding, prompt ids to generated ids,
 as one SavedModel function (tensorflow backend).
@@ -265,7 +267,7 @@ def export_model(
         model: a built `keras.Model` (bert/wobert, roformer v1/v2, a T5/mT5 model, encoder or decoder, with any head).
         path: where to write: a directory for `tf_saved_model`; a file for `onnx` (`.onnx`) and `litert`
             (`.tflite`). An existing artifact at `path` is an error (nothing is overwritten).
-        format: one of `FORMATS`: `tf_saved_model` (tensorflow, jax), `onnx` (tensorflow, jax), `litert` (tensorflow).
+        format: one of `FORMATS`: `tf_saved_model`, `onnx` or `litert` (from the tensorflow or jax backend).
         crf_decode: also serve the Viterbi path of every `ConditionalRandomField` output (`<name>-Viterbi`).
         opset: ONNX opset (default: the converter's).
         verbose: let the converters print their logs.

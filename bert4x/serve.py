@@ -19,7 +19,10 @@ Errors: malformed JSON or a bad field 400, unknown route 404, a body over `--max
 than the model serves or more rows than `--max-batch` 422, each with `{"error": message}`.
 
 Example:
->>> server = make_server("missing.keras", port=0)  # doctest: +SKIP
+>>> load_runner("missing.keras")
+Traceback (most recent call last):
+...
+FileNotFoundError: --model 'missing.keras' does not exist.
 """
 
 from __future__ import annotations

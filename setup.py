@@ -25,8 +25,15 @@ setup(
             "torch==2.13.0",
             "transformers",
             "ruff",
-            "hypothesis",
+            # the export and serving tests (same pins as the [export] extra)
+            "onnx",
+            "onnxruntime",
+            "tf2onnx",
+            "ai-edge-litert",
         ],
+        # bert4x.export: ONNX (tf2onnx from tensorflow; jax exports go through a tensorflow process), ONNX Runtime
+        # to run it, LiteRT's interpreter to run .tflite files
+        "export": ["onnx", "onnxruntime", "tf2onnx", "ai-edge-litert"],
         # peers for benchmarks/ (not needed by the library or its tests)
         "bench": ["keras-hub==0.32.0", "jax", "torch==2.13.0", "transformers"],
     },

@@ -1,0 +1,165 @@
+"""bert4x.serve over real HTTP on 127.0.0.1 (ephemeral port): answers equal the model's own `predict` for ids and text,
+concurrent requests are batched, bad requests get 400/404/413/422 with a message, and the server keeps serving."""
+
+import http.client
+import json
+import threading
+
+import keras
+import numpy as np
+import pytest
+
+from bert4x.models import build_transformer_model
+from bert4x.serve import make_server
+from bert4x.tokenizers import Tokenizer
+
+CONFIG = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+              max_position_embeddings=16)
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "中", "国", "##s"] + \
+        [f"w{i}" for i in range(30)]
+
+
+def _start(model_path, vocab=None, **kwargs):
+    server = make_server(model_path, port=0, vocab=vocab, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def _stop(server, thread):
+    server.shutdown()
+    server.server_close()
+    server.batcher.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def _request(server, method, path, body=None, raw=None):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    try:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    bert = build_transformer_model(CONFIG, with_pool=True)
+    model = keras.Model(bert.inputs, keras.layers.Dense(3, name="Classifier")(bert.output))
+    root = tmp_path_factory.mktemp("serve")
+    model_path = str(root / "classifier.keras")
+    model.save(model_path)
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    server, thread = _start(model_path, str(vocab), max_batch=8, max_wait_ms=50, max_body_bytes=4096)
+    yield model, server, Tokenizer(str(vocab), do_lower_case=True)
+    _stop(server, thread)
+
+
+def _predict(model, token_ids, segment_ids=None):
+    segment_ids = [0] * len(token_ids) if segment_ids is None else segment_ids
+    return model.predict([np.array([token_ids], "int32"), np.array([segment_ids], "int32")], verbose=0)[0]
+
+
+def test_health(served):
+    _, server, _ = served
+    status, body = _request(server, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    assert body["inputs"] == ["Input-Token", "Input-Segment"] and body["outputs"] == ["Classifier"]
+    assert body["max_length"] == 16 and body["text"] is True
+
+
+def test_concurrent_requests_are_batched_and_exact(served):
+    model, server, _ = served
+    rng = np.random.default_rng(0)
+    rows = [[2] + rng.integers(5, 40, size=n).tolist() + [3] for n in rng.integers(1, 12, size=12)]
+    results = [None] * len(rows)
+    before = server.batcher.batches_run
+
+    def call(i):
+        results[i] = _request(server, "POST", "/predict", {"token_ids": [rows[i]]})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(rows))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for row, (status, body) in zip(rows, results):
+        assert status == 200, body
+        np.testing.assert_allclose(body["outputs"][0]["Classifier"], _predict(model, row), atol=1e-5)
+        assert body["lengths"] == [len(row)]
+    assert server.batcher.batches_run - before < len(rows)  # some requests shared a model call
+
+
+def test_text_and_id_batches(served):
+    model, server, tokenizer = served
+    status, body = _request(server, "POST", "/predict", {"text": ["hello world", "中国"], "text_pair": ["w1", "w2"]})
+    assert status == 200, body
+    for i, (a, b) in enumerate([("hello world", "w1"), ("中国", "w2")]):
+        ids, segments = tokenizer.encode(a, b)
+        np.testing.assert_allclose(body["outputs"][i]["Classifier"], _predict(model, ids, segments), atol=1e-5)
+    status, body = _request(server, "POST", "/predict", {"inputs": {"Input-Token": [[2, 5, 3], [2, 6, 7, 8, 3]],
+                                                                    "Input-Segment": [[0, 0, 0], [0, 0, 0, 1, 1]]}})
+    assert status == 200, body
+    np.testing.assert_allclose(body["outputs"][1]["Classifier"], _predict(model, [2, 6, 7, 8, 3], [0, 0, 0, 1, 1]),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("method,path,body,raw,status,message", [
+    ("POST", "/predict", None, b'{"token_ids": [[2, 5', 400, "malformed JSON"),
+    ("POST", "/predict", {"token_ids": [[2, "x", 3]]}, None, 400, "list of integers"),
+    ("POST", "/predict", {"tokens": [[2, 3]]}, None, 400, "exactly one of"),
+    ("POST", "/predict", None, json.dumps({"token_ids": [[2] * 3000]}).encode(), 413, "at most 4096"),
+    ("POST", "/predict", {"token_ids": [[2] * 17]}, None, 422, "at most 16"),
+    ("POST", "/predict", {"token_ids": [[2, 3]] * 9}, None, 422, "--max-batch"),
+    ("GET", "/nowhere", None, None, 404, "no route"),
+    ("POST", "/generate", {"token_ids": [[2, 3]]}, None, 404, "no route"),
+])
+def test_bad_requests_get_status_and_message_and_server_keeps_serving(served, method, path, body, raw, status,
+                                                                       message):
+    model, server, _ = served
+    got_status, got = _request(server, method, path, body, raw)
+    assert got_status == status and message in got["error"], got
+    status_after, after = _request(server, "POST", "/predict", {"token_ids": [2, 5, 6, 3]})
+    assert status_after == 200
+    np.testing.assert_allclose(after["outputs"][0]["Classifier"], _predict(model, [2, 5, 6, 3]), atol=1e-5)
+
+
+def test_text_without_vocab_is_refused(served, tmp_path):
+    model, _, _ = served
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    server, thread = _start(path)
+    try:
+        status, body = _request(server, "POST", "/predict", {"text": "hello"})
+        assert status == 400 and "--vocab" in body["error"]
+    finally:
+        _stop(server, thread)
+
+
+def test_serves_an_exported_saved_model(served, tmp_path):
+    pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("exports from the tensorflow backend")
+    from bert4x.export import export_model
+
+    model, _, _ = served
+    path = export_model(model, str(tmp_path / "saved"))
+    server, thread = _start(path)
+    try:
+        status, health = _request(server, "GET", "/health")
+        assert status == 200 and health["max_length"] == 16 and health["outputs"] == ["Classifier"]
+        rows = [[2, 5, 6, 3], [2, 7, 3]]
+        status, body = _request(server, "POST", "/predict", {"token_ids": rows})
+        assert status == 200, body
+        for i, row in enumerate(rows):
+            np.testing.assert_allclose(body["outputs"][i]["Classifier"], _predict(model, row), atol=1e-5)
+        status, body = _request(server, "POST", "/predict", {"token_ids": [[2] * 17]})
+        assert status == 422
+    finally:
+        _stop(server, thread)

@@ -26,7 +26,7 @@ class Loss(keras.layers.Layer):
     ...         y_true, y_pred = inputs
     ...         return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y_true, y_pred))
     >>> labels, probs = keras.ops.array([[1]]), keras.ops.array([[[0.5, 0.5]]])
-    >>> CrossEntropy(output_axis=1)([labels, probs]).shape
+    >>> tuple(CrossEntropy(output_axis=1)([labels, probs]).shape)
     (1, 1, 2)
     """
 

@@ -2,6 +2,8 @@
 against numpy written from their definitions, the `Loss` layer, masks reaching the CRF/GlobalPointer/Loss layers,
 strict loading that leaves the user's own layers alone, `transformer.initializer`, and fit with `(inputs, None)`."""
 
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -243,3 +245,99 @@ def test_initializer_is_an_initializer_attribute_and_still_a_factory():
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_compat_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_compat.py", "-k", "not initializer and not strict")
+
+
+# ------------------------------------------------------------------ snippets
+def test_text_helpers():
+    from bert4x.snippets import longest_common_subsequence, longest_common_substring, strQ2B, text_segmentate
+
+    text = "第一句话。第二句话比较长，有逗号，还有更多。短。"
+    pieces = text_segmentate(text, 10, "。，")
+    assert "".join(pieces) == text and all(len(p) <= 10 for p in pieces)
+    assert text_segmentate("短文本", 10) == ["短文本"]
+    assert strQ2B("ＨＥＬＬＯ，ｗｏｒｌｄ！　１") == "HELLO,world! 1"
+
+    def brute_substring(a, b):
+        best = 0
+        for i in range(len(a)):
+            for j in range(i + 1, len(a) + 1):
+                if a[i:j] in b:
+                    best = max(best, j - i)
+        return best
+
+    def brute_subsequence(a, b):
+        def is_subsequence(sub, text):
+            rest = iter(text)
+            return all(c in rest for c in sub)
+
+        return max(k for k in range(len(a) + 1) for sub in itertools.combinations(a, k) if is_subsequence(sub, b))
+
+    for _ in range(20):
+        a = "".join(rng.choice(list("abc"), size=rng.integers(0, 9)))
+        b = "".join(rng.choice(list("abc"), size=rng.integers(0, 9)))
+        length, (i0, i1, j0, j1) = longest_common_substring(a, b)
+        assert length == brute_substring(a, b) and a[i0:i1] == b[j0:j1] and i1 - i0 == length
+        length, pairs = longest_common_subsequence(a, b)
+        assert len(pairs) == length and all(a[i] == b[j] for i, j in pairs)
+        assert all(p < q and r < t for (p, r), (q, t) in zip(pairs, pairs[1:]))
+        assert length == brute_subsequence(a, b)
+
+
+def test_open_reads_jsonl_with_an_index(tmp_path):
+    from bert4x.snippets import open as b_open
+
+    path = tmp_path / "data.jsonl"
+    with b_open(str(path), "w", encoding="utf-8", jsonl=True) as f:
+        for i in range(5):
+            f.write({"id": i, "text": "文本" * i})
+    index = tmp_path / "index.json"
+    with b_open(str(path), encoding="utf-8", jsonl=True, indexable=str(index)) as f:
+        assert len(f) == 5 and f[3]["text"] == "文本" * 3 and [d["id"] for d in f] == list(range(5))
+    assert index.exists()
+    with b_open(str(path), encoding="utf-8", indexable=str(index)) as f:  # the cached index
+        assert f[4].startswith('{"id": 4')
+    with pytest.raises(TypeError, match="indexable"):
+        len(b_open(str(path), encoding="utf-8"))
+
+
+@pytest.mark.parametrize("dummy", [True, False])
+def test_parallel_apply_matches_map_and_raises_worker_errors(dummy):
+    from bert4x.snippets import parallel_apply
+
+    squares = parallel_apply(lambda x: x * x, range(50), workers=2, max_queue_size=3, dummy=dummy, unordered=False)
+    assert squares == [x * x for x in range(50)]
+    collected = []
+    parallel_apply(lambda x: x + 1, range(10), 2, 2, callback=collected.append, dummy=dummy)
+    assert sorted(collected) == list(range(1, 11))
+
+    def fails(x):
+        if x == 7:
+            raise KeyError("seven")
+        return x
+
+    with pytest.raises(RuntimeError, match="seven"):
+        parallel_apply(fails, range(20), workers=2, max_queue_size=2, dummy=dummy)
+
+
+def test_array_and_argument_helpers():
+    from bert4x.snippets import delete_arguments, insert_arguments, orthogonally_resize, to_array
+
+    a, b = to_array([1, 2], [[3]])
+    assert a.shape == (2,) and b.shape == (1, 1) and to_array([1]).shape == (1,)
+    w = rng.normal(size=(4, 6))
+    grown = orthogonally_resize(w, (8, 5))
+    assert grown.shape == (8, 5) and np.isclose(np.linalg.norm(grown), np.linalg.norm(w))
+    scale = np.linalg.norm(w) / np.linalg.norm(np.repeat(w.reshape(2, 2, 6), 2, axis=0).reshape(8, 6)[:, :5])
+    np.testing.assert_allclose(grown, np.repeat(w.reshape(2, 2, 6), 2, axis=0).reshape(8, 6)[:, :5] * scale)
+    with pytest.raises(ValueError, match="window"):
+        orthogonally_resize(rng.normal(size=(3,)), (5,))
+
+    class Layer:
+        @insert_arguments(rate=0.1)
+        @delete_arguments("bias")
+        def __init__(self, units=1):
+            self.units = units
+
+    assert Layer(rate=0.3).rate == 0.3 and Layer().rate == 0.1
+    with pytest.raises(TypeError, match="bias"):
+        Layer(bias=True)

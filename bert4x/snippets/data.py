@@ -285,8 +285,9 @@ class DataGenerator(keras.utils.PyDataset):
     def forfit(self, random: bool = True) -> Iterator[Any]:
         """Endless batches (epoch after epoch), for ``fit(gen.forfit(), steps_per_epoch=len(gen))``.
 
-        On the tensorflow backend this is a ``tf.data.Dataset`` whose signature leaves every axis but the rank
-        unknown, so batches of any length pass (Keras would otherwise fix the lengths of the first two batches);
+        On the tensorflow backend this is a ``tf.data.Dataset`` whose signature leaves every axis unknown but the
+        rank and axes of size 1, so batches of any length pass (Keras would otherwise fix the lengths of the first
+        two batches);
         elsewhere a Python generator. Batches come in the form Keras reads: lists become tuples and a ``None``
         label (``yield inputs, None``, for models whose losses are added by layers) is dropped.
 
@@ -312,9 +313,9 @@ class DataGenerator(keras.utils.PyDataset):
 
         first = next(batches)
 
-        def spec(x):
+        def spec(x):  # axes of size 1 (e.g. `[batch, 1]` labels) stay fixed: losses check them statically
             x = np.asarray(x)
-            return tf.TensorSpec((None,) * x.ndim, tf.as_dtype(x.dtype))
+            return tf.TensorSpec((None,) + tuple(1 if n == 1 else None for n in x.shape[1:]), tf.as_dtype(x.dtype))
 
         signature = keras.tree.map_structure(spec, first)
 
@@ -416,7 +417,8 @@ class DataGenerator(keras.utils.PyDataset):
 
     def _signature_read(self, batch: Any) -> Any:
         """Keras's tensorflow adapter reads two batches before an epoch and fixes every axis on which they agree; the
-        second of those reads comes back one shorter on every non-batch axis, so that lengths stay unknown there."""
+        second of those reads comes back one shorter on every non-batch axis longer than 1, so that lengths stay
+        unknown there (a first batch padded to length 1 would still fix that axis)."""
         if self._in_epoch or keras.backend.backend() != "tensorflow":
             return batch
         self._reads_outside_epoch += 1
@@ -426,8 +428,8 @@ class DataGenerator(keras.utils.PyDataset):
         def shorter(x):
             if x is None:
                 return x
-            x = np.asarray(x)
-            return x[(slice(None),) + tuple(slice(0, max(n - 1, 0)) for n in x.shape[1:])]
+            x = np.asarray(x)  # axes of size 1 stay: `[batch, 1]` labels keep their static shape
+            return x[(slice(None),) + tuple(slice(0, n - 1 if n > 1 else n) for n in x.shape[1:])]
 
         return keras.tree.map_structure(shorter, batch)
 

@@ -1,4 +1,5 @@
 #! -*- coding: utf-8 -*-
+# ruff: noqa: E741, UP009  (bert4keras script style: `l` for a line, a coding line)
 # A conditional language model: the sentiment label conditions every LayerNorm (layer_norm_cond), so the model
 # writes positive or negative reviews on demand.
 import csv

@@ -1,4 +1,5 @@
 #! -*- coding: utf-8 -*-
+# ruff: noqa: E741, UP009  (bert4keras script style: `l` for a line, a coding line)
 # A character language model (application='lm') on food-delivery reviews, trained with a Loss layer.
 import csv
 import random

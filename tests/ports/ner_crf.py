@@ -1,6 +1,6 @@
 #! -*- coding: utf-8 -*-
+# ruff: noqa: E741, UP009  (bert4keras script style: `l` for a line, a coding line)
 # People's Daily NER with BERT + CRF, decoded with Viterbi, scored by entity F1.
-import numpy as np
 from _setup import data_path, tiny_chinese_bert
 
 from bert4x.backend import keras

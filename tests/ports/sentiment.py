@@ -1,4 +1,5 @@
 #! -*- coding: utf-8 -*-
+# ruff: noqa: E741, UP009  (bert4keras script style: `l` for a line, a coding line)
 # Sentiment classification (waimai reviews) with BERT's pooled [CLS] vector, written as a bert4keras script.
 import csv
 import random

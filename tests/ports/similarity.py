@@ -1,4 +1,5 @@
 #! -*- coding: utf-8 -*-
+# ruff: noqa: E741, UP009  (bert4keras script style: `l` for a line, a coding line)
 # LCQMC-style sentence-pair similarity: both sentences in one input, a softmax over the pooled [CLS] vector.
 import random
 

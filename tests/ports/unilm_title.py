@@ -1,4 +1,5 @@
 #! -*- coding: utf-8 -*-
+# ruff: noqa: E741, UP009  (bert4keras script style: `l` for a line, a coding line)
 # CSL title generation with UniLM: abstract -> title, trained with a Loss layer, decoded greedily.
 import numpy as np
 from _setup import data_path, tiny_chinese_bert

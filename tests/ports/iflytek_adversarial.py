@@ -12,7 +12,7 @@ from bert4x.optimizers import Adam, adversarial_training
 from bert4x.snippets import DataGenerator, sequence_padding
 from bert4x.tokenizers import Tokenizer, load_vocab
 
-maxlen = 48
+maxlen = 32
 batch_size = 32
 config_path, checkpoint_path, dict_path = tiny_chinese_bert()
 
@@ -59,8 +59,8 @@ bert = build_transformer_model(config_path=config_path, checkpoint_path=checkpoi
                                keep_tokens=keep_tokens)
 output = keras.layers.Dense(units=num_classes, activation='softmax')(bert.output)
 model = keras.models.Model(bert.input, output)
-model.compile(loss='sparse_categorical_crossentropy', optimizer=Adam(3e-3), metrics=['sparse_categorical_accuracy'])
-adversarial_training(model, 'Embedding-Token', 0.5)
+model.compile(loss='sparse_categorical_crossentropy', optimizer=Adam(5e-3), metrics=['sparse_categorical_accuracy'])
+adversarial_training(model, 'Embedding-Token', 0.1)
 
 
 def evaluate(data):
@@ -73,7 +73,7 @@ def evaluate(data):
     return right / total
 
 
-history = model.fit(data_generator(train_data, batch_size), epochs=3, verbose=0)
+history = model.fit(data_generator(train_data, batch_size), epochs=6, verbose=0)
 losses = history.history['loss']
 accuracy = evaluate(data_generator(valid_data, batch_size))
 majority = np.bincount([label for _, label in valid_data]).max() / len(valid_data)

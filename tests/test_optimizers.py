@@ -174,6 +174,62 @@ def test_fgm_step_matches_its_definition(clean_gradient):
     np.testing.assert_allclose(history["loss"][0], clean_loss, rtol=1e-4)
 
 
+@pytest.mark.parametrize("clean_gradient", [True, False])
+def test_pgd_step_matches_its_definition(clean_gradient):
+    epsilon, step_size, steps, lr = 0.5, 0.3, 3, 0.1
+    ids = rng.integers(0, V, size=(6, T)).astype("int32")
+    ids[:, 0] = 1
+    y = rng.normal(size=(6, 1)).astype("float32")
+    model = fgm_model()
+    E, w, c = (np_(v).astype("float64") for v in model.trainable_variables)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    adversarial_training(model, "Embedding-Token", epsilon=epsilon, clean_gradient=clean_gradient, steps=steps,
+                         step_size=step_size)
+    model.fit(ids, y, batch_size=6, epochs=1, verbose=0)
+    g = numpy_gradients(E, w, c, ids, y)
+    r = np.zeros_like(E)
+    gradient_E = g[0]
+    for k in range(steps):
+        r = r + step_size * gradient_E / (np.linalg.norm(gradient_E) + 1e-8)
+        r = r * min(1.0, epsilon / (np.linalg.norm(r) + 1e-12))
+        if k < steps - 1:
+            gradient_E = numpy_gradients(E + r, w, c, ids, y)[0]
+    g_adv = numpy_gradients(E + r, w, c, ids, y)
+    total = [a + b for a, b in zip(g, g_adv)] if clean_gradient else g_adv
+    for variable, value, grad in zip(model.trainable_variables, (E, w, c), total):
+        np.testing.assert_allclose(np_(variable), value - lr * grad, rtol=1e-4, atol=1e-6, err_msg=variable.path)
+
+
+def test_gradient_penalty_step_matches_finite_differences():
+    from bert4x.optimizers import gradient_penalty
+
+    epsilon, lr = 0.8, 0.1
+    ids = rng.integers(0, V, size=(6, T)).astype("int32")
+    y = rng.normal(size=(6, 1)).astype("float32")
+    model = fgm_model()
+    E, w, c = (np_(v).astype("float64") for v in model.trainable_variables)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    gradient_penalty(model, "Embedding-Token", epsilon=epsilon)
+    history = model.fit(ids, y, batch_size=6, epochs=1, verbose=0).history
+
+    def penalized(params):
+        E_, w_, c_ = params
+        loss = np.mean((E_[ids].mean(1) @ w_ + c_ - y) ** 2)
+        return loss + 0.5 * epsilon * np.sum(numpy_gradients(E_, w_, c_, ids, y)[0] ** 2)
+
+    params = [E, w, c]
+    for i, value in enumerate(params):
+        grad = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            up = [p.copy() for p in params]
+            down = [p.copy() for p in params]
+            up[i][index] += 1e-5
+            down[i][index] -= 1e-5
+            grad[index] = (penalized(up) - penalized(down)) / 2e-5
+        np.testing.assert_allclose(np_(model.trainable_variables[i]), value - lr * grad, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(history["loss"][0], np.mean((E[ids].mean(1) @ w + c - y) ** 2), rtol=1e-4)
+
+
 def test_fgm_improves_training_and_rejects_bad_arguments():
     model = fgm_model()
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
@@ -190,7 +246,8 @@ def test_fgm_improves_training_and_rejects_bad_arguments():
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_optimizers_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_optimizers.py", "-k", "fgm or scales or interp or ema or bert4keras")
+    run_pytest_on_backend("jax", "tests/test_optimizers.py", "-k",
+                          "fgm or pgd or penalty or scales or interp or ema or bert4keras")
 
 
 # ------------------------------------------------------------------ bert4keras's optimizers

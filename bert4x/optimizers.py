@@ -62,6 +62,7 @@ __all__ = [
     "LayerwiseDecayAdamW",
     "adversarial_training",
     "gradient_penalty",
+    "virtual_adversarial_training",
 ]
 
 _PACKAGE = "bert4x"
@@ -486,6 +487,134 @@ def _jax_penalty_step(embeddings, epsilon):
 
         (_, aux), gradients = jax.value_and_grad(penalized, has_aux=True)(trainable)
         unscaled_loss, y_pred, non_trainable_after, metrics_after = aux
+        trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, gradients, trainable)
+        logs, metrics_after = self._update_metrics_variables(
+            metrics_after, unscaled_loss, x, y, y_pred, sample_weight
+        )
+        return logs, (trainable, non_trainable_after, optimizer_variables, metrics_after)
+
+    return train_step
+
+
+def virtual_adversarial_training(
+    model: keras.Model,
+    embedding_name: str = "Embedding-Token",
+    epsilon: float = 1.0,
+    xi: float = 10.0,
+    weight: float = 1.0,
+    seed: int = 0,
+) -> keras.Model:
+    """Virtual adversarial training on the embeddings, installed in `model.fit` (tensorflow and jax backends), for a
+    model with one output of class probabilities (softmax).
+
+    Each step adds `weight * KL(p || p_adv)` to the loss, where `p` is the model's (constant) prediction and
+    `p_adv` its prediction with the embedding matrix moved by `r = epsilon * g / ||g||`; `g` is the gradient of
+    `KL(p || p(E + d))` for a random direction `d` of norm `xi` (one power iteration). No labels enter the extra
+    term, so it regularises with unlabelled inputs too. The reported loss is the supervised one.
+
+    Args:
+        model: a compiled model containing the embedding layer, with one probability output.
+        embedding_name: the layer whose `embeddings` are perturbed.
+        epsilon: the adversarial perturbation's norm.
+        xi: the norm of the random direction of the power iteration.
+        weight: the KL term's weight.
+        seed: seeds the random directions.
+
+    Example:
+    >>> model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")  # doctest: +SKIP
+    >>> virtual_adversarial_training(model, "Embedding-Token", epsilon=1.0)  # doctest: +SKIP
+    """
+    if epsilon <= 0 or xi <= 0 or weight < 0:
+        raise ValueError(f"virtual_adversarial_training: epsilon and xi must be positive and weight >= 0, got "
+                         f"{epsilon}, {xi}, {weight}.")
+    embeddings = _trainable_embeddings(model, embedding_name, "virtual_adversarial_training")
+    if len(model.outputs) != 1:
+        raise ValueError(f"virtual_adversarial_training needs a model with one output, got {len(model.outputs)}.")
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        step = _tensorflow_vat_step(embeddings, epsilon, xi, weight, seed)
+    elif backend == "jax":
+        step = _jax_vat_step(embeddings, epsilon, xi, weight, seed)
+    else:
+        raise NotImplementedError(f"virtual_adversarial_training supports tensorflow and jax, not {backend!r}.")
+    model.train_step = types.MethodType(step, model)
+    model.train_function = None
+    return model
+
+
+def _kl(p, q):
+    p = ops.clip(ops.cast(p, "float32"), 1e-7, 1.0)
+    q = ops.clip(ops.cast(q, "float32"), 1e-7, 1.0)
+    return ops.mean(ops.sum(p * (ops.log(p) - ops.log(q)), axis=-1))
+
+
+def _tensorflow_vat_step(embeddings, epsilon, xi, weight, seed):
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(seed)
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        kwargs = {"training": True} if self._call_has_training_arg else {}
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self(x, **kwargs)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            self._loss_tracker.update_state(
+                loss, sample_weight=tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0]
+            )
+            loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(loss, variables)
+        p = tf.stop_gradient(y_pred)
+        saved = tf.identity(embeddings.value)
+        direction = _perturbation(generator.normal(tf.shape(saved)), xi)
+        embeddings.assign(saved + tf.cast(direction, embeddings.dtype))
+        with tf.GradientTape() as tape:
+            divergence = _kl(p, self(x, **kwargs))
+        r = _perturbation(tf.convert_to_tensor(tape.gradient(divergence, embeddings)), epsilon)
+        embeddings.assign(saved + tf.cast(r, embeddings.dtype))
+        with tf.GradientTape() as tape:
+            penalty = self.optimizer.scale_loss(weight * _kl(p, self(x, **kwargs)))
+        penalty_gradients = tape.gradient(penalty, variables)
+        embeddings.assign(saved)
+        gradients = [
+            a if g is None else g if a is None else tf.convert_to_tensor(g) + tf.convert_to_tensor(a)
+            for g, a in zip(gradients, penalty_gradients)
+        ]
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    return train_step
+
+
+def _jax_vat_step(embeddings, epsilon, xi, weight, seed):
+    import jax
+
+    def train_step(self, state, data):
+        trainable, non_trainable, optimizer_variables, metrics_variables = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        index = _index_of(self, embeddings)
+        grad_fn = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)
+        (_, aux), gradients = grad_fn(
+            trainable, non_trainable, metrics_variables, x, y, sample_weight,
+            training=True, optimizer_variables=optimizer_variables,
+        )
+        unscaled_loss, y_pred, non_trainable_after, metrics_after = aux
+        p = jax.lax.stop_gradient(y_pred)
+
+        def divergence(variables):
+            q, _ = self.stateless_call(variables, non_trainable, x, training=True)
+            return _kl(p, q)
+
+        step = optimizer_variables[self.optimizer.variables.index(self.optimizer.iterations)]
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+        direction = _perturbation(jax.random.normal(key, trainable[index].shape), xi)
+        perturbed = list(trainable)
+        perturbed[index] = trainable[index] + direction.astype(trainable[index].dtype)
+        r = _perturbation(jax.grad(divergence)(perturbed)[index], epsilon)
+        perturbed[index] = trainable[index] + jax.lax.stop_gradient(r).astype(trainable[index].dtype)
+        penalty_gradients = jax.grad(lambda v: self.optimizer.scale_loss(weight * divergence(v)))(perturbed)
+        gradients = jax.tree_util.tree_map(lambda g, a: g + a, list(gradients), list(penalty_gradients))
         trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, gradients, trainable)
         logs, metrics_after = self._update_metrics_variables(
             metrics_after, unscaled_loss, x, y, y_pred, sample_weight

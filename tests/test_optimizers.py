@@ -247,7 +247,7 @@ def test_fgm_improves_training_and_rejects_bad_arguments():
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_optimizers_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_optimizers.py", "-k",
-                          "fgm or pgd or penalty or scales or interp or ema or bert4keras")
+                          "fgm or pgd or penalty or virtual or scales or interp or ema or bert4keras")
 
 
 # ------------------------------------------------------------------ bert4keras's optimizers
@@ -394,3 +394,29 @@ def test_bert4keras_optimizers_train_in_fit():
     assert history["loss"][-1] < 0.8 * history["loss"][0]
     optimizer.apply_ema_weights()
     optimizer.reset_old_weights()
+
+
+def test_virtual_adversarial_training_trains_and_adds_the_kl_term():
+    from bert4x.optimizers import virtual_adversarial_training
+
+    ids = rng.integers(0, V, size=(32, T)).astype("int32")
+    y = (ids == 3).any(axis=1).astype("int32")
+
+    def make():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((T,), dtype="int32")
+        x = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(V, DIM, name="Embedding-Token")(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+        return model
+
+    plain, vat = make(), make()
+    with pytest.raises(ValueError, match="epsilon"):
+        virtual_adversarial_training(vat, epsilon=0)
+    virtual_adversarial_training(vat, "Embedding-Token", epsilon=1.0, weight=1.0)
+    plain.fit(ids, y, batch_size=32, epochs=1, verbose=0)
+    vat_history = vat.fit(ids, y, batch_size=32, epochs=1, verbose=0).history
+    # the same supervised loss is reported, but the KL term moved the weights differently
+    assert not np.allclose(np_(plain.trainable_variables[0]), np_(vat.trainable_variables[0]))
+    history = vat.fit(ids, y, batch_size=8, epochs=15, verbose=0).history
+    assert history["loss"][-1] < 0.7 * vat_history["loss"][0]

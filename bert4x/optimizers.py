@@ -13,7 +13,8 @@ where Keras has one: `extend_with_weight_decay` (`weight_decay_rate`, `exclude_f
 - `PiecewiseLinearSchedule(lr, {step: multiplier})`: bert4keras's piecewise-linear warmup/decay as a Keras schedule.
 - `LayerwiseDecayAdamW`: Keras's `AdamW` with the learning rate (and decoupled weight decay) of Transformer layer i
   multiplied by `layer_decay ** (num_layers - i)`; embeddings get `layer_decay ** (num_layers + 1)`, heads 1.
-- `adversarial_training(model, 'Embedding-Token', epsilon)`: FGM on the embedding matrix.
+- `adversarial_training(model, 'Embedding-Token', epsilon)`: FGM on the embedding matrix (PGD with `steps > 1`);
+  `gradient_penalty` and `virtual_adversarial_training` are its relatives.
 
 Use Keras's own optimizer options for the rest; nothing here re-implements them:
 

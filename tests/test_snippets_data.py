@@ -334,6 +334,12 @@ def test_two_equal_lengths_then_a_shorter_batch_fit(via_forfit):
     assert model.predict(LengthBatches([10, 10, 3], random=False), verbose=0).shape == (12, 1)
 
 
+def test_a_second_batch_one_longer_than_the_first_does_not_fix_the_length():
+    model = length_model()
+    history = model.fit(LengthBatches([6, 7, 3, 6]), epochs=1, verbose=0).history  # 7 - 1 == 6 must not fix 6
+    assert np.isfinite(history["loss"]).all()
+
+
 @pytest.mark.parametrize("via_forfit", [False, True])
 def test_batches_without_labels_fit_models_with_added_losses(via_forfit):
     generator = LengthBatches([5, 5, 3], labels=False)

@@ -417,8 +417,8 @@ class DataGenerator(keras.utils.PyDataset):
 
     def _signature_read(self, batch: Any) -> Any:
         """Keras's tensorflow adapter reads two batches before an epoch and fixes every axis on which they agree; the
-        second of those reads comes back one shorter on every non-batch axis longer than 1, so that lengths stay
-        unknown there (a first batch padded to length 1 would still fix that axis)."""
+        second of those reads comes back empty on every non-batch axis longer than 1 (it only serves the signature),
+        so that lengths stay unknown there (a first batch padded to length 1 would still fix that axis)."""
         if self._in_epoch or keras.backend.backend() != "tensorflow":
             return batch
         self._reads_outside_epoch += 1
@@ -429,7 +429,7 @@ class DataGenerator(keras.utils.PyDataset):
             if x is None:
                 return x
             x = np.asarray(x)  # axes of size 1 stay: `[batch, 1]` labels keep their static shape
-            return x[(slice(None),) + tuple(slice(0, n - 1 if n > 1 else n) for n in x.shape[1:])]
+            return x[(slice(None),) + tuple(slice(0, 0 if n > 1 else n) for n in x.shape[1:])]
 
         return keras.tree.map_structure(shorter, batch)
 

@@ -338,6 +338,8 @@ def test_a_second_batch_one_longer_than_the_first_does_not_fix_the_length():
     model = length_model()
     history = model.fit(LengthBatches([6, 7, 3, 6]), epochs=1, verbose=0).history  # 7 - 1 == 6 must not fix 6
     assert np.isfinite(history["loss"]).all()
+    batches = LengthBatches([6, 7, 3])
+    assert [batches[i][0][0].shape for i in range(3)] == [(4, 6), (4, 7), (4, 3)]  # a user's reads are untouched
 
 
 @pytest.mark.parametrize("via_forfit", [False, True])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -419,7 +420,7 @@ class DataGenerator(keras.utils.PyDataset):
         """Keras's tensorflow adapter reads two batches before an epoch and fixes every axis on which they agree; the
         second of those reads comes back empty on every non-batch axis longer than 1 (it only serves the signature),
         so that lengths stay unknown there (a first batch padded to length 1 would still fix that axis)."""
-        if self._in_epoch or keras.backend.backend() != "tensorflow":
+        if self._in_epoch or keras.backend.backend() != "tensorflow" or not _called_from("get_tf_dataset"):
             return batch
         self._reads_outside_epoch += 1
         if self._reads_outside_epoch != 2:
@@ -447,6 +448,18 @@ class DataGenerator(keras.utils.PyDataset):
         # shapes) must not eat into the next one. Endless data just goes on.
         if self.steps is not None:
             self._batches = None
+
+
+def _called_from(function_name: str, depth: int = 6) -> bool:
+    """Whether a caller within `depth` frames is a function of that name (Keras's signature peek, not a user)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == function_name:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _as_keras_batch(batch: Any) -> Any:

@@ -281,3 +281,470 @@ def float32_matmul_relative_error() -> float:
     product = ops.convert_to_numpy(ops.matmul(ops.convert_to_tensor(a, "float32"), ops.convert_to_tensor(b, "float32")))
     exact = a @ b
     return float(np.max(np.abs(product - exact)) / np.max(np.abs(exact)))
+
+
+# ------------------------------------------------------------------------------------------ bert4keras names
+def set_gelu(version: str) -> None:
+    """Chooses what the activation name "gelu" means in configs read afterwards, as bert4keras's `set_gelu`.
+
+    Args:
+        version: "erf" (exact GELU, Google BERT's; the default) or "tanh" (the tanh approximation).
+
+    Example:
+    >>> set_gelu("tanh"); get_activation("gelu") is gelu_tanh
+    True
+    >>> set_gelu("erf")
+    """
+    version = str(version).lower()
+    if version not in ("erf", "tanh"):
+        raise ValueError(f"set_gelu: version must be 'erf' or 'tanh', got {version!r}.")
+    ACTIVATIONS["gelu"] = "gelu_erf" if version == "erf" else "gelu_tanh"
+
+
+def _large_value(dtype) -> float:
+    """bert4keras's `K.infinity()`: a finite stand-in for infinity that the dtype can hold."""
+    return 1e4 if keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16") else 1e12
+
+
+def sequence_masking(x, mask=None, value=0, axis: int | None = None):
+    """Sets the positions of `x` where `mask` is 0/False to `value`, as bert4keras's `sequence_masking`.
+
+    Args:
+        x: a tensor of rank >= 2.
+        mask: `[batch, length]` (0/1 or bool), or None to return `x` unchanged.
+        value: the fill value; the strings "-inf" / "inf" mean a large finite negative / positive number
+            (1e12, or 1e4 in 16-bit floats), so that a following softmax or max ignores those positions.
+        axis: the axis of `x` that `mask`'s length runs along (default 1); `mask` is broadcast over the others.
+
+    Example:
+    >>> y = sequence_masking(keras.ops.ones((1, 3, 2)), keras.ops.array([[1, 1, 0]]), "-inf")
+    >>> keras.ops.convert_to_numpy(y)[0, :, 0] < -1e11
+    array([False, False,  True])
+    """
+    if mask is None:
+        return x
+    x = ops.convert_to_tensor(x)
+    if isinstance(value, str):
+        if value not in ("-inf", "inf"):
+            raise ValueError(f"sequence_masking: value must be a number, '-inf' or 'inf', got {value!r}.")
+        value = _large_value(x.dtype) * (-1 if value == "-inf" else 1)
+    ndim = len(x.shape)
+    axis = 1 if axis is None else axis
+    axis = axis + ndim if axis < 0 else axis
+    if not 1 <= axis < ndim:
+        raise ValueError(f"sequence_masking: axis must be in [1, {ndim}) for x of rank {ndim}, got {axis}.")
+    mask = ops.cast(mask, "bool")
+    if len(mask.shape) != 2:
+        raise ValueError(f"sequence_masking: mask must be [batch, length], got shape {tuple(mask.shape)}.")
+    for _ in range(axis - 1):
+        mask = ops.expand_dims(mask, 1)
+    for _ in range(ndim - axis - 1):
+        mask = ops.expand_dims(mask, -1)
+    return ops.where(mask, x, ops.cast(value, x.dtype))
+
+
+def batch_gather(params, indices):
+    """`out[b..., k] = params[b..., indices[b..., k]]`: a gather along the first non-batch axis per batch row,
+    as bert4keras's `batch_gather` (`tf.gather(..., batch_dims=rank(indices) - 1)`).
+
+    Args:
+        params: `[*batch, n, *rest]`.
+        indices: integer `[*batch, k]` (same leading batch dims as `params`).
+
+    Returns:
+        `[*batch, k, *rest]`.
+
+    Example:
+    >>> out = batch_gather(keras.ops.array([[10, 11, 12], [20, 21, 22]]), keras.ops.array([[2, 0], [1, 1]]))
+    >>> keras.ops.convert_to_numpy(out).tolist()
+    [[12, 10], [21, 21]]
+    """
+    params, indices = ops.convert_to_tensor(params), ops.cast(indices, "int32")
+    axis = len(indices.shape) - 1
+    if axis < 0 or len(params.shape) <= axis:
+        raise ValueError(f"batch_gather: indices of rank {len(indices.shape)} need params of rank > {axis}, "
+                         f"got {len(params.shape)}.")
+    rest = tuple(params.shape[axis + 1:])
+    if any(d is None for d in rest):
+        rest = tuple(ops.shape(params)[axis + 1:])
+    expanded = ops.reshape(indices, tuple(ops.shape(indices)) + (1,) * len(rest))
+    expanded = ops.broadcast_to(expanded, tuple(ops.shape(indices)) + rest)
+    return ops.take_along_axis(params, expanded, axis=axis)
+
+
+def search_layer(inputs, name: str, exclude_from=None):
+    """The layer named `name` among the layers that produced the Keras tensor `inputs` (searched upstream, breadth
+    first), or None, as bert4keras's `search_layer`.
+
+    Args:
+        inputs: a symbolic Keras tensor (e.g. `model.output`), or a layer whose input is searched from.
+        name: the layer's name.
+        exclude_from: layers not to search through (a set, filled as the search goes).
+
+    Example:
+    >>> x = keras.Input((3,)); y = keras.layers.Dense(2, name="head")(keras.layers.Dense(4, name="body")(x))
+    >>> search_layer(y, "body").name
+    'body'
+    """
+    exclude_from = set() if exclude_from is None else exclude_from
+    if isinstance(inputs, keras.layers.Layer):
+        inputs = inputs.input
+    queue = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    while queue:
+        tensor = queue.pop(0)
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            continue
+        layer = history.operation
+        if id(layer) in exclude_from:
+            continue
+        exclude_from.add(id(layer))
+        if layer.name == name:
+            return layer
+        if history.node_index < len(layer._inbound_nodes):
+            queue.extend(layer._inbound_nodes[history.node_index].input_tensors)
+    return None
+
+
+class _KerasBackendFunctions:
+    """`K`: the `keras.backend` functions bert4keras scripts call, written with `keras.ops` so that they run on every
+    backend. Not a re-export of TensorFlow's backend: graph-mode tools (`K.learning_phase`, `K.function`,
+    `K.placeholder`, `K.get_session`, `K.update`) have no Keras 3 counterpart and are absent; pass `training=` to
+    layers and use `model.predict` instead.
+
+    Example:
+    >>> from bert4x.backend import K
+    >>> float(K.sum(K.cast(K.not_equal(keras.ops.array([1, 0, 2]), 0), K.floatx())))
+    2.0
+    """
+
+    # Reductions and elementwise math.
+    @staticmethod
+    def sum(x, axis=None, keepdims=False):
+        return ops.sum(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def mean(x, axis=None, keepdims=False):
+        return ops.mean(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def max(x, axis=None, keepdims=False):
+        return ops.max(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def min(x, axis=None, keepdims=False):
+        return ops.min(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def prod(x, axis=None, keepdims=False):
+        return ops.prod(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def any(x, axis=None, keepdims=False):
+        return ops.any(ops.cast(x, "bool"), axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def all(x, axis=None, keepdims=False):
+        return ops.all(ops.cast(x, "bool"), axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def var(x, axis=None, keepdims=False):
+        return ops.var(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def std(x, axis=None, keepdims=False):
+        return ops.std(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def logsumexp(x, axis=None, keepdims=False):
+        return ops.logsumexp(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def cumsum(x, axis=0):
+        return ops.cumsum(x, axis=axis)
+
+    @staticmethod
+    def clip(x, min_value, max_value):
+        return ops.clip(x, min_value, max_value)
+
+    @staticmethod
+    def pow(x, a):
+        return ops.power(x, a)
+
+    @staticmethod
+    def l2_normalize(x, axis=None):
+        x = ops.convert_to_tensor(x)
+        squares = ops.sum(ops.square(x), axis=axis, keepdims=True)
+        return x * ops.rsqrt(ops.maximum(squares, ops.cast(1e-12, x.dtype)))
+
+    # Types and shapes.
+    @staticmethod
+    def cast(x, dtype):
+        return ops.cast(x, dtype)
+
+    @staticmethod
+    def floatx():
+        return keras.backend.floatx()
+
+    @staticmethod
+    def epsilon():
+        return keras.backend.epsilon()
+
+    @staticmethod
+    def dtype(x):
+        return keras.backend.standardize_dtype(x.dtype)
+
+    @staticmethod
+    def shape(x):
+        return ops.shape(x)
+
+    @staticmethod
+    def int_shape(x):
+        return tuple(d if isinstance(d, int) or d is None else None for d in x.shape)
+
+    @staticmethod
+    def ndim(x):
+        return len(x.shape)
+
+    @staticmethod
+    def reshape(x, shape):
+        return ops.reshape(x, shape)
+
+    @staticmethod
+    def concatenate(tensors, axis=-1):
+        return ops.concatenate(list(tensors), axis=axis)
+
+    @staticmethod
+    def stack(tensors, axis=0):
+        return ops.stack(list(tensors), axis=axis)
+
+    @staticmethod
+    def expand_dims(x, axis=-1):
+        return ops.expand_dims(x, axis)
+
+    @staticmethod
+    def squeeze(x, axis):
+        return ops.squeeze(x, axis)
+
+    @staticmethod
+    def flatten(x):
+        return ops.reshape(x, (-1,))
+
+    @staticmethod
+    def batch_flatten(x):
+        return ops.reshape(x, (ops.shape(x)[0], -1))
+
+    @staticmethod
+    def permute_dimensions(x, pattern):
+        return ops.transpose(x, pattern)
+
+    @staticmethod
+    def tile(x, n):
+        return ops.tile(x, n)
+
+    @staticmethod
+    def gather(reference, indices):
+        return ops.take(reference, ops.cast(indices, "int32"), axis=0)
+
+    @staticmethod
+    def constant(value, dtype=None, shape=None):
+        value = ops.convert_to_tensor(value, dtype=dtype or keras.backend.floatx())
+        return value if shape is None else ops.broadcast_to(value, shape)
+
+    @staticmethod
+    def arange(start, stop=None, step=1, dtype="int32"):
+        return ops.arange(start, stop, step, dtype=dtype)
+
+    @staticmethod
+    def ones_like(x, dtype=None):
+        return ops.ones_like(x, dtype=dtype)
+
+    @staticmethod
+    def zeros_like(x, dtype=None):
+        return ops.zeros_like(x, dtype=dtype)
+
+    @staticmethod
+    def ones(shape, dtype=None):
+        return ops.ones(shape, dtype=dtype or keras.backend.floatx())
+
+    @staticmethod
+    def zeros(shape, dtype=None):
+        return ops.zeros(shape, dtype=dtype or keras.backend.floatx())
+
+    @staticmethod
+    def eye(size, dtype=None):
+        return ops.eye(size, dtype=dtype or keras.backend.floatx())
+
+    @staticmethod
+    def one_hot(indices, num_classes):
+        return ops.one_hot(ops.cast(indices, "int32"), num_classes)
+
+    @staticmethod
+    def argmax(x, axis=-1):
+        return ops.argmax(x, axis=axis)
+
+    @staticmethod
+    def argmin(x, axis=-1):
+        return ops.argmin(x, axis=axis)
+
+    # Products.
+    @staticmethod
+    def dot(x, y):
+        """Contracts the last axis of `x` with the second-to-last of `y` (the last when `y` is 1-D)."""
+        y_axis = len(y.shape) - 2 if len(y.shape) >= 2 else 0
+        return ops.tensordot(x, y, axes=[[len(x.shape) - 1], [y_axis]])
+
+    @staticmethod
+    def batch_dot(x, y, axes=None):
+        """Per-batch-row contraction of `x`'s axis `axes[0]` with `y`'s `axes[1]` (Keras 2's defaults: x's last axis
+        with y's second-to-last, or last for a 2-D `y`); a 2-D result gets a trailing axis of size 1, as in Keras 2."""
+        x_ndim, y_ndim = len(x.shape), len(y.shape)
+        if axes is None:
+            axes = (x_ndim - 1, y_ndim - 2 if y_ndim > 2 else y_ndim - 1)
+        elif isinstance(axes, int):
+            axes = (axes, axes)
+        ax, ay = (a % n for a, n in zip(axes, (x_ndim, y_ndim)))
+        if ax == 0 or ay == 0:
+            raise ValueError(f"K.batch_dot cannot contract the batch axis, got axes={axes}.")
+        letters = "bcdefghijklmnopqrstuvw"
+        x_sub = ["a"] + list(letters[: x_ndim - 1])
+        y_sub = ["a"] + list(letters[x_ndim - 1: x_ndim + y_ndim - 2])
+        y_sub[ay] = x_sub[ax]
+        out = [s for i, s in enumerate(x_sub) if i != ax] + [s for i, s in enumerate(y_sub) if i not in (0, ay)]
+        result = ops.einsum(f"{''.join(x_sub)},{''.join(y_sub)}->{''.join(out)}", x, y)
+        return ops.expand_dims(result, -1) if len(out) == 1 else result
+
+    # Comparisons and selection.
+    @staticmethod
+    def equal(x, y):
+        return ops.equal(x, y)
+
+    @staticmethod
+    def not_equal(x, y):
+        return ops.not_equal(x, y)
+
+    @staticmethod
+    def greater(x, y):
+        return ops.greater(x, y)
+
+    @staticmethod
+    def greater_equal(x, y):
+        return ops.greater_equal(x, y)
+
+    @staticmethod
+    def less(x, y):
+        return ops.less(x, y)
+
+    @staticmethod
+    def less_equal(x, y):
+        return ops.less_equal(x, y)
+
+    @staticmethod
+    def minimum(x, y):
+        return ops.minimum(x, y)
+
+    @staticmethod
+    def maximum(x, y):
+        return ops.maximum(x, y)
+
+    @staticmethod
+    def switch(condition, then_expression, else_expression):
+        """`where(condition, then, else)`; a lower-rank `condition` is broadcast over the trailing axes (Keras 2)."""
+        condition = ops.cast(condition, "bool")
+        then_expression = ops.convert_to_tensor(then_expression)
+        for _ in range(len(then_expression.shape) - len(condition.shape)):
+            condition = ops.expand_dims(condition, -1)
+        return ops.where(condition, then_expression, else_expression)
+
+    @staticmethod
+    def stop_gradient(x):
+        return ops.stop_gradient(x)
+
+    # Losses and activations.
+    @staticmethod
+    def sparse_categorical_crossentropy(target, output, from_logits=False, axis=-1):
+        target = ops.cast(target, "int32")
+        if len(target.shape) == len(output.shape):
+            target = ops.squeeze(target, axis)
+        return ops.sparse_categorical_crossentropy(target, output, from_logits=from_logits, axis=axis)
+
+    @staticmethod
+    def categorical_crossentropy(target, output, from_logits=False, axis=-1):
+        return ops.categorical_crossentropy(target, output, from_logits=from_logits, axis=axis)
+
+    @staticmethod
+    def binary_crossentropy(target, output, from_logits=False):
+        return ops.binary_crossentropy(target, output, from_logits=from_logits)
+
+    @staticmethod
+    def softmax(x, axis=-1):
+        return ops.softmax(x, axis=axis)
+
+    @staticmethod
+    def sigmoid(x):
+        return ops.sigmoid(x)
+
+    @staticmethod
+    def relu(x):
+        return ops.relu(x)
+
+    @staticmethod
+    def tanh(x):
+        return ops.tanh(x)
+
+    @staticmethod
+    def log(x):
+        return ops.log(x)
+
+    @staticmethod
+    def exp(x):
+        return ops.exp(x)
+
+    @staticmethod
+    def square(x):
+        return ops.square(x)
+
+    @staticmethod
+    def sqrt(x):
+        return ops.sqrt(x)
+
+    @staticmethod
+    def abs(x):
+        return ops.abs(x)
+
+    @staticmethod
+    def sign(x):
+        return ops.sign(x)
+
+    @staticmethod
+    def round(x):
+        return ops.round(x)
+
+    # Variables.
+    @staticmethod
+    def get_value(x):
+        return ops.convert_to_numpy(x)
+
+    @staticmethod
+    def eval(x):
+        return ops.convert_to_numpy(x)
+
+    @staticmethod
+    def set_value(variable, value):
+        variable.assign(value)
+
+    @staticmethod
+    def batch_get_value(tensors):
+        return [ops.convert_to_numpy(x) for x in tensors]
+
+    @staticmethod
+    def batch_set_value(pairs):
+        for variable, value in pairs:
+            variable.assign(value)
+
+    @staticmethod
+    def clear_session():
+        keras.backend.clear_session()
+
+
+K = _KerasBackendFunctions()

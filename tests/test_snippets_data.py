@@ -144,8 +144,8 @@ def test_unsized_data_is_an_endless_dataset():
 
 def test_forfit_and_fortest():
     generator = PairBatches(list(range(5)), batch_size=2)
-    stream = generator.forfit()
-    two_passes = [next(stream) for _ in range(2 * len(generator))]
+    stream = iter(generator.forfit())  # a tf.data.Dataset on tensorflow, a generator elsewhere
+    two_passes = [tuple(np.asarray(part) for part in next(stream)) for _ in range(2 * len(generator))]
     for epoch in (two_passes[:3], two_passes[3:]):
         assert sorted(np.concatenate([x[:, 0] for x, _ in epoch]).tolist()) == list(range(5))
         assert sorted(len(x) for x, _ in epoch) == [1, 2, 2]
@@ -287,3 +287,108 @@ def test_packing_positions_lists_the_real_tokens_in_a_bucketed_capacity():
         packing_positions(ids[0])
     with pytest.raises(ValueError, match="buckets must be a positive int, got 0"):
         packing_positions(ids, buckets=0)
+
+
+# --------------------------------------------------------------------------
+# bert4keras ports on Keras 3: (inputs, None), lengths that vary, forfit, to_dataset, failures
+# --------------------------------------------------------------------------
+class LengthBatches(DataGenerator):
+    """Batches of 4 rows padded to the lengths listed, labels the row sums."""
+
+    def __init__(self, lengths, labels=True, **kwargs):
+        super().__init__(list(range(4 * len(lengths))), batch_size=4, **kwargs)
+        self.lengths, self.labels = lengths, labels
+
+    def __iter__(self, random=False):
+        for length in self.lengths:
+            ids = np.random.randint(1, 9, size=(4, length)).astype("int32")
+            yield [ids], (ids.sum(axis=1, keepdims=True).astype("float32") if self.labels else None)
+
+
+def length_model(add_loss=False):
+    ids = keras.Input((None,), dtype="int32")
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(10, 4)(ids))
+    out = keras.layers.Dense(1)(x)
+    if add_loss:
+        from bert4x.layers.loss import Loss
+
+        class SquareLoss(Loss):
+            def compute_loss(self, inputs, mask=None):
+                return keras.ops.mean(keras.ops.square(inputs - 1.0))
+
+        out = SquareLoss()(out)
+    model = keras.Model(ids, out)
+    model.compile(optimizer="sgd", loss=None if add_loss else "mse")
+    return model
+
+
+@pytest.mark.parametrize("via_forfit", [False, True])
+def test_two_equal_lengths_then_a_shorter_batch_fit(via_forfit):
+    generator = LengthBatches([10, 10, 6, 8])
+    model = length_model()
+    if via_forfit:
+        history = model.fit(generator.forfit(), steps_per_epoch=len(generator), epochs=2, verbose=0).history
+    else:
+        history = model.fit(generator, epochs=2, verbose=0).history
+    assert len(history["loss"]) == 2 and np.isfinite(history["loss"]).all()
+    assert model.predict(LengthBatches([10, 10, 3], random=False), verbose=0).shape == (12, 1)
+
+
+def test_a_second_batch_one_longer_than_the_first_does_not_fix_the_length():
+    model = length_model()
+    history = model.fit(LengthBatches([6, 7, 3, 6]), epochs=1, verbose=0).history  # 7 - 1 == 6 must not fix 6
+    assert np.isfinite(history["loss"]).all()
+    batches = LengthBatches([6, 7, 3])
+    assert [batches[i][0][0].shape for i in range(3)] == [(4, 6), (4, 7), (4, 3)]  # a user's reads are untouched
+
+
+@pytest.mark.parametrize("via_forfit", [False, True])
+def test_batches_without_labels_fit_models_with_added_losses(via_forfit):
+    generator = LengthBatches([5, 5, 3], labels=False)
+    model = length_model(add_loss=True)
+    data = generator.forfit() if via_forfit else generator
+    history = model.fit(data, steps_per_epoch=len(generator) if via_forfit else None, epochs=3, verbose=0).history
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_to_dataset_batches_single_samples():
+    class Samples(DataGenerator):
+        def __iter__(self, random=False):
+            for _, n in self.sample(random):
+                yield [n] * n, n
+
+    dataset = Samples([1, 3, 2, 2], batch_size=2, random=False).to_dataset(("int32", "int32"), ([None], []),
+                                                                           padded_batch=True)
+    first, second = (tuple(np.asarray(t) for t in b) for b in dataset.take(2))
+    assert first[0].tolist() == [[1, 0, 0], [3, 3, 3]] and first[1].tolist() == [1, 3]
+    assert second[0].tolist() == [[2, 2], [2, 2]]
+    named = Samples([2, 2], batch_size=2, random=False).to_dataset(("int32", "int32"), ([2], []), names=("x", "y"))
+    batch = next(iter(named))
+    assert sorted(batch) == ["x", "y"] and tuple(batch["x"].shape) == (2, 2)
+
+
+FAILING_FIT = """
+import numpy as np, keras
+from bert4x.snippets import DataGenerator
+class Fails(DataGenerator):
+    def __iter__(self, random=False):
+        yield np.ones((2, 3), "int32"), np.ones((2, 1), "float32")
+        raise KeyError("bad sample")
+x = keras.Input((3,), dtype="int32")
+model = keras.Model(x, keras.layers.Dense(1)(keras.layers.Flatten()(keras.layers.Embedding(5, 2)(x))))
+model.compile(optimizer="sgd", loss="mse")
+data = Fails(list(range(8)), batch_size=2)
+model.fit(data.forfit() if {forfit} else data, steps_per_epoch=4 if {forfit} else None, epochs=2, verbose=0)
+"""
+
+
+@pytest.mark.parametrize("forfit", [False, True])
+def test_a_generator_failing_inside_fit_ends_the_process(forfit):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", FAILING_FIT.format(forfit=forfit)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "bad sample" in proc.stderr

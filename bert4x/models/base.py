@@ -82,6 +82,8 @@ class LoadReport:
     unexpected: list[str]
     ignored: list[str]
     initialized: list[str] = dataclasses.field(default_factory=list)  # optional weights absent from the checkpoint
+    # weights of layers the user added (condition embeddings, extra inputs' layers): not from the checkpoint
+    user: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -97,8 +99,23 @@ class LoadReport:
             if items:
                 lines.append(f"{len(items)} {title}:")
                 lines.extend(f"  - {item}" for item in items)
+        if self.user:
+            lines.append(f"{len(self.user)} weights of layers added by the user, not from the checkpoint "
+                         "(they keep their initial values):")
+            lines.extend(f"  - {item}" for item in self.user)
         return "\n".join(lines)
 
+
+
+@keras.saving.register_keras_serializable(package="bert4x")
+class _ModelInitializer(backend.TruncatedNormal):
+    """A `TruncatedNormal` that, called with no shape, returns a fresh copy of itself: `transformer.initializer`
+    works both as bert4keras's initializer attribute and as the factory the model's layers call."""
+
+    def __call__(self, shape=None, dtype=None):
+        if shape is None:
+            return backend.TruncatedNormal(**self.get_config())
+        return super().__call__(shape, dtype)
 
 # Variables that training leaves in checkpoints and that no model weight corresponds to.
 _IGNORED_PATTERNS = {
@@ -383,8 +400,32 @@ class Transformer:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- building
-    def initializer(self):
-        return backend.TruncatedNormal(stddev=self.initializer_range)
+    @property
+    def initializer(self) -> _ModelInitializer:
+        """The initializer of the model's weights (truncated normal, stddev `initializer_range`), as bert4keras's
+        `bert.initializer`: pass it to your own layers (`Dense(..., kernel_initializer=bert.initializer)`). Calling
+        it with no arguments returns a fresh copy (what the model's own layers get)."""
+        return _ModelInitializer(stddev=self.initializer_range)
+
+    def user_layers(self) -> set[int]:
+        """Ids of the layers in the model that the user made, not the Transformer: those upstream of the tensors
+        the user passed in (`layer_norm_cond`, `additional_input_layers`). Their weights are not looked for in
+        checkpoints."""
+        tensors = []
+        for attribute in ("layer_norm_cond", "condition", "additional_input_layers"):
+            value = getattr(self, attribute, None)
+            tensors.extend(value if isinstance(value, (list, tuple)) else [value])
+        found: set[int] = set()
+        queue = [t for t in tensors if getattr(t, "_keras_history", None) is not None]
+        while queue:
+            history = queue.pop()._keras_history
+            layer = history.operation
+            if id(layer) in found:
+                continue
+            found.add(id(layer))
+            if history.node_index < len(layer._inbound_nodes):
+                queue.extend(layer._inbound_nodes[history.node_index].input_tensors)
+        return found
 
     def build(self) -> Model:
         inputs = self.get_inputs()
@@ -483,7 +524,9 @@ class Transformer:
         reader = open_checkpoint(checkpoint_path)
         fmt = reader.format
         table = self._resolve_table(fmt)
-        weights = {w.path: w for w in self.model.weights}
+        user_layers = self.user_layers()
+        user = [w.path for layer in self.model.layers if id(layer) in user_layers for w in layer.weights]
+        weights = {w.path: w for w in self.model.weights if w.path not in set(user)}
         loaded, missing, mismatched, used, initialized = [], [], [], set(), []
         assignments = []
         for path, variable in weights.items():
@@ -528,7 +571,10 @@ class Transformer:
                 ignored.append(key)  # a known variable of a head this model was not built with
             else:
                 unexpected.append(f"{key} {tuple(reader.shape(key))}")
-        report = LoadReport(checkpoint_path, loaded, missing, mismatched, unexpected, ignored, initialized)
+        report = LoadReport(checkpoint_path, loaded, missing, mismatched, unexpected, ignored, initialized, user)
+        if user:
+            logger.info("%d weights of layers added by the user are not from %s and keep their initial values: %s",
+                        len(user), checkpoint_path, user)
         if initialized:
             logger.info("%d bert4x-only weights are not in %s and keep their initial values: %s",
                         len(initialized), checkpoint_path, initialized)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -227,6 +228,8 @@ class DataGenerator(keras.utils.PyDataset):
         self.random = random
         self._batches: Iterator | None = None  # the stream Keras is reading
         self._served = 0
+        self._in_epoch = False
+        self._reads_outside_epoch = 0
 
     # -- size ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -281,18 +284,98 @@ class DataGenerator(keras.utils.PyDataset):
         return (self[int(i)] for i in order)
 
     def forfit(self, random: bool = True) -> Iterator[Any]:
-        """Endless batches (epoch after epoch), for ``fit(..., steps_per_epoch=len(gen))``."""
+        """Endless batches (epoch after epoch), for ``fit(gen.forfit(), steps_per_epoch=len(gen))``.
+
+        On the tensorflow backend this is a ``tf.data.Dataset`` whose signature leaves every axis unknown but the
+        rank and axes of size 1, so batches of any length pass (Keras would otherwise fix the lengths of the first
+        two batches);
+        elsewhere a Python generator. Batches come in the form Keras reads: lists become tuples and a ``None``
+        label (``yield inputs, None``, for models whose losses are added by layers) is dropped.
+
+        Args:
+            random: whether each pass shuffles the samples.
+        """
+        if keras.backend.backend() == "tensorflow":
+            return self._tf_dataset(self._endless(random))
+        return self._endless(random)
+
+    def _endless(self, random: bool) -> Iterator[Any]:
         while True:
             empty = True
             for batch in self.__iter__(random):
                 empty = False
-                yield batch
+                yield _as_keras_batch(batch)
             if empty:
                 raise RuntimeError(f"{type(self).__name__}.__iter__ yielded no batches")
 
+    @staticmethod
+    def _tf_dataset(batches: Iterator[Any]):
+        import tensorflow as tf
+
+        first = next(batches)
+
+        def spec(x):  # axes of size 1 (e.g. `[batch, 1]` labels) stay fixed: losses check them statically
+            x = np.asarray(x)
+            return tf.TensorSpec((None,) + tuple(1 if n == 1 else None for n in x.shape[1:]), tf.as_dtype(x.dtype))
+
+        signature = keras.tree.map_structure(spec, first)
+
+        def replay():
+            yield first
+            yield from batches
+
+        return tf.data.Dataset.from_generator(replay, output_signature=signature)
+
+    def to_dataset(self, types: Any, shapes: Any, names: Sequence[str] | None = None, padded_batch: bool = False):
+        """bert4keras's ``to_dataset``: a batched, endless ``tf.data.Dataset`` (tensorflow needed) from an
+        ``__iter__`` that yields single samples.
+
+        Args:
+            types: the dtype of each part of a sample (a structure matching it, e.g. ``("int32", "int32")``).
+            shapes: the shape of each part of one sample, None for unknown lengths (e.g. ``([None], [None])``).
+            names: with names, each sample becomes ``{name: part}`` (a flat sample and flat names).
+            padded_batch: pad the samples of a batch to its longest (``padded_batch``) instead of stacking them.
+
+        Example:
+            >>> class Samples(DataGenerator):
+            ...     def __iter__(self, random=False):
+            ...         for is_end, x in self.sample(random):
+            ...             yield [1] * x, x
+            >>> ds = Samples([1, 3], batch_size=2).to_dataset(("int32", "int32"), ([None], []), padded_batch=True)
+            >>> [t.shape.as_list() for t in next(iter(ds))]
+            [[2, 3], [2]]
+        """
+        import tensorflow as tf
+
+        samples = self._endless(self.random)
+        if names is not None:
+            names = list(names)
+
+            def named(values):
+                values = list(values)
+                if len(values) != len(names):
+                    raise ValueError(f"to_dataset: {len(names)} names for samples of {len(values)} parts")
+                return dict(zip(names, values))
+
+            types, shapes = named(types), named(shapes)
+            samples = (named(sample) for sample in samples)
+        def to_spec(dtype, shape):
+            return tf.TensorSpec(shape, tf.as_dtype(dtype))
+
+        if isinstance(types, dict):
+            signature = {k: to_spec(types[k], shapes[k]) for k in types}
+        elif isinstance(types, (list, tuple)):
+            signature = tuple(to_spec(t, s) for t, s in zip(types, shapes))
+        else:
+            signature = to_spec(types, shapes)
+        dataset = tf.data.Dataset.from_generator(lambda: samples, output_signature=signature)
+        if padded_batch:
+            return dataset.padded_batch(self.batch_size)
+        return dataset.batch(self.batch_size)
+
     def fortest(self, random: bool = False) -> Iterator[Any]:
         """Endless batches' inputs only (``batch[0]``), for ``predict``."""
-        for batch in self.forfit(random):
+        for batch in self._endless(random):
             yield batch[0]
 
     # -- PyDataset interface ---------------------------------------------------
@@ -308,8 +391,8 @@ class DataGenerator(keras.utils.PyDataset):
             raise IndexError(f"batch index {index} out of range for {self.steps} batches")
         if self.steps is None:  # endless: keep reading across epochs, as forfit()
             if self._batches is None:
-                self._batches = self.forfit(self.random)
-            return _as_keras_batch(next(self._batches))
+                self._batches = self._endless(self.random)
+            return self._signature_read(next(self._batches))
 
         if self._batches is None:
             self._batches = iter(self.__iter__(self.random))
@@ -331,12 +414,33 @@ class DataGenerator(keras.utils.PyDataset):
                     f"{type(self).__name__}.__iter__ yielded more than len() = {self.steps} "
                     "batches (set self.steps to the real number of batches)"
                 )
-        return _as_keras_batch(batch)
+        return self._signature_read(_as_keras_batch(batch))
+
+    def _signature_read(self, batch: Any) -> Any:
+        """Keras's tensorflow adapter reads two batches before an epoch and fixes every axis on which they agree; the
+        second of those reads comes back empty on every non-batch axis longer than 1 (it only serves the signature),
+        so that lengths stay unknown there (a first batch padded to length 1 would still fix that axis)."""
+        if self._in_epoch or keras.backend.backend() != "tensorflow" or not _called_from("get_tf_dataset"):
+            return batch
+        self._reads_outside_epoch += 1
+        if self._reads_outside_epoch != 2:
+            return batch
+
+        def shorter(x):
+            if x is None:
+                return x
+            x = np.asarray(x)  # axes of size 1 stay: `[batch, 1]` labels keep their static shape
+            return x[(slice(None),) + tuple(slice(0, 0 if n > 1 else n) for n in x.shape[1:])]
+
+        return keras.tree.map_structure(shorter, batch)
 
     def on_epoch_begin(self) -> None:
+        self._in_epoch = True
         self._restart_epoch()
 
     def on_epoch_end(self) -> None:
+        self._in_epoch = False
+        self._reads_outside_epoch = 0
         self._restart_epoch()
 
     def _restart_epoch(self) -> None:
@@ -346,9 +450,24 @@ class DataGenerator(keras.utils.PyDataset):
             self._batches = None
 
 
+def _called_from(function_name: str, depth: int = 6) -> bool:
+    """Whether a caller within `depth` frames is a function of that name (Keras's signature peek, not a user)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == function_name:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _as_keras_batch(batch: Any) -> Any:
     """bert4keras batches are `[inputs...], labels`; Keras' data adapters want tuples for multi-input structures
     (the TensorFlow one rejects lists), so lists become tuples at the top two levels."""
     if isinstance(batch, (list, tuple)):
-        return tuple(tuple(part) if isinstance(part, list) else part for part in batch)
+        parts = list(batch)
+        while len(parts) > 1 and parts[-1] is None:  # `yield inputs, None`: no labels (losses added by layers)
+            parts.pop()
+        return tuple(tuple(part) if isinstance(part, list) else part for part in parts)
     return batch

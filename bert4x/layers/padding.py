@@ -143,6 +143,9 @@ def _slots(keep, shape, padding_slot):
 class RestorePadding(keras.layers.Layer):
     """The inverse of `RemovePadding`: `[n, dim]` tokens, positions, slots -> `[batch, len, dim]`, zeros at padding.
 
+    The output carries a Keras mask, True at the positions `RemovePadding` kept (`slots < n`): with token ids, the
+    padding mask of the sequence (on jax without `packing` every position is kept, so it is all True).
+
     Args:
         **kwargs: `keras.layers.Layer` arguments.
 
@@ -153,11 +156,24 @@ class RestorePadding(keras.layers.Layer):
     (1, 3, 2)
     """
 
+    def __call__(self, tokens, positions, slots, **kwargs):
+        # Keras hands compute_mask the first argument only; the mask needs the slots of this same call.
+        self._call_slots = slots
+        try:
+            return super().__call__(tokens, positions, slots, **kwargs)
+        finally:
+            self._call_slots = None
+
     def call(self, tokens, positions, slots):
         return layout.padded_from_tokens(tokens, positions, slots)
 
     def compute_mask(self, tokens, mask=None):
-        return None
+        slots = getattr(self, "_call_slots", None)
+        if slots is None:
+            return None
+        if isinstance(slots, keras.KerasTensor):
+            return keras.KerasTensor(slots.shape, dtype="bool")
+        return ops.less(slots, ops.shape(tokens)[0])
 
     def compute_output_shape(self, tokens_shape, positions_shape, slots_shape):
         return tuple(slots_shape) + (tokens_shape[-1],)

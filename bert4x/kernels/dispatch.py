@@ -195,7 +195,7 @@ def _quadratic_variant(spec: AttentionSpec) -> str | None:
 
 def _no_terms(spec: AttentionSpec) -> str | None:
     terms = spec.terms()
-    return f"takes no {', '.join(terms)}" if terms else None
+    return f"cannot add {', '.join(terms)}" if terms else None
 
 
 def _jax_training_kernels(spec: AttentionSpec) -> str | None:
@@ -289,7 +289,7 @@ def _supports_dot_product_attention(spec: AttentionSpec) -> str | None:
     if refusal:
         return refusal
     others = [t for t in spec.terms() if t != "an attention bias"]
-    return f"takes no {', '.join(others)}" if others else None
+    return f"cannot add {', '.join(others)}" if others else None
 
 
 def _supports_xla(spec: AttentionSpec) -> str | None:

@@ -137,8 +137,9 @@ def test_refusals_name_their_reason():
     reasons = dict(choice.refusals)
     assert choice.name == "xla"
     assert "relative positions on keys" in reasons["pallas"]
+    assert "dropout" in reasons["dot_product_attention"] and "dropout" in reasons["cudnn"]
+    reasons = dict(kernels.choose(_spec(relative_keys=True, training=False)).refusals)
     assert "relative positions on keys" in reasons["dot_product_attention"]
-    assert "dropout" in reasons["cudnn"]
     assert "NVIDIA" in dict(kernels.choose(_spec(platform="cpu", fused_attention="interpret",
                                                  dtype="float32", mask="full")).refusals)["cudnn"]
     with pytest.raises(ValueError, match="attention_bias"):
@@ -178,7 +179,8 @@ def test_explain_reports_each_attention_layer_and_the_refusals():
     else:
         assert training.name == "xla"
         assert "jax only" in dict(training.refusals)["pallas"]
-    assert "keras.ops.dot_product_attention has no dropout" in text
+        assert "keras.ops.dot_product_attention has no dropout" in text
+    assert "training only" in dict(inference.refusals)["pallas"] or "jax only" in text
     assert report.rows[1].training[0].q_len == 1  # the last layer attends from [CLS] alone
 
 

@@ -158,22 +158,22 @@ class RestorePadding(keras.layers.Layer):
 
     def __call__(self, tokens, positions, slots, **kwargs):
         # Keras hands compute_mask the first argument only; the mask needs the slots of this same call.
-        self._call_slots = slots
+        self._call_index = (positions, slots)
         try:
             return super().__call__(tokens, positions, slots, **kwargs)
         finally:
-            self._call_slots = None
+            self._call_index = None
 
     def call(self, tokens, positions, slots):
         return layout.padded_from_tokens(tokens, positions, slots)
 
     def compute_mask(self, tokens, mask=None):
-        slots = getattr(self, "_call_slots", None)
-        if slots is None:
+        index = getattr(self, "_call_index", None)
+        if index is None:
             return None
-        if isinstance(slots, keras.KerasTensor):
-            return keras.KerasTensor(slots.shape, dtype="bool")
-        return ops.less(slots, ops.shape(tokens)[0])
+        positions, slots = index
+        # The number of tokens, as an op on `positions` so that a symbolic mask stays connected to the graph.
+        return ops.less(slots, ops.sum(ops.ones_like(positions, dtype="int32")))
 
     def compute_output_shape(self, tokens_shape, positions_shape, slots_shape):
         return tuple(slots_shape) + (tokens_shape[-1],)

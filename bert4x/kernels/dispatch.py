@@ -153,7 +153,9 @@ class Choice:
 
     def __str__(self) -> str:
         lines = [self.name + (" (after gathering the tokens into the padded layout)" if self.gathered else "")]
-        lines.extend(f"  {name} refused: {reason}" for name, reason in self.refusals)
+        # Entries for another attention_type are left out of the printout (they stay in `refusals`).
+        lines.extend(f"  {name} refused: {reason}" for name, reason in self.refusals
+                     if not reason.startswith("attention_type is "))
         return "\n".join(lines)
 
 
@@ -302,8 +304,8 @@ def _supports_kernel_variant(name: str):
             return f"attention_type is {spec.variant!r}"
         terms = spec.terms()
         if terms:
-            return f"{name} attention forms no attention scores to add an attention_bias or other terms to " \
-                   f"({', '.join(terms)}); use 'softmax' or 'keynorm' attention"
+            return (f"{name} attention forms no attention scores to add an attention_bias or other terms to "
+                    f"({', '.join(terms)}); use 'softmax' or 'keynorm' attention")
         return None
 
     return supports

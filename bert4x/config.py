@@ -1,13 +1,14 @@
 """bert4x's switches, read once in one place (as `keras.config` holds Keras's).
 
-Each switch starts from its environment variable, read when `bert4x` is first imported, and can then be changed
-with its setter. Layers read these getters when they are traced; nothing reads the environment afterwards.
+Each switch starts from its environment variable, read once when this module is first imported (importing
+`bert4x.layers` or `bert4x.models` does), and can then be changed with its setter. Layers read the getters when
+they are traced; nothing reads the environment afterwards.
 
-| getter / setter                                   | environment variable       | values                                   |
-|---------------------------------------------------|----------------------------|------------------------------------------|
-| `fused_attention()` / `set_fused_attention()`     | `BERT4X_FUSED_ATTENTION`   | auto, recompute, interpret, off          |
-| `fused_layer_norm()` / `set_fused_layer_norm()`   | `BERT4X_FUSED_LAYER_NORM`  | auto, interpret, off                     |
-| `attention_implementation()` / `set_attention_implementation()` | `BERT4X_ATTENTION_IMPLEMENTATION` | None or a `bert4x.kernels` name |
+- `fused_attention()` / `set_fused_attention(mode)`: `BERT4X_FUSED_ATTENTION`; 'auto', 'recompute', 'interpret',
+  'off'.
+- `fused_layer_norm()` / `set_fused_layer_norm(mode)`: `BERT4X_FUSED_LAYER_NORM`; 'auto', 'interpret', 'off'.
+- `attention_implementation()` / `set_attention_implementation(name)`: `BERT4X_ATTENTION_IMPLEMENTATION`; None or
+  the name of an entry of `bert4x.kernels.IMPLEMENTATIONS`, tried first.
 
 Example:
 >>> import bert4x.config

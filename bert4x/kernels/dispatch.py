@@ -517,7 +517,21 @@ def _platform(backend_name: str) -> str:
         import jax
 
         return jax.default_backend()
-    return "gpu" if keras.distribution.list_devices("gpu") else "cpu"
+    if backend_name == "torch":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    try:
+        return "gpu" if keras.distribution.list_devices("gpu") else "cpu"
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        return "cpu"
+
+
+def _distributed() -> bool:
+    try:
+        return keras.distribution.distribution() is not None
+    except (AttributeError, NotImplementedError):  # a backend without keras.distribution
+        return False
 
 
 def mask_kind(mask_shape) -> str:
@@ -550,7 +564,7 @@ def make_spec(q_shape, k_shape, dtype, *, mask_shape=None, dropout_rate: float =
         backend=name, platform=_platform(name), dtype=keras.backend.standardize_dtype(dtype),
         batch=q_shape[0], q_len=q_shape[1], k_len=k_shape[1], heads=q_shape[2], head_size=q_shape[3],
         layout=layout, mask=mask_kind(mask_shape), dropout_rate=float(dropout_rate), training=bool(training),
-        distributed=keras.distribution.distribution() is not None, variant=variant,
+        distributed=_distributed(), variant=variant,
         fused_attention=config.fused_attention(), preferred=config.attention_implementation(),
         **{field: bool(value) for field, value in terms.items()},
     )

@@ -7,7 +7,7 @@ versions and hardware. A table with each peer's ratio to the best non-bert4x pee
 
 Peers:
   bert4x          `model.fit` on the jax backend, attention dropout 0.1 (the issue's config); attention with dropout
-                  runs in bert4x's fused Pallas kernels (bert4x.layers.flash_attention)
+                  runs in bert4x's fused Pallas kernels (bert4x.kernels.flash_attention)
   bert4x_xla      the same with those kernels off (BERT4X_FUSED_ATTENTION=off): XLA attention + dropout
   bert4x_fast     the same with attention_probs_dropout_prob=0, so attention can take the fused cuDNN path
   bert4x_packed   bert4x with remove_padding=True: each batch's real tokens listed on the host

@@ -3,7 +3,7 @@
 For each BERT-base attention shape (12 heads of 64, bfloat16, right-padded key masks) it prints one JSON line per
 variant (prefixed `BENCH `):
   xla_dropout      what MultiHeadAttention ran before the kernels: einsum, masked softmax, dropout, einsum (jit)
-  pallas_dropout   bert4x.layers.flash_attention.flash_attention, dropout 0.1, for each tile configuration swept
+  pallas_dropout   bert4x.kernels.flash_attention.flash_attention, dropout 0.1, for each tile configuration swept
   pallas_no_dropout the same kernels at rate 0 (no mask hashing): what the in-kernel dropout costs
   cudnn_no_dropout jax.nn.dot_product_attention(implementation="cudnn") with key lengths: the fused ceiling, dropout 0
 and a `check` line: the kernels against plain jnp attention with the same dropout mask (max abs error of the output and
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from bert4x.layers import flash_attention as fa
+    from bert4x.kernels import flash_attention as fa
 
     heads, head_size, rate = 12, 64, 0.1
     scale = head_size**-0.5

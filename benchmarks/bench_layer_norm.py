@@ -3,7 +3,7 @@
 For each BERT-base activation shape (`[batch * seq, 768]`, bfloat16 input, float32 gamma and beta, float32 arithmetic,
 bfloat16 output: what mixed_bfloat16 training runs) it prints one JSON line per variant (prefixed `BENCH `):
   xla      keras.layers.LayerNormalization's arithmetic (jit), forward and value_and_grad
-  kernels  bert4x.layers.fused_layer_norm.layer_norm, for each tile configuration timed
+  kernels  bert4x.kernels.layer_norm.layer_norm, for each tile configuration timed
 (times per LayerNorm, from a jitted chain of `--chain` of them: one dispatch spread over many kernels)
 and a `check` line: the kernels (default tiles) against the float32 reference (max abs error of y, dx, dgamma,
 dbeta), so a GPU run proves what the CPU tests prove in the interpreter.
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from bert4x.layers import fused_layer_norm as fln
+    from bert4x.kernels import layer_norm as fln
 
     epsilon = 1e-12
     base = dict(bench="layer_norm", width=args.width, dtype="bfloat16", versions=common.versions(),

@@ -30,7 +30,8 @@ def run_shape(batch: int, length: int, repeats: int, interpret: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from bert4x.layers import flash_attention as fa
+    from bert4x.kernels import flash_attention as fa
+    from bert4x.kernels import flash_varlen as fv
     from bert4x.snippets import packing_positions
 
     heads, head_size, rate, scale = 12, 64, 0.1, 0.125
@@ -52,7 +53,7 @@ def run_shape(batch: int, length: int, repeats: int, interpret: bool) -> dict:
         return jnp.sum((out * weights).astype(jnp.float32)), out
 
     def varlen_loss(x, w):
-        out = fa.flash_varlen_self_attention(x, lengths_j, seed, rate, scale, length, interpret=interpret)
+        out = fv.flash_varlen_self_attention(x, lengths_j, seed, rate, scale, length, interpret=interpret)
         return jnp.sum((out * w).astype(jnp.float32)), out
 
     padded_step = jax.jit(jax.value_and_grad(padded_loss, has_aux=True))

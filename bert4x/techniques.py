@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from bert4x.layers.core import Embedding
+from bert4x.layers.embeddings import Embedding
 from bert4x.layers.heads import PromptEmbedding
 
 __all__ = [

@@ -417,7 +417,7 @@ class _InputChecker:
         inputs = getattr(model, "inputs", None)
         if not inputs or not hasattr(model, "_inputs_struct"):
             return None
-        from bert4x.layers.core import PositionEmbedding
+        from bert4x.layers.embeddings import PositionEmbedding
 
         position = {id(tensor): index for index, tensor in enumerate(inputs)}
         ids: list[int | None] = [None] * len(inputs)

@@ -20,8 +20,8 @@ from bert4x.backend import (
     sequence_masking,
     set_gelu,
 )
+from bert4x.layers import Loss
 from bert4x.layers.heads import ConditionalRandomField, GlobalPointer
-from bert4x.layers.loss import Loss
 from bert4x.models import CheckpointError, build_transformer_model
 
 rng = np.random.default_rng(0)

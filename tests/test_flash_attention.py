@@ -1,4 +1,4 @@
-"""bert4x's fused attention-with-dropout kernels (jax Pallas, `bert4x.layers.flash_attention`).
+"""bert4x's fused attention-with-dropout kernels (jax Pallas, `bert4x.kernels.flash_attention` / `flash_varlen`).
 
 The kernels target NVIDIA GPUs; here they run through Pallas' interpreter on CPU, which executes the same kernel
 code (block loops, online softmax, in-kernel dropout hash, recomputation in the backward pass), and their Triton
@@ -12,11 +12,24 @@ from helpers import in_subprocess, run_pytest_on_backend
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
-from bert4x.layers import flash_attention as fa  # noqa: E402
+import bert4x.config  # noqa: E402
+from bert4x.kernels import dropout as hashed  # noqa: E402
+from bert4x.kernels import flash_attention as fa  # noqa: E402
+from bert4x.kernels import flash_varlen as fv  # noqa: E402
 
 # Small tiles so that every kernel walks several query and key blocks; the second runs head pairs per program.
 SMALL_BLOCKS = (32, 16, 16, 32, 4, 2)
 SMALL_PAIRED_BLOCKS = (32, 16, 16, 32, 4, 2, 2)
+
+
+def _fused(monkeypatch, attention=None, layer_norm=None):
+    """Sets bert4x.config's fused attention / LayerNorm modes for one test (restored after it)."""
+    if attention is not None:
+        monkeypatch.setattr(bert4x.config, "_FUSED_ATTENTION", bert4x.config.fused_attention())
+        bert4x.config.set_fused_attention(attention)
+    if layer_norm is not None:
+        monkeypatch.setattr(bert4x.config, "_FUSED_LAYER_NORM", bert4x.config.fused_layer_norm())
+        bert4x.config.set_fused_layer_norm(layer_norm)
 
 
 def _inputs(batch=2, length=64, heads=3, head_size=16, seed=0):
@@ -97,18 +110,18 @@ def test_dropout_mask_is_uniform_independent_and_changes_with_the_seed():
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_hashed_dropout_mask_is_uniform_independent_and_changes_with_the_seed(rate):
     """The hidden-state dropout mask of `bert4x.layers.Dropout` on jax."""
-    keep = np.asarray(fa.hashed_keep_mask(jnp.int32(11), (16, 128, 96), rate))
+    keep = np.asarray(hashed.hashed_keep_mask(jnp.int32(11), (16, 128, 96), rate))
     n = keep.size
     assert abs(keep.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n), keep.mean()
     x = keep.astype(np.float64) - keep.mean()
     for axis in (2, 1, 0):
         a = np.moveaxis(x, axis, 0)
         assert abs(np.mean(a[1:] * a[:-1]) / x.var()) < 0.01, axis
-    other = np.asarray(fa.hashed_keep_mask(jnp.int32(12), (16, 128, 96), rate))
+    other = np.asarray(hashed.hashed_keep_mask(jnp.int32(12), (16, 128, 96), rate))
     assert abs(np.mean(other != keep) - 2 * rate * (1 - rate)) < 0.01
-    np.testing.assert_array_equal(keep, np.asarray(fa.hashed_keep_mask(jnp.int32(11), (16, 128, 96), rate)))
+    np.testing.assert_array_equal(keep, np.asarray(hashed.hashed_keep_mask(jnp.int32(11), (16, 128, 96), rate)))
     with pytest.raises(ValueError, match="32-bit"):
-        fa.hashed_keep_mask(jnp.int32(0), (2**16, 2**16), rate)
+        hashed.hashed_keep_mask(jnp.int32(0), (2**16, 2**16), rate)
 
 
 def test_hashed_dropout_gradient_is_the_same_mask_behind_a_barrier():
@@ -116,13 +129,13 @@ def test_hashed_dropout_gradient_is_the_same_mask_behind_a_barrier():
     optimization barrier (so XLA:GPU cannot fuse the mask into the matmuls that read it)."""
     x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 16, 8)), jnp.bfloat16)
     weights = jnp.asarray(np.random.default_rng(6).standard_normal(x.shape), jnp.bfloat16)
-    keep = fa.hashed_keep_mask(jnp.int32(21), x.shape, 0.2)
-    out = fa.hashed_dropout(x, jnp.int32(21), 0.2)
+    keep = hashed.hashed_keep_mask(jnp.int32(21), x.shape, 0.2)
+    out = hashed.hashed_dropout(x, jnp.int32(21), 0.2)
     np.testing.assert_array_equal(np.asarray(out, np.float32),
                                   np.asarray(jnp.where(keep, x / jnp.bfloat16(0.8), 0), np.float32))
 
     def loss(x):
-        return jnp.sum((fa.hashed_dropout(x, jnp.int32(21), 0.2) * weights).astype(jnp.float32))
+        return jnp.sum((hashed.hashed_dropout(x, jnp.int32(21), 0.2) * weights).astype(jnp.float32))
 
     grad = jax.grad(loss)(x)
     assert grad.dtype == jnp.bfloat16
@@ -188,7 +201,7 @@ def test_kernels_lower_to_triton_for_cuda(batch, length, blocks):
     assert module.count("xla.gpu.triton") == 3 and module.count("output_operand_aliases") == 1
 
     def varlen_loss(qkv, lengths):
-        out = fa.flash_varlen_self_attention(qkv, lengths, jnp.int32(3), 0.1, 0.125, length, blocks=blocks)
+        out = fv.flash_varlen_self_attention(qkv, lengths, jnp.int32(3), 0.1, 0.125, length, blocks=blocks)
         return jnp.sum(out.astype(jnp.float32))
 
     tokens = jax.ShapeDtypeStruct((batch * length * 3 // 4 + 5, 3, 12, 64), jnp.bfloat16)  # any capacity
@@ -293,7 +306,7 @@ def test_varlen_self_attention_equals_the_padded_kernels_at_real_tokens(blocks, 
         return jnp.sum(out * weights), out
 
     def varlen(x):
-        out = fa.flash_varlen_self_attention(x, jnp.asarray(lengths, jnp.int32), seed, rate, 0.25, 64,
+        out = fv.flash_varlen_self_attention(x, jnp.asarray(lengths, jnp.int32), seed, rate, 0.25, 64,
                                              interpret=True, blocks=blocks)
         return jnp.sum(out * _tokens(weights, keep, capacity)), out
 
@@ -304,11 +317,11 @@ def test_varlen_self_attention_equals_the_padded_kernels_at_real_tokens(blocks, 
     assert float(jnp.abs(varlen_out[real:]).max()) == 0.0 and float(jnp.abs(varlen_grad[real:]).max()) == 0.0
     assert float(jnp.abs(varlen_grad[:real, 0]).max()) > 0.1  # dQ landed in part 0, next to dK and dV
     with pytest.raises(ValueError, match=r"qkv must be \[tokens, 3, heads, head_size\]"):
-        fa.flash_varlen_self_attention(qkv, jnp.asarray(lengths), seed, rate, 0.25, 64, interpret=True)
+        fv.flash_varlen_self_attention(qkv, jnp.asarray(lengths), seed, rate, 0.25, 64, interpret=True)
     with pytest.raises(ValueError, match=r"lengths must be a \[batch\] integer array, got float32\(5,\)"):
-        fa.flash_varlen_self_attention(qkv[0], jnp.ones(5), seed, rate, 0.25, 64, interpret=True)
+        fv.flash_varlen_self_attention(qkv[0], jnp.ones(5), seed, rate, 0.25, 64, interpret=True)
     with pytest.raises(ValueError, match="flash_varlen_self_attention: unsupported input .*lengths 40/40"):
-        fa.flash_varlen_self_attention(qkv[0], jnp.asarray(lengths), seed, rate, 0.25, 40, interpret=True)
+        fv.flash_varlen_self_attention(qkv[0], jnp.asarray(lengths), seed, rate, 0.25, 40, interpret=True)
 
 
 def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
@@ -323,7 +336,7 @@ def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
     spec = jax.ShapeDtypeStruct((8, 512, 12, 64), jnp.bfloat16)
 
     for skip in (False, True):
-        def loss(q, k, v, key_mask):
+        def loss(q, k, v, key_mask, skip=skip):
             out = fa.flash_attention(q, k, v, key_mask, jnp.int32(3), 0.1, 0.125, skip_padded_queries=skip)
             return jnp.sum(out.astype(jnp.float32))
 
@@ -335,7 +348,7 @@ def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
         assert printed.count("scf.for") == 3, skip  # one key or query loop in each of the three kernels
         assert '"scf.for"(' not in printed and '"arith.' not in printed, skip
 
-        def packed_loss(qkv, key_mask):
+        def packed_loss(qkv, key_mask, skip=skip):
             out = fa.flash_self_attention(qkv, key_mask, jnp.int32(3), 0.1, 0.125, skip_padded_queries=skip)
             return jnp.sum(out.astype(jnp.float32))
 
@@ -348,7 +361,7 @@ def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
         assert '"scf.for"(' not in printed and '"arith.' not in printed, ("packed", skip)
 
     def varlen_loss(qkv, lengths):
-        out = fa.flash_varlen_self_attention(qkv, lengths, jnp.int32(3), 0.1, 0.125, 512)
+        out = fv.flash_varlen_self_attention(qkv, lengths, jnp.int32(3), 0.1, 0.125, 512)
         return jnp.sum(out.astype(jnp.float32))
 
     jax.export.export(
@@ -365,7 +378,7 @@ def test_triton_ir_of_the_kernels_verifies(monkeypatch, capsys):
 def test_attention_layer_runs_the_kernels_in_training(monkeypatch, mode):
     from bert4x.layers import MultiHeadAttention
 
-    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", mode)
+    _fused(monkeypatch, attention=mode)
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 32, 24)), jnp.float32)
     mask = jnp.asarray(np.arange(32)[None, None, None, :] < np.array([32, 20])[:, None, None, None])
@@ -383,11 +396,10 @@ def test_attention_layer_runs_the_kernels_in_training(monkeypatch, mode):
     np.testing.assert_allclose(out, expected, atol=1e-5)
     # A second training call draws a new seed: a different dropout mask.
     assert float(jnp.abs(mha(x, attention_mask=mask, training=True) - out).max()) > 1e-3
-    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "off")
+    _fused(monkeypatch, attention="off")
     assert float(jnp.abs(mha(x, attention_mask=mask, training=False) - mha(x, attention_mask=mask)).max()) == 0.0
-    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "sometimes")
     with pytest.raises(ValueError, match="BERT4X_FUSED_ATTENTION"):
-        mha(x, attention_mask=mask, training=True)
+        bert4x.config.set_fused_attention("sometimes")
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fused kernels are jax-only; re-run on jax below")
@@ -397,7 +409,7 @@ def test_keynorm_attention_gives_the_kernels_its_own_q_and_k(monkeypatch):
     from bert4x.layers import MultiHeadAttention
     from bert4x.layers import attention_variants as av
 
-    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
+    _fused(monkeypatch, attention="interpret")
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((2, 32, 24)), jnp.float32)
     mask = jnp.asarray(np.arange(32)[None, None, None, :] < np.array([32, 20])[:, None, None, None])
@@ -424,7 +436,7 @@ def test_dropout_layer_uses_the_hash_in_training():
     out = layer(x, training=True)
     layer.seed_generator.state.assign(state)
     seed = keras.random.randint((), 0, 2**31 - 1, seed=layer.seed_generator, dtype="int32")
-    expected = jnp.where(fa.hashed_keep_mask(seed, x.shape, 0.25), x / jnp.bfloat16(0.75), 0)
+    expected = jnp.where(hashed.hashed_keep_mask(seed, x.shape, 0.25), x / jnp.bfloat16(0.75), 0)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
     assert not np.array_equal(np.asarray(layer(x, training=True), np.float32), np.asarray(out, np.float32))
@@ -440,9 +452,9 @@ def test_bf16_bert_fit_through_the_kernels_learns(monkeypatch):
 
     from bert4x.models import build_transformer_model
 
-    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
-    monkeypatch.setenv("BERT4X_FUSED_LAYER_NORM", "interpret")  # and the LayerNorm kernels (fused_layer_norm)
-    from bert4x.layers import fused_layer_norm
+    _fused(monkeypatch, attention="interpret")
+    _fused(monkeypatch, layer_norm="interpret")  # and the LayerNorm kernels (fused_layer_norm)
+    from bert4x.kernels import layer_norm as fused_layer_norm
 
     norms, real_norm = [], fused_layer_norm.layer_norm
     monkeypatch.setattr(fused_layer_norm, "layer_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
@@ -473,7 +485,7 @@ def test_pooled_bert_skips_padded_queries_with_the_same_training_step(monkeypatc
     SGD step gives the weights that it gives with every query computed (remove_padding=False)."""
     from bert4x.models import build_transformer_model
 
-    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
+    _fused(monkeypatch, attention="interpret")
     skips, real_attention = [], fa.flash_self_attention
     monkeypatch.setattr(fa, "flash_self_attention",
                         lambda *a, **k: skips.append(k.get("skip_padded_queries")) or real_attention(*a, **k))
@@ -505,9 +517,9 @@ def test_packed_bert_trains_through_the_token_layout_kernels(monkeypatch):
     from bert4x.models import build_transformer_model
     from bert4x.snippets import packing_positions
 
-    monkeypatch.setenv("BERT4X_FUSED_ATTENTION", "interpret")
-    capacities, real_attention = [], fa.flash_varlen_self_attention
-    monkeypatch.setattr(fa, "flash_varlen_self_attention",
+    _fused(monkeypatch, attention="interpret")
+    capacities, real_attention = [], fv.flash_varlen_self_attention
+    monkeypatch.setattr(fv, "flash_varlen_self_attention",
                         lambda *a, **k: capacities.append(a[0].shape[0]) or real_attention(*a, **k))
     config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
               "intermediate_size": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.1}

@@ -1,4 +1,4 @@
-"""bert4x's LayerNorm kernels (jax Pallas, `bert4x.layers.fused_layer_norm`).
+"""bert4x's LayerNorm kernels (jax Pallas, `bert4x.kernels.layer_norm`).
 
 The kernels target NVIDIA GPUs; here they run through Pallas' interpreter on CPU (the same kernel code: masked row
 blocks padded to a power of two, the backward pass's per-program gamma/beta sums), and their Triton lowering for CUDA
@@ -11,7 +11,8 @@ from helpers import in_subprocess, run_pytest_on_backend
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
-from bert4x.layers import fused_layer_norm as fln  # noqa: E402
+import bert4x.config  # noqa: E402
+from bert4x.kernels import layer_norm as fln  # noqa: E402
 
 # Small tiles so that the backward pass's programs each walk several row blocks and the last block is part padding.
 SMALL_BLOCKS = (4, 2, 4, 4, 3)
@@ -99,6 +100,8 @@ def test_layer_runs_the_kernels(monkeypatch, policy):
     """bert4x's LayerNormalization through the kernels = Keras's LayerNormalization, values and gradients."""
     from bert4x.layers import LayerNormalization
 
+    monkeypatch.setattr(bert4x.config, "_FUSED_LAYER_NORM", bert4x.config.fused_layer_norm())  # restored after
+
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 6, 40)) * 2 + 0.5, jnp.float32)
     layer = LayerNormalization(epsilon=1e-12, dtype=policy)
@@ -109,7 +112,7 @@ def test_layer_runs_the_kernels(monkeypatch, policy):
         norm.set_weights(weights)
 
     def run(norm, mode):
-        monkeypatch.setenv("BERT4X_FUSED_LAYER_NORM", mode)
+        bert4x.config.set_fused_layer_norm(mode)
 
         def loss(variables, x):
             y, _ = norm.stateless_call(variables, [], x, **({"training": True} if norm is layer else {}))
@@ -132,12 +135,11 @@ def test_layer_runs_the_kernels(monkeypatch, policy):
     for a, b in zip(dweights, dweights_ref):
         np.testing.assert_allclose(a, b, rtol=1e-2 if policy != "float32" else 1e-5, atol=tolerance)
     calls.clear()
-    monkeypatch.setenv("BERT4X_FUSED_LAYER_NORM", "interpret")
+    bert4x.config.set_fused_layer_norm("interpret")
     np.testing.assert_allclose(np.asarray(layer(x), np.float32), np.asarray(y_ref, np.float32), atol=tolerance)
     assert not calls  # at inference XLA's own LayerNorm runs
-    monkeypatch.setenv("BERT4X_FUSED_LAYER_NORM", "sometimes")
     with pytest.raises(ValueError, match="BERT4X_FUSED_LAYER_NORM"):
-        layer(x)
+        bert4x.config.set_fused_layer_norm("sometimes")
 
 
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")

@@ -209,7 +209,8 @@ def test_bert_model_training_keeps_no_dropout_masks_on_jax_cpu():
 def test_first_token_and_position_gradients_equal_autodiff():
     """FirstToken's and PositionEmbedding's own gradients (written so that XLA:GPU picks good layouts) equal the
     autodiff of the plain slice and broadcast add, for weighted sums so that every entry's gradient differs."""
-    from bert4x.layers.core import _add_positions, _first_token
+    from bert4x.layers.embeddings import _add_positions
+    from bert4x.layers.pooling import _first_token
 
     x = rng.normal(size=(3, 5, 4)).astype("float32")
     table = rng.normal(size=(5, 4)).astype("float32")
@@ -253,7 +254,7 @@ def test_embedding_gradient_accumulates_in_float32_under_mixed_precision():
 
 def test_layer_norm_gradient_is_the_closed_form():
     """bert4x's LayerNormalization (own gradient, keeping only its input) = Keras's, values and all three gradients."""
-    from bert4x.layers.core import _layer_norm_keeping_only_its_input as ours
+    from bert4x.kernels.layer_norm import layer_norm_keeping_only_its_input as ours
 
     x = (rng.normal(size=(3, 5, 16)) * 3 + 1).astype("float32")
     gamma, beta = rng.normal(size=16).astype("float32"), rng.normal(size=16).astype("float32")

@@ -73,7 +73,7 @@ def test_attention_with_padding_is_finite_in_half_precision(policy, training):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_fused_key_padding_attention_matches_masked_attention(dtype):
     """The reordering + key-length path equals boolean-mask attention for any key mask (holes, left padding)."""
-    from bert4x.layers.core import _fused_key_padding_attention
+    from bert4x.kernels.dispatch import key_padding_attention as _fused_key_padding_attention
 
     rng = np.random.default_rng(2)
     q, k, v = (keras.ops.cast(rng.normal(size=(4, 6, 2, 8)), dtype) for _ in range(3))

@@ -310,7 +310,7 @@ def length_model(add_loss=False):
     x = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(10, 4)(ids))
     out = keras.layers.Dense(1)(x)
     if add_loss:
-        from bert4x.layers.loss import Loss
+        from bert4x.layers import Loss
 
         class SquareLoss(Loss):
             def compute_loss(self, inputs, mask=None):

@@ -18,7 +18,7 @@ import keras
 from keras import ops
 
 from bert4x import backend
-from bert4x.layers.core import Embedding, tied_projection
+from bert4x.layers.embeddings import Embedding, tied_projection
 
 __all__ = [
     "GlobalPointer",

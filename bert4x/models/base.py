@@ -703,7 +703,7 @@ class Transformer:
 
 
 def _check_attention_options(attention_type: str, options: dict | None) -> tuple[str, dict]:
-    from bert4x.layers.core import ATTENTION_TYPES
+    from bert4x.layers.attention import ATTENTION_TYPES
 
     if attention_type not in ATTENTION_TYPES:
         raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}.")

@@ -10,13 +10,14 @@ from bert4x.layers import (
     BiasAdd,
     Dropout,
     Embedding,
+    EmbeddingSum,
     FeedForward,
     FirstToken,
     LayerNormalization,
     MultiHeadAttention,
     PositionEmbedding,
     RemovePadding,
-    RestorePadding,
+    Unpadded,
 )
 from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import Transformer, left_pad_prompts, register_model, src
@@ -151,7 +152,7 @@ class BERT(Transformer):
     model_types = ("bert",)
     ignored_config_keys = frozenset({"position_embedding_type"})
     hf_prefix = "bert."
-    # Subclasses whose main layers do not pass `padding_index` to attention set this to False.
+    # Subclasses whose main layers do not take `Unpadded` hidden states (remove_padding) set this to False.
     supports_padding_removal = True
 
     def __init__(
@@ -189,7 +190,6 @@ class BERT(Transformer):
         # Where padding stays (jax: static shapes), a model reading [CLS] only still lets attention skip the padded
         # queries, whose outputs nothing reads (remove_padding=False keeps them).
         self.skip_padded_queries = remove_padding is None and not self.remove_padding and self.reads_first_token_only
-        self.padding_index = None  # (positions, slots) while the hidden states hold non-padding tokens only
 
     def _resolve_remove_padding(self, option: bool | None) -> bool:
         backend_name = keras.backend.backend()
@@ -207,12 +207,9 @@ class BERT(Transformer):
         return bool(option)
 
     def restore_padding(self, x):
-        """Brings non-padding hidden states back to `[batch, len, hidden]` (zeros at padding); else returns x."""
-        if self.padding_index is None:
-            return x
-        x = RestorePadding(name="Restore-Padding")(x, *self.padding_index)
-        self.padding_index = None
-        return x
+        """Brings hidden states without padding (`Unpadded`) back to `[batch, len, hidden]` (zeros at padding);
+        returns other hidden states as they are."""
+        return x.restore(name="Restore-Padding") if isinstance(x, Unpadded) else x
 
     @property
     def reads_first_token_only(self) -> bool:
@@ -285,15 +282,16 @@ class BERT(Transformer):
         token_ids = inputs[0]
         segment_ids = inputs[1] if self.segment_vocab_size > 0 else None
         self.token_embedding = Embedding(
-            self.vocab_size, self.hidden_size, embeddings_initializer=self.initializer(), name="Embedding-Token"
+            self.vocab_size, self.hidden_size, embeddings_initializer=self.initializer(), mask_zero=True,
+            name="Embedding-Token",
         )
-        x = self.token_embedding(token_ids)
+        x = self.token_embedding(token_ids)  # carries the padding mask (id 0) that the layers after it propagate
         if segment_ids is not None:
             self.segment_embedding = Embedding(  # bert4x's: its backward pass avoids a slow scatter-add into 2 rows
                 self.segment_vocab_size, self.hidden_size, embeddings_initializer=self.initializer(),
                 name="Embedding-Segment",
             )
-            x = keras.layers.Add(name="Embedding-Token-Segment")([x, self.segment_embedding(segment_ids)])
+            x = EmbeddingSum(name="Embedding-Token-Segment")([x, self.segment_embedding(segment_ids)])  # keeps the mask
         x = self.apply_position_embedding(x)
         x = self.apply_layer_norm(x, "Embedding-Norm")
         self.embedding_norm = _producer(x)
@@ -301,10 +299,9 @@ class BERT(Transformer):
         self.attention_mask = AttentionMask(
             {"encoder": "encoder", "lm": "lm", "unilm": "unilm"}[self.application], name="Attention-Mask"
         )(token_ids, segment_ids)
-        if self.remove_padding:
+        if self.remove_padding:  # the hidden states then flow through the layers as `Unpadded` data
             packing = inputs[2 if self.segment_vocab_size > 0 else 1] if self.packing_input else None
-            x, *padding_index = RemovePadding(name="Remove-Padding")(x, token_ids, packing=packing)
-            self.padding_index = tuple(padding_index)
+            x = Unpadded(*RemovePadding(name="Remove-Padding")(x, token_ids, packing=packing))
         return x
 
     def apply_position_embedding(self, x):
@@ -318,14 +315,16 @@ class BERT(Transformer):
         return {}
 
     def apply_main_layers(self, x, index):
+        """One layer. `x` is `[batch, len, hidden]`, or `Unpadded` hidden states (remove_padding), returned as such."""
         attention = f"Transformer-{index}-MultiHeadSelfAttention"
         feed_forward = f"Transformer-{index}-FeedForward"
         sequence, extra = None, self.attention_kwargs()
         if self.first_token_only(index):
             x = self.restore_padding(x)
             sequence, x = x, FirstToken(keepdims=True, name=f"Transformer-{index}-FirstToken")(x)
-        if self.padding_index is not None:
-            extra["padding_index"] = self.padding_index
+        unpadded = x if isinstance(x, Unpadded) else None
+        if unpadded is not None:
+            x, extra["padding_index"] = unpadded.tokens, unpadded.index
         elif self.skip_padded_queries and sequence is None:
             extra["skip_padded_queries"] = True
         y = MultiHeadAttention(
@@ -345,7 +344,7 @@ class BERT(Transformer):
         x = keras.layers.Add(name=f"{feed_forward}-Add")([x, y])
         x = self.apply_layer_norm(x, f"{feed_forward}-Norm")
         self.keep_decode_block(index, *block, _producer(x))
-        return x
+        return unpadded.with_tokens(x) if unpadded is not None else x
 
     def apply_final_layers(self, x):
         x = self.restore_padding(x)

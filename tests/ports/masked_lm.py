@@ -8,15 +8,11 @@ import numpy as np
 from _setup import data_path, tiny_chinese_bert
 
 from bert4x.backend import K, keras
+from bert4x.layers import Loss
 from bert4x.models import build_transformer_model
 from bert4x.optimizers import Adam
 from bert4x.snippets import DataGenerator, sequence_padding
 from bert4x.tokenizers import Tokenizer, load_vocab
-
-try:
-    from bert4x.layers import Loss
-except ImportError:  # until bert4x.layers exports Loss (see the lead's merge notes)
-    from bert4x.layers.loss import Loss
 
 maxlen = 40
 batch_size = 32

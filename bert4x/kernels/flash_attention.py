@@ -1,16 +1,16 @@
 """Flash attention with dropout inside the kernel, for jax on NVIDIA GPUs (Pallas, Triton backend).
 
-Why it exists: with attention dropout active, `keras.ops.dot_product_attention` cannot be used (it has no dropout),
-so training falls back to XLA attention, which writes the `[batch, heads, q_len, k_len]` probabilities and a random
-mask of the same size to memory, forward and backward. At BERT-base 32 x 512 that costs ~12 ms of a 43 ms H200 step
-(benchmarks/PROFILE.md). Here the probabilities never leave the chip: each kernel walks the keys block by block with an
-online softmax, and the dropout mask is recomputed wherever it is needed from a counter-based hash of
-`(seed, head pair, query, key)` (16 bits of it per head, see `_pair_stream`), so forward and backward drop exactly the
-same entries without storing them.
+With attention dropout active, `keras.ops.dot_product_attention` cannot be used (it has no dropout), and XLA
+attention writes the `[batch, heads, q_len, k_len]` probabilities and a random mask of the same size to memory,
+forward and backward (benchmarks/PROFILE.md). Here the probabilities never leave the chip: each kernel walks the keys
+block by block with an online softmax, and the dropout mask is recomputed wherever it is needed from a counter-based
+hash of `(seed, head pair, query, key)` (`bert4x.kernels.dropout`), so forward and backward drop exactly the same
+entries without storing them.
 
 Semantics are those of `softmax(q k^T * scale + key_bias) -> dropout(rate) -> @ v`, with the row normaliser taken
-before dropout (as in every BERT). Masks are key-padding masks only (`[batch, k_len]`, True = may attend), the only
-kind BERT fine-tuning uses; other masks take the XLA path in `MultiHeadAttention`.
+before dropout (as in every BERT). Masks are key-padding masks only (`[batch, k_len]`, True = may attend); other
+inputs take another entry of `bert4x.kernels`' table. `bert4x.kernels.flash_varlen` has the same kernels for rows
+stored without padding; `_build_recomputed` is the same algorithm on whole arrays in XLA (any jax device).
 
 `dropout_keep_mask` gives the exact mask the kernels use, so tests can compare against plain jnp attention.
 `interpret=True` runs the same kernels through Pallas' interpreter on any device (tests on CPU).
@@ -31,153 +31,17 @@ import math
 import numpy as np
 
 from bert4x import backend
+from bert4x.kernels.dropout import _half_kept, _pair_hash, _pair_stream, attention_rate, dropout_keep_mask
+
+__all__ = ["flash_attention", "flash_self_attention", "reference_attention", "supported", "attention_rate",
+           "dropout_keep_mask", "DEFAULT_BLOCKS", "IMPLEMENTATIONS"]
 
 LOG2_E = math.log2(math.e)
 # Keys hidden by the mask get this added logit (float32, in the kernels' log2 domain): finite, so a row with no visible
 # key is a uniform average instead of NaN, and exp2 of it underflows to exactly 0 next to any visible key.
 MASKED_LOGIT = -1e9
-_KEEP_BITS = 24  # hidden-state dropout compares the top 24 bits of the hash: the rate is honoured to 6e-8
-_ATTENTION_KEEP_BITS = 16  # attention dropout: 16 bits per entry, two heads per hash (see `_pair_stream`)
 BLOCK_SIZES = (128, 64, 32, 16)
 HEAD_SIZES = (16, 32, 64, 128)
-
-
-def _mix32(h):
-    """MurmurHash3's 32-bit finaliser: a bijection on uint32 with full avalanche."""
-    import jax.numpy as jnp
-    from jax import lax
-
-    h = h ^ lax.shift_right_logical(h, jnp.uint32(16))
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ lax.shift_right_logical(h, jnp.uint32(13))
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ lax.shift_right_logical(h, jnp.uint32(16))
-
-
-def _threshold(rate: float, bits: int) -> int:
-    """Keep an entry where its `bits`-bit hash value is at least this."""
-    return int(round(rate * (1 << bits)))
-
-
-def attention_rate(rate: float) -> float:
-    """The attention dropout rate the kernels apply for `rate`: the nearest multiple of 2**-16 (their keep test reads
-    16 bits of a hash), within 7.7e-6 of `rate`. Kept probabilities are scaled by 1 / (1 - that rate), so the
-    expectation is exact."""
-    return _threshold(rate, _ATTENTION_KEEP_BITS) / (1 << _ATTENTION_KEEP_BITS)
-
-
-def _pair_stream(batch_index, head, heads: int):
-    """(stream, half) of one attention map. Heads 2j and 2j+1 share the hash of stream `batch * heads/2 + j`: the
-    first keeps where the hash's top 16 bits pass, the second where its low 16 bits pass, so one hash serves two
-    entries (half the kernels' integer work). With an odd head count each head has its own stream (top bits)."""
-    if heads % 2:
-        return batch_index * heads + head, 0
-    return batch_index * (heads // 2) + head // 2, head % 2
-
-
-def _pair_hash(seed, stream, rows, cols, k_len: int):
-    import jax.numpy as jnp
-
-    counter = rows.astype(jnp.uint32) * jnp.uint32(k_len) + cols.astype(jnp.uint32)
-    return _keyed_hash(counter, _stream_key(seed, stream))
-
-
-def _half_kept(bits, half, rate: float):
-    """Keep decisions from the top (`half` 0) or low (1) 16 bits of a pair hash; `half` may be traced."""
-    import jax.numpy as jnp
-    from jax import lax
-
-    top = lax.shift_right_logical(bits, jnp.uint32(32 - _ATTENTION_KEEP_BITS))
-    low = bits & jnp.uint32((1 << _ATTENTION_KEEP_BITS) - 1)
-    chosen = (top if half == 0 else low) if isinstance(half, int) else jnp.where(half == 0, top, low)
-    return chosen.astype(jnp.int32) >= _threshold(rate, _ATTENTION_KEEP_BITS)
-
-
-def _stream_key(seed, stream):
-    """Seed and stream mixed into one key (scalar work, once per kernel block), so that each hash costs one
-    finaliser round of its counter under that key."""
-    import jax.numpy as jnp
-
-    call_key = _mix32(jnp.asarray(seed).astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9))
-    return _mix32(jnp.asarray(stream).astype(jnp.uint32) + call_key)
-
-
-def _keyed_hash(counter, key):
-    """One finaliser round of the Weyl-scrambled counter under `key`. Without the multiply, one round leaves keep
-    decisions of counters 4096 or 12288 apart correlated (z = 28 over 4M entries); with it, correlations at 1,000
-    strides and rates 0.1/0.5 are those of independent bits (mean z^2 = 0.99, as for two full rounds)."""
-    import jax.numpy as jnp
-
-    return _mix32((counter * jnp.uint32(0x9E3779B9)) ^ key)
-
-
-def _kept(bits, rate: float):
-    import jax.numpy as jnp
-    from jax import lax
-
-    top = lax.shift_right_logical(bits, jnp.uint32(32 - _KEEP_BITS)).astype(jnp.int32)
-    return top >= _threshold(rate, _KEEP_BITS)
-
-
-def hashed_keep_mask(seed, shape: tuple, rate: float):
-    """The keep mask of plain (hidden-state) dropout with the same hash: entry i is kept unless the hash of
-    (seed, i) falls below `rate`. Cheaper than jax's threefry bits (one finaliser round per entry), and the same
-    seed always gives the same mask. `shape` must have fewer than 2**32 entries."""
-    import jax.numpy as jnp
-
-    size = math.prod(shape)
-    if size >= 2**32:
-        raise ValueError(f"hashed_keep_mask: shape {shape} has {size} entries; the counter is 32-bit")
-    counter = jnp.arange(size, dtype=jnp.uint32).reshape(shape)
-    return _kept(_keyed_hash(counter, _stream_key(seed, 0)), rate)
-
-
-def hashed_dropout(x, seed, rate: float):
-    """`where(hashed_keep_mask(seed), x / (1 - rate), 0)`, the hidden-state dropout of `bert4x.layers.Dropout` on jax.
-
-    Its gradient (the same mask applied to the incoming gradient) is returned through `lax.optimization_barrier`:
-    otherwise XLA:GPU fuses the mask into each consumer of that gradient, the weight- and input-gradient matmuls of the
-    layer before, which it then runs as Triton GEMMs recomputing the hash, slower than cuBLAS on a plain operand
-    (BERT-base 32 x 512 on an H200: 593k -> 611k tokens/s; benchmarks/RESULTS.md)."""
-    import jax.numpy as jnp
-
-    return _build_hashed_dropout(float(rate))(x, jnp.asarray(seed, jnp.int32))
-
-
-@functools.cache
-def _build_hashed_dropout(rate: float):
-    import jax
-    import jax.numpy as jnp
-
-    def apply(x, seed):
-        keep = hashed_keep_mask(seed, tuple(x.shape), rate)
-        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
-
-    @jax.custom_vjp
-    def dropout(x, seed):
-        return apply(x, seed)
-
-    def forward(x, seed):
-        return apply(x, seed), seed
-
-    def backward(seed, g):
-        return jax.lax.optimization_barrier(apply(g, seed)), np.zeros(seed.shape, jax.dtypes.float0)
-
-    dropout.defvjp(forward, backward)
-    return dropout
-
-
-def dropout_keep_mask(seed, batch: int, heads: int, q_len: int, k_len: int, rate: float):
-    """The `[batch, heads, q_len, k_len]` boolean keep mask that the kernels apply for this seed (for tests)."""
-    import jax.numpy as jnp
-
-    batch_index = jnp.arange(batch, dtype=jnp.int32).reshape(batch, 1, 1, 1)
-    head = jnp.arange(heads, dtype=jnp.int32).reshape(1, heads, 1, 1)
-    stream, half = _pair_stream(batch_index, head, heads)
-    rows = jnp.arange(q_len, dtype=jnp.int32).reshape(1, 1, q_len, 1)
-    cols = jnp.arange(k_len, dtype=jnp.int32).reshape(1, 1, 1, k_len)
-    bits = _pair_hash(jnp.asarray(seed, jnp.int32), stream, rows, cols, k_len)
-    return _half_kept(bits, half, attention_rate(rate))
 
 
 def reference_attention(q, k, v, key_mask, seed, rate: float, scale: float):
@@ -424,197 +288,6 @@ def _dq_kernel(
         dq_ref[:, j, :] = dq.astype(dq_ref.dtype)
 
 
-# ------------------------------------------------------------------ token layout (rows of varying length)
-# q, k and v are the parts of one `[tokens, 3, heads, head_size]` array holding the rows' real tokens one row after
-# another (row b at `starts[b]`, `lengths[b]` tokens), then a tail of unused slots up to the array's capacity. The
-# grid is the padded layout's (blocks of the longest possible row, batch, head groups), and each program loads its
-# blocks at the row's offset with masked loads and stores, so the dropout hash sees the same (row, query, key)
-# counters and every entry is that of `flash_self_attention` on the padded rows. Programs of an extra batch index
-# write zeros to the tail: its outputs and gradients, which nothing else writes, are then 0, not whatever the
-# buffer held.
-
-def _token_rows(first, block: int, start, length):
-    """(rows of `block` tokens from row position `first` at the row's offset `start`, their validity mask)."""
-    import jax.numpy as jnp
-    from jax import lax
-    from jax.experimental import pallas as pl
-
-    valid = first + lax.broadcasted_iota(jnp.int32, (block,), 0) < length
-    return pl.ds(start + first, block), valid
-
-
-def _row_view(ref, rows, valid, index: tuple):
-    """(`ref.at[rows, *index, :]`, `valid` broadcast to it as the mask of a masked load or store)."""
-    import jax.numpy as jnp
-
-    view = ref.at[(rows, *(jnp.int32(i) if isinstance(i, int) else i for i in index), slice(None))]
-    return view, jnp.broadcast_to(valid[:, None], view.shape)
-
-
-def _load_rows(ref, rows, valid, *index):
-    """`ref[rows, *index, :]` where `valid`, else 0 (masked: no read past the row, nor past the array)."""
-    from jax.experimental.pallas import triton as pltriton
-
-    view, mask = _row_view(ref, rows, valid, index)
-    return pltriton.load(view, mask=mask, other=0)
-
-
-def _load_deltas(ref, rows, valid, head):
-    """`ref[head, rows]` of the `[heads, tokens]` row sums of o * dO where `valid`, else 0."""
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.load(ref.at[head, rows], mask=valid, other=0)
-
-
-def _store_rows(ref, rows, valid, value, *index):
-    """`ref[rows, *index, :] = value` where `valid` (masked: no write past the row, nor past the array)."""
-    from jax.experimental.pallas import triton as pltriton
-
-    view, mask = _row_view(ref, rows, valid, index)
-    pltriton.store(view, value.astype(ref.dtype), mask=mask)
-
-
-def _zero_tail(ref, start, block: int, parts: tuple, program_heads: list):
-    """The tail program's work: zeros at slots `start` .. end of `ref` (the extra batch index's `start` is the
-    total of the row lengths), in this program's head group, chunk by chunk along grid axis 0."""
-    import jax.numpy as jnp
-    from jax import lax
-    from jax.experimental import pallas as pl
-
-    is_tail = (pl.program_id(1) == pl.num_programs(1) - 1).astype(jnp.int32)
-    chunks = (ref.shape[0] - start + block - 1) // block * is_tail
-    stride, first = pl.num_programs(0), pl.program_id(0)
-
-    def zero(n, carry):
-        rows, valid = _token_rows((first + n * stride) * block, block, start, ref.shape[0] - start)
-        for head in program_heads:
-            for part in parts:
-                _store_rows(ref, rows, valid, jnp.zeros((block, ref.shape[-1]), jnp.float32), *part, head)
-        return carry
-
-    lax.fori_loop(0, (chunks - first + stride - 1) // stride, zero, 0)
-
-
-def _varlen_program(seed_ref, start_ref, length_ref, lse_ref, heads: int):
-    """A token-layout program's row (first slot, length), its dropout maps (see `_program_maps`) and its heads."""
-    from jax.experimental import pallas as pl
-
-    per_program = lse_ref.shape[0]
-    program_heads = [pl.program_id(2) * per_program + j for j in range(per_program)]
-    return start_ref[0], length_ref[0], _program_maps(seed_ref, heads, per_program), program_heads
-
-
-def _varlen_forward_kernel(seed_ref, start_ref, length_ref, qkv_ref, o_ref, lse_ref, *, scale, rate, block_q,
-                           block_k, heads, max_len):
-    import jax.numpy as jnp
-    from jax import lax
-    from jax.experimental import pallas as pl
-
-    start, length, (seed, stream, halves), program_heads = _varlen_program(seed_ref, start_ref, length_ref, lse_ref,
-                                                                            heads)
-    q_start = pl.program_id(0) * block_q
-    rows, row_valid = _token_rows(q_start, block_q, start, length)
-    queries = [_load_rows(qkv_ref, rows, row_valid, 0, head) for head in program_heads]
-
-    def step(i, carry):
-        keys, key_valid = _token_rows(i * block_k, block_k, start, length)
-        bias = jnp.where(key_valid, 0.0, MASKED_LOGIT)
-        keeps = _block_keeps(seed, stream, halves, q_start, i * block_k, block_q, block_k, max_len, rate)
-        updated = []
-        for j, state in enumerate(carry):
-            head = program_heads[j]
-            s = _scores(queries[j], _load_rows(qkv_ref, keys, key_valid, 1, head), bias, scale)
-            updated.append(_online_softmax_step(s, keeps[j], lambda h=head: _load_rows(qkv_ref, keys, key_valid, 2, h),
-                                                *state))
-        return tuple(updated)
-
-    head_size = qkv_ref.shape[-1]
-    init = tuple(
-        (jnp.zeros((block_q, head_size), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
-         jnp.zeros((block_q,), jnp.float32))
-        for _ in halves
-    )
-    key_blocks = _blocks_to_length(length_ref, block_k) * (q_start < length).astype(jnp.int32)
-    for j, (acc, row_max, row_sum) in enumerate(lax.fori_loop(0, key_blocks, step, init)):
-        computed = row_sum > 0  # blocks past the row: no keys walked, a finite log-sum-exp of 0
-        row_sum, row_max = jnp.where(computed, row_sum, 1.0), jnp.where(computed, row_max, 0.0)
-        _store_rows(o_ref, rows, row_valid, acc * (1.0 / ((1.0 - rate) * row_sum))[:, None], program_heads[j])
-        lse_ref[j, :] = row_max + jnp.log2(row_sum)
-    _zero_tail(o_ref, start, block_q, ((),), program_heads)
-
-
-def _varlen_dkdv_kernel(seed_ref, start_ref, length_ref, qkv_ref, do_ref, lse_ref, delta_ref, dqkv_ref, *, scale,
-                        rate, block_q, block_k, heads, max_len):
-    """dK and dV of a key block into parts 1 and 2 of d(qkv); the tail program zeroes all three parts there."""
-    import jax.numpy as jnp
-    from jax import lax
-    from jax.experimental import pallas as pl
-
-    start, length, (seed, stream, halves), program_heads = _varlen_program(seed_ref, start_ref, length_ref, lse_ref,
-                                                                            heads)
-    k_start = pl.program_id(0) * block_k
-    keys, key_valid = _token_rows(k_start, block_k, start, length)
-    bias = jnp.where(key_valid, 0.0, MASKED_LOGIT)
-    kv = [(_load_rows(qkv_ref, keys, key_valid, 1, head), _load_rows(qkv_ref, keys, key_valid, 2, head))
-          for head in program_heads]
-
-    def step(i, carry):
-        rows, row_valid = _token_rows(i * block_q, block_q, start, length)
-        keeps = _block_keeps(seed, stream, halves, i * block_q, k_start, block_q, block_k, max_len, rate)
-        updated = []
-        for j, (dk, dv) in enumerate(carry):
-            head = program_heads[j]
-            q, do = _load_rows(qkv_ref, rows, row_valid, 0, head), _load_rows(do_ref, rows, row_valid, head)
-            delta = _load_deltas(delta_ref, rows, row_valid, head)
-            pz, ds = _probs_and_score_grads(q, kv[j][0], kv[j][1], do, bias, lse_ref[j, pl.ds(i * block_q, block_q)],
-                                            delta, keeps[j], scale, rate)
-            dv = dv + jnp.dot(pz.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
-            dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
-            updated.append((dk, dv))
-        return tuple(updated)
-
-    zeros = jnp.zeros((block_k, qkv_ref.shape[-1]), jnp.float32)
-    query_blocks = _blocks_to_length(length_ref, block_q) * (k_start < length).astype(jnp.int32)
-    for j, (dk, dv) in enumerate(lax.fori_loop(0, query_blocks, step, tuple((zeros, zeros) for _ in halves))):
-        _store_rows(dqkv_ref, keys, key_valid, dk, 1, program_heads[j])
-        _store_rows(dqkv_ref, keys, key_valid, dv, 2, program_heads[j])
-    _zero_tail(dqkv_ref, start, block_k, ((0,), (1,), (2,)), program_heads)
-
-
-def _varlen_dq_kernel(seed_ref, start_ref, length_ref, qkv_ref, do_ref, lse_ref, delta_ref, _, dqkv_ref, *, scale,
-                      rate, block_q, block_k, heads, max_len):
-    """dQ of a query block into part 0 of d(qkv) (the dK/dV kernel's output, aliased: never read here)."""
-    import jax.numpy as jnp
-    from jax import lax
-    from jax.experimental import pallas as pl
-
-    start, length, (seed, stream, halves), program_heads = _varlen_program(seed_ref, start_ref, length_ref, lse_ref,
-                                                                            heads)
-    q_start = pl.program_id(0) * block_q
-    rows, row_valid = _token_rows(q_start, block_q, start, length)
-    inputs = [(_load_rows(qkv_ref, rows, row_valid, 0, head), _load_rows(do_ref, rows, row_valid, head),
-               lse_ref[j, :], _load_deltas(delta_ref, rows, row_valid, head))
-              for j, head in enumerate(program_heads)]
-
-    def step(i, carry):
-        keys, key_valid = _token_rows(i * block_k, block_k, start, length)
-        bias = jnp.where(key_valid, 0.0, MASKED_LOGIT)
-        keeps = _block_keeps(seed, stream, halves, q_start, i * block_k, block_q, block_k, max_len, rate)
-        updated = []
-        for j, dq in enumerate(carry):
-            q, do, lse, delta = inputs[j]
-            k = _load_rows(qkv_ref, keys, key_valid, 1, program_heads[j])
-            v = _load_rows(qkv_ref, keys, key_valid, 2, program_heads[j])
-            _, ds = _probs_and_score_grads(q, k, v, do, bias, lse, delta, keeps[j], scale, rate)
-            updated.append(dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32))
-        return tuple(updated)
-
-    zeros = jnp.zeros((block_q, qkv_ref.shape[-1]), jnp.float32)
-    key_blocks = _blocks_to_length(length_ref, block_k) * (q_start < length).astype(jnp.int32)
-    for j, dq in enumerate(lax.fori_loop(0, key_blocks, step, tuple(zeros for _ in halves))):
-        _store_rows(dqkv_ref, rows, row_valid, dq, 0, program_heads[j])
-
-
 def _heads_per_program(pairing: int, heads: int, blocks_along_length: int, batch: int) -> int:
     """1 or 2 (a head pair) for a kernel whose grid is (blocks_along_length, batch, heads / heads per program)."""
     if heads % 2 or pairing == 1:
@@ -743,7 +416,8 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple, skip_queri
                               skip_queries=skip_queries),
             (q_len // block_q, batch, heads // per_program),
             [seed_spec, length_spec, _specs(block_q, per_program, head_size, part=parts[0]),
-             _specs(k_len, per_program, head_size, True, parts[1]), _specs(k_len, per_program, head_size, True, parts[2]),
+             _specs(k_len, per_program, head_size, True, parts[1]),
+             _specs(k_len, per_program, head_size, True, parts[2]),
              bias_spec(k_len)],
             [_specs(block_q, per_program, head_size), lse_spec(block_q, per_program)],
             [jax.ShapeDtypeStruct((batch, q_len, heads, head_size), q.dtype),
@@ -794,74 +468,6 @@ def _build(scale: float, rate: float, interpret: bool, blocks: tuple, skip_queri
 
 
 @functools.cache
-def _build_varlen(scale: float, rate: float, interpret: bool, blocks: tuple, max_len: int):
-    """`attention(seed, qkv, lengths)` with a custom VJP for q, k and v in the token layout (see `_token_rows`):
-    `qkv` `[tokens, 3, heads, head_size]`, `lengths` `[batch]` int32, rows of at most `max_len` tokens."""
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import pallas as pl
-
-    fwd_q, fwd_k, bwd_q, bwd_k, warps, stages = blocks[:6]
-    pairing = blocks[6] if len(blocks) > 6 else 1
-    seed_spec = pl.BlockSpec((1,), lambda i, b, g: (0,))
-    row_spec = pl.BlockSpec((1,), lambda i, b, g: (b,))
-
-    def whole(shape):
-        return pl.BlockSpec(tuple(shape), lambda i, b, g: (0,) * len(shape))
-
-    def lse_spec(block, per_program, full=False):
-        return pl.BlockSpec((None, per_program, block), lambda i, b, g: (b, g, 0 if full else i))
-
-    def offsets(lengths):
-        """Per row and for the tail (one more entry): the first slot and the length (the tail's is 0: its
-        programs only write zeros)."""
-        ends = jnp.cumsum(lengths)
-        starts = jnp.concatenate([ends - lengths, ends[-1:]]).astype(jnp.int32)
-        return starts, jnp.concatenate([lengths, jnp.zeros((1,), jnp.int32)])
-
-    def forward(seed, qkv, lengths):
-        tokens, _, heads, head_size = qkv.shape
-        batch = lengths.shape[0]
-        block_q, block_k = _block(max_len, fwd_q), _block(max_len, fwd_k)
-        per_program = _heads_per_program(pairing, heads, max_len // block_q, batch)
-        kernel = functools.partial(_varlen_forward_kernel, scale=scale, rate=rate, block_q=block_q, block_k=block_k,
-                                   heads=heads, max_len=max_len)
-        return _call(
-            kernel, (max_len // block_q, batch + 1, heads // per_program),
-            [seed_spec, row_spec, row_spec, whole(qkv.shape)],
-            [whole((tokens, heads, head_size)), lse_spec(block_q, per_program)],
-            [jax.ShapeDtypeStruct((tokens, heads, head_size), qkv.dtype),
-             jax.ShapeDtypeStruct((batch + 1, heads, max_len), jnp.float32)],
-            interpret, "bert4x_varlen_attention_forward", warps, stages,
-        )(seed, *offsets(lengths), qkv)
-
-    def backward(seed, qkv, lengths, out, lse, do):
-        tokens, _, heads, head_size = qkv.shape
-        batch = lengths.shape[0]
-        block_q, block_k = _block(max_len, bwd_q), _block(max_len, bwd_k)
-        delta = jnp.einsum("thd,thd->ht", out.astype(jnp.float32), do.astype(jnp.float32))
-        common = dict(scale=scale, rate=rate, block_q=block_q, block_k=block_k, heads=heads, max_len=max_len)
-        args = (seed, *offsets(lengths), qkv, do, lse, delta)
-        per_program = _heads_per_program(pairing, heads, max_len // block_k, batch)
-        in_specs = [seed_spec, row_spec, row_spec, whole(qkv.shape), whole(do.shape)]
-        dqkv_shape = jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)
-        dkdv = _call(
-            functools.partial(_varlen_dkdv_kernel, **common), (max_len // block_k, batch + 1, heads // per_program),
-            in_specs + [lse_spec(max_len, per_program, True), whole(delta.shape)], whole(qkv.shape), dqkv_shape,
-            interpret, "bert4x_varlen_attention_dkdv", warps, stages,
-        )(*args)
-        per_program = _heads_per_program(pairing, heads, max_len // block_q, batch)
-        dqkv = _call(
-            functools.partial(_varlen_dq_kernel, **common), (max_len // block_q, batch, heads // per_program),
-            in_specs + [lse_spec(block_q, per_program), whole(delta.shape), whole(qkv.shape)], whole(qkv.shape),
-            dqkv_shape, interpret, "bert4x_varlen_attention_dq", warps, stages, aliases={len(args): 0},
-        )(*args, dkdv)
-        return (dqkv,)
-
-    return _with_vjp(forward, backward)
-
-
-@functools.cache
 def _build_recomputed(scale: float, rate: float):
     """The kernels' algorithm on whole arrays in XLA (any jax device): the backward pass recomputes the probabilities
     and the dropout mask from q, k, the seed and the saved log-sum-exp instead of keeping them from the forward."""
@@ -903,10 +509,10 @@ def _build_recomputed(scale: float, rate: float):
 
 
 # (forward block_q, forward block_k, backward block_q, backward block_k, num_warps, num_stages[, head pairing]):
-# the fastest of benchmarks/bench_flash_attention.py --sweep on an H200 at 32x128, 128x128 and 32x512 (RESULTS.md).
+# the fastest of benchmarks/bench_flash_attention.py --sweep (benchmarks/RESULTS.md).
 # Head pairing: 1 = one head per program; 2 = a head pair per program, sharing each dropout hash (even head counts);
-# 0 = pairs wherever a kernel still has PAIRED_MIN_PROGRAMS programs: at BERT-base 32 x 128 (384 paired programs)
-# pairs were 7% slower, at 128 x 128 and 32 x 512 (1,536) level and 8% faster. The mask never depends on it.
+# 0 = pairs wherever a kernel still has PAIRED_MIN_PROGRAMS programs (with fewer, pairing leaves the GPU underused).
+# The mask never depends on it.
 DEFAULT_BLOCKS = (64, 64, 64, 64, 4, 2, 0)
 PAIRED_MIN_PROGRAMS = 1024
 
@@ -965,7 +571,7 @@ def flash_self_attention(
 
     The same values and gradients; the Pallas kernels read the three parts in place and the backward pass writes the
     gradient of `qkv` as one array, so no copy of q, k and v is made out of the packed array nor of their gradients
-    back into it (at BERT-base 128 x 128 on an H200 those copies took 1.4 ms of a 21.7 ms training step).
+    back into it.
     Arguments as in `flash_attention`.
 
     Example (runs on CPU through the interpreter):
@@ -983,52 +589,6 @@ def flash_self_attention(
     bias, seed, rate = _checked_arguments("flash_self_attention", shape, shape, qkv.dtype, key_mask, seed, rate,
                                           blocks, implementation)
     return _build(float(scale), rate, bool(interpret), tuple(blocks), bool(skip_padded_queries), True)(seed, qkv, bias)
-
-
-def flash_varlen_self_attention(
-    qkv,
-    lengths,
-    seed,
-    rate: float,
-    scale: float,
-    max_len: int,
-    interpret: bool = False,
-    blocks: tuple = DEFAULT_BLOCKS,
-):
-    """Self-attention of rows of different lengths stored without padding, one row after another.
-
-    Args:
-        qkv: `[tokens, 3, heads, head_size]`: row b's q, k and v at slots `sum(lengths[:b])` to
-            `sum(lengths[:b + 1])`, then unused slots up to `tokens` (a capacity chosen on the host, see
-            `bert4x.snippets.packing_positions`), whose outputs and gradients are 0.
-        lengths: `[batch]` int32, each at most `max_len`, summing to at most `tokens`.
-        max_len: the rows' padded length (a multiple of 16): dropout draws the mask that `flash_self_attention`
-            draws for the same rows right-padded to it, so both give the same values at every real token.
-        seed, rate, scale, interpret, blocks: as in `flash_attention`.
-
-    Returns `[tokens, heads, head_size]`. The kernels read each row's blocks at its offset (masked loads), so the
-    model's dense layers, LayerNorms and dropouts run on real tokens only and attention needs no gather into the
-    padded layout and back (at BERT-base 128 x 128 on an H200 those gathers took 1.24 ms of a 20.2 ms step).
-
-    Example (runs on CPU through the interpreter):
-    >>> import jax.numpy as jnp
-    >>> qkv = jnp.ones((48, 3, 2, 16), jnp.float32)  # rows of 20 and 16 tokens, 12 unused slots
-    >>> lengths = jnp.array([20, 16], jnp.int32)
-    >>> flash_varlen_self_attention(qkv, lengths, 0, 0.0, 0.25, max_len=32, interpret=True).shape
-    (48, 2, 16)
-    """
-    import jax.numpy as jnp
-
-    if len(qkv.shape) != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"flash_varlen_self_attention: qkv must be [tokens, 3, heads, head_size], got {qkv.shape}.")
-    if len(lengths.shape) != 1 or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"flash_varlen_self_attention: lengths must be a [batch] integer array, got "
-                         f"{lengths.dtype}{tuple(lengths.shape)}.")
-    shape = (1, int(max_len)) + tuple(qkv.shape[2:])
-    _, seed, rate = _checked_arguments("flash_varlen_self_attention", shape, shape, qkv.dtype, None, seed, rate,
-                                       blocks, "pallas")
-    attention = _build_varlen(float(scale), rate, bool(interpret), tuple(blocks), int(max_len))
-    return attention(seed, qkv, lengths.astype(jnp.int32))
 
 
 def _checked_arguments(caller: str, q_shape, k_shape, dtype, key_mask, seed, rate: float, blocks: tuple,

@@ -1,8 +1,8 @@
 """LayerNorm over the last axis in two Pallas (Triton) kernels, forward and backward, for jax on NVIDIA GPUs.
 
-Why it exists: XLA runs each of BERT's LayerNorms as several passes over the `[tokens, width]` activations: the
-statistics, the normalisation, and in the backward pass the row reductions and separate column sums for gamma and
-beta (benchmarks/PROFILE.md: 2.5 ms of a 26 ms H200 step at BERT-base 32 x 512; 1.3 ms with these kernels). Here
+XLA runs each of BERT's LayerNorms as several passes over the `[tokens, width]` activations: the statistics, the
+normalisation, and in the backward pass the row reductions and separate column sums for gamma and beta
+(benchmarks/PROFILE.md). Here
 the forward pass reads the input once and writes the output and two floats per row (mean, 1/std); the backward pass
 reads the input and the incoming gradient once, writes the input gradient, and sums gamma's and beta's gradients per
 program into a small `[programs, width]` float32 array that XLA adds up.
@@ -22,9 +22,14 @@ from __future__ import annotations
 import functools
 import math
 
+import keras
+from keras import ops
+
+from bert4x import backend, config
+
 MAX_WIDTH = 4096
 # (forward rows per block, backward rows per block, forward warps, backward warps, most backward programs): the
-# fastest forward + backward of benchmarks/bench_layer_norm.py --sweep on an H200 at width 768 (RESULTS.md).
+# fastest forward + backward of benchmarks/bench_layer_norm.py --sweep at width 768 (benchmarks/RESULTS.md).
 DEFAULT_BLOCKS = (4, 4, 4, 4, 256)
 
 
@@ -198,3 +203,68 @@ def layer_norm(x, gamma, beta, epsilon: float, interpret: bool = False, blocks: 
         raise ValueError(f"layer_norm: gamma {gamma.shape} and beta {beta.shape} must both be ({width},).")
     y = _build(float(epsilon), bool(interpret), tuple(blocks))(x.reshape(-1, width), gamma, beta)
     return y.reshape(x.shape)
+
+
+# ------------------------------------------------------------------ the choice, and the recomputing version (keras.ops)
+
+
+def choose(shape, training: bool) -> str | None:
+    """How `bert4x.layers.LayerNormalization` runs an input of `shape` (normalised over its last axis, with gamma
+    and beta): 'kernels' (the Pallas kernels: jax, NVIDIA GPU, training), 'interpret' (the kernels through Pallas'
+    interpreter, `bert4x.config.set_fused_layer_norm('interpret')`), 'recompute' (`layer_norm_keeping_only_its_input`,
+    jax on CPU) or None (Keras's LayerNormalization).
+
+    Args:
+        shape: the input's shape.
+        training: whether the call is a training call (the kernels' gain is in the backward pass).
+    """
+    mode = config.fused_layer_norm()
+    if keras.backend.backend() != "jax" or mode == "off":
+        return None
+    import jax
+
+    kernels_fit = training and supported(tuple(shape)) is None and keras.distribution.distribution() is None
+    if mode == "interpret":
+        return "interpret" if kernels_fit else None
+    if jax.default_backend() == "gpu":
+        return "kernels" if kernels_fit else None
+    return "recompute" if backend.on_jax_cpu() else None
+
+
+@ops.custom_gradient
+def layer_norm_keeping_only_its_input(x, gamma, beta, epsilon):
+    """`LayerNorm(x) * gamma + beta` (float32 arithmetic) whose backward pass keeps only `x`.
+
+    Autodiff of LayerNorm keeps the centred and the normalised input for the backward pass: two more float32
+    `[tokens, width]` arrays per LayerNorm. The closed-form gradient here recomputes them from x, kept in its own
+    dtype (bfloat16 under mixed precision).
+
+    Args:
+        x: the input, normalised over its last axis.
+        gamma: float32 `[width]` scale.
+        beta: float32 `[width]` offset.
+        epsilon: a float32 scalar tensor added to the variance.
+    """
+
+    def normalise(x):
+        x = ops.cast(x, "float32")
+        mean = ops.mean(x, axis=-1, keepdims=True)
+        centred = x - mean
+        rstd = ops.rsqrt(ops.mean(ops.square(centred), axis=-1, keepdims=True) + epsilon)
+        return centred * rstd, rstd
+
+    def grad(*args, upstream=None):
+        upstream = ops.cast(backend.upstream_gradient(args, upstream), "float32")
+        x_, upstream = backend.recompute_barrier(x, upstream)
+        normalised, rstd = normalise(x_)
+        rows = tuple(range(len(x.shape) - 1))
+        d_normalised = upstream * gamma
+        dx = rstd * (
+            d_normalised
+            - ops.mean(d_normalised, axis=-1, keepdims=True)
+            - normalised * ops.mean(d_normalised * normalised, axis=-1, keepdims=True)
+        )
+        d_gamma, d_beta = ops.sum(upstream * normalised, axis=rows), ops.sum(upstream, axis=rows)
+        return ops.cast(dx, x.dtype), d_gamma, d_beta, ops.zeros_like(epsilon)
+
+    return normalise(x)[0] * gamma + beta, grad

@@ -10,7 +10,10 @@ from bert4x.models.base import (  # noqa: F401
     register_model,
     src,
 )
+from bert4x.models.albert import ALBERT, ALBERTUnshared  # noqa: F401
 from bert4x.models.bert import BERT, WoBERT  # noqa: F401
+from bert4x.models.electra import ELECTRA  # noqa: F401
+from bert4x.models.gpt import GPT, GPT2, GPT2ML  # noqa: F401
 from bert4x.models.roformer import RoFormer, RoFormerV2  # noqa: F401
 from bert4x.models.t5 import MT5, T5, T5_1_1, load_keep_tokens  # noqa: F401
 from bert4x.training import Model  # noqa: F401

@@ -88,6 +88,10 @@ class HierarchicalPositionEmbedding(keras.layers.Layer):
         else:
             if position_ids is not None:
                 raise ValueError(f"{self.name} was built without custom_position_ids; it takes no position ids.")
+            length = inputs.shape[1]
+            if length is not None and length > self.max_positions:
+                raise ValueError(f"{self.name}: sequence length {length} exceeds the {self.max_positions} positions "
+                                 "this table embeds; truncate the text or set hierarchical_position=True.")
             positions = ops.expand_dims(ops.arange(ops.shape(inputs)[1], dtype="int32"), 0)
         return inputs + ops.cast(self.rows(positions), inputs.dtype)
 

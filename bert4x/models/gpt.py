@@ -210,9 +210,12 @@ class GPT(CachedDecoding, BERT):
         if self.intermediate_size != 4 * self.hidden_size or self.segment_vocab_size:
             raise ValueError("This GPT has no Hugging Face OpenAIGPT form (its feed-forward is 4 * hidden and its "
                              "segment ids use the token table); save it in the 'google' format.")
+        afn = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}.get(self.hidden_act)
+        if afn is None:  # transformers' OpenAIGPT spells the tanh GELU 'gelu' and has no exact one
+            raise ValueError(f"hidden_act={self.hidden_act!r} has no OpenAIGPT spelling; save in the 'google' format.")
         return {"model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], "vocab_size": self.vocab_size,
                 "n_embd": self.hidden_size, "n_layer": self.num_hidden_layers, "n_head": self.num_attention_heads,
-                "n_positions": self.max_position, "afn": self.hidden_act, "resid_pdrop": self.dropout_rate,
+                "n_positions": self.max_position, "afn": afn, "resid_pdrop": self.dropout_rate,
                 "attn_pdrop": self.attention_dropout_rate, "embd_pdrop": self.dropout_rate,
                 "layer_norm_epsilon": self.layer_norm_eps}
 

@@ -123,7 +123,6 @@ def albert_google_name(name: str) -> tuple[str | None, bool]:
 def gpt_google_tensors(state: dict, gpt2: bool) -> dict:
     """bert4keras's TF names for GPT / GPT-2 (`gpt/...`); HF's Conv1D weights are [in, out] already."""
     tensors = {}
-    h = state["transformer.h.0.attn.c_attn.weight"].shape[0]
     for name, value in state.items():
         if name == "lm_head.weight":
             continue
@@ -195,7 +194,7 @@ def albert(tmp_path_factory):
         google, transpose = albert_google_name(name)
         if google is not None:
             tensors[google] = value.T if transpose else value
-    google_cfg = {k: v for k, v in ALBERT_CONFIG.items()}
+    google_cfg = dict(ALBERT_CONFIG)
     google_cfg.update(type_vocab_size=2, initializer_range=0.02, num_hidden_groups=1, inner_group_num=1)
     prefix = write_google(tensors, tmp / "google", google_cfg)
     return folder, prefix, tmp / "google" / "config.json", (ids, seg), (pooled, out.prediction_logits.numpy(),
@@ -364,7 +363,8 @@ def gpt2_ml_numpy(w: dict, ids: np.ndarray, layers: int, heads: int) -> np.ndarr
     """GPT2-ML's forward as its release (Grover's modeling code) describes it: embed = LN(word + position); per layer
     h = h + attention(h) (causal, scaled by 1/sqrt(head size)); h = LN1(h + mlp(LN0(h))); logits = h @ word^T."""
     x = w["newslm/embeddings/word_embed"][ids] + w["newslm/embeddings/pos_embed"][: ids.shape[1]]
-    x = layer_norm(x, w["newslm/embeddings/LayerNorm_embed_norm/gamma"], w["newslm/embeddings/LayerNorm_embed_norm/beta"])
+    norm = "newslm/embeddings/LayerNorm_embed_norm/"
+    x = layer_norm(x, w[norm + "gamma"], w[norm + "beta"])
     batch, length, dim = x.shape
     hs = dim // heads
     causal = np.tril(np.ones((length, length), bool))
@@ -611,3 +611,24 @@ def test_t5_v1_0_passes_the_harness(tmp_path):
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_zoo_parity_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_zoo_models.py", "-k", "equal or follows")
+
+
+def test_a_checkpoint_given_to_the_wrong_model_names_its_family(albert, electra, gpt, t5):
+    bert_cfg = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=24, max_position=32)
+    with pytest.raises(CheckpointError, match="looks like an ALBERT checkpoint; use model='albert'"):
+        build_transformer_model(dict(bert_cfg, embedding_size=12), albert[1], model="bert")
+    with pytest.raises(CheckpointError, match="looks like an ELECTRA checkpoint; use model='electra'"):
+        build_transformer_model(dict(bert_cfg, embedding_size=12), str(electra[0]), model="bert")
+    kind, _, folder, prefix, *_ = gpt
+    other = "gpt2" if kind == "gpt" else "gpt"
+    family = "GPT-2" if kind == "gpt2" else "GPT"
+    with pytest.raises(CheckpointError, match=f"looks like a {family} checkpoint; use model='{kind}'"):
+        build_transformer_model(dict(bert_cfg, intermediate_size=64), str(folder), model=other)
+    with pytest.raises(CheckpointError, match="looks like a T5 v1.0 checkpoint; use model='t5'"):
+        build_transformer_model(dict(T5_CONFIG, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                                str(t5[1]), model="t5.1.1")
+    from bert4x.models.families import family_hint
+
+    assert family_hint(["bert/encoder/layer_0/attention/self/query/kernel"], ["bert", "roberta"]) == ""
+    assert family_hint(["something/else"], ["bert"]) == ""

@@ -1,5 +1,6 @@
 """Model registry: `build_transformer_model(model=name)` builds any registered `Transformer`."""
 
+from bert4x.models.albert import ALBERT, ALBERTUnshared  # noqa: F401
 from bert4x.models.base import (  # noqa: F401
     MODELS,
     CheckpointError,
@@ -10,7 +11,6 @@ from bert4x.models.base import (  # noqa: F401
     register_model,
     src,
 )
-from bert4x.models.albert import ALBERT, ALBERTUnshared  # noqa: F401
 from bert4x.models.bert import BERT, WoBERT  # noqa: F401
 from bert4x.models.electra import ELECTRA  # noqa: F401
 from bert4x.models.gpt import GPT, GPT2, GPT2ML  # noqa: F401

@@ -19,7 +19,7 @@ import keras
 
 from bert4x.layers import AttentionMask, Dropout, FeedForward, MultiHeadAttention
 from bert4x.models.base import register_model, src
-from bert4x.models.bert import GOOGLE_TABLE, BERT, _google_layer_table
+from bert4x.models.bert import BERT, GOOGLE_TABLE, _google_layer_table
 from bert4x.models.cached_decoding import CachedDecoding, post_norm_block, pre_norm_block
 
 _GPT_IGNORED = frozenset({"summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
@@ -168,7 +168,7 @@ class GPT(CachedDecoding, BERT):
     def variable_mapping(self, fmt):
         if fmt == "google":
             table = {k: _rename(v, "bert/", "gpt/") for k, v in GOOGLE_TABLE.items()
-                     if k.startswith("Embedding-") and k != "Embedding-Mapping/kernel" and k != "Embedding-Mapping/bias"}
+                     if k.startswith("Embedding-") and not k.startswith("Embedding-Mapping/")}
             table["Embedding-Mapping/kernel"] = "gpt/transformer/embedding_hidden_mapping_in/kernel"
             table["Embedding-Mapping/bias"] = "gpt/transformer/embedding_hidden_mapping_in/bias"
             for i in range(self.num_hidden_layers):

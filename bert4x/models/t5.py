@@ -360,8 +360,8 @@ class T5(Transformer):
 
     def _feed_forward_layer(self, name: str):
         return self._layer(
-            FeedForward, name, units=self.intermediate_size, activation=self.hidden_act, gated=self.gated, use_bias=False,
-            dropout_rate=self.dropout_rate, kernel_initializer=self.initializer(),
+            FeedForward, name, units=self.intermediate_size, activation=self.hidden_act, gated=self.gated,
+            use_bias=False, dropout_rate=self.dropout_rate, kernel_initializer=self.initializer(),
         )
 
     def _position_bias_layer(self, name: str, bidirectional: bool):
@@ -720,8 +720,9 @@ class T5_1_0(T5):
         table = super().variable_mapping(fmt)
         table = {k: v for k, v in table.items() if "/gate/" not in k and not k.startswith("Decoder-Output-LM/")}
         if fmt == "google":
-            pairs = (("encoder/rms_norm/", "encoder/final_layer_norm/"), ("decoder/rms_norm/", "decoder/final_layer_norm/"),
-                     ("rms_norm/", "layer_norm/"), ("/wi_0/", "/wi/"))
+            pairs = (("encoder/rms_norm/", "encoder/final_layer_norm/"),
+                     ("decoder/rms_norm/", "decoder/final_layer_norm/"), ("rms_norm/", "layer_norm/"),
+                     ("/wi_0/", "/wi/"))
         else:
             pairs = ((".wi_0.", ".wi."),)
         return {k: _renamed(v, *pairs) for k, v in table.items()}

@@ -632,3 +632,28 @@ def test_a_checkpoint_given_to_the_wrong_model_names_its_family(albert, electra,
 
     assert family_hint(["bert/encoder/layer_0/attention/self/query/kernel"], ["bert", "roberta"]) == ""
     assert family_hint(["something/else"], ["bert"]) == ""
+
+
+def test_converter_cli_turns_google_names_into_hf_folders(albert, electra, gpt, t5, tmp_path):
+    from weights_converters.convert import main
+
+    cases = [("albert", albert[2], albert[1], dict(with_mlm="linear")),
+             ("electra", electra[2], electra[1], dict(with_discriminator="linear")),
+             (gpt[0], gpt[4], gpt[3], dict(final_activation="linear")),
+             ("t5", t5[3], t5[2], dict(with_lm="linear"))]
+    for model, config, prefix, options in cases:
+        target = tmp_path / model
+        assert main(["--model", model, "--config", str(config), "--source", str(prefix), "--target", str(target),
+                     "--target-format", "huggingface"]) == 0
+        inputs = [t5[4][0], t5[4][1]] if model == "t5" else (
+            [batch()[0]] if model.startswith("gpt") else list(batch()))
+        a = run(build_transformer_model(str(config), str(prefix), model=model, **options), inputs)
+        b = run(build_transformer_model(str(target / "config.json"), str(target), model=model, **options), inputs)
+        np.testing.assert_array_equal(a if not isinstance(a, list) else a[-1], b if not isinstance(b, list) else b[-1])
+    # transformers reads the converted ALBERT folder and gives the reference logits.
+    hf = transformers.AlbertForPreTraining.from_pretrained(str(tmp_path / "albert")).eval()
+    ids, seg = batch()
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids).long(), token_type_ids=torch.tensor(seg).long(),
+                 attention_mask=torch.tensor(ids != 0).long())
+    close_at_tokens(out.prediction_logits.numpy(), albert[4][1], ids)

@@ -122,4 +122,49 @@ def test_gpt2_greedy_equals_transformers_generate(tmp_path):
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_zoo_decoding_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_zoo_decoding.py", "-k", "generate or unilm or gpt2_ml")
+    run_pytest_on_backend("jax", "tests/test_zoo_decoding.py", "-k", "generate or unilm or gpt2_ml or compiled")
+
+
+def compiled_greedy(t, prompts, steps):
+    """The whole greedy loop (prompt pass + `ops.fori_loop` over tokens) as one compiled function."""
+    from keras import ops
+
+    prompt = t.decode_prepare(prompts, None, 4, steps)
+
+    def loop(prompt):
+        logits, cache = t.decode_start(prompt, steps)
+        tokens = ops.zeros((len(prompts), steps), "int32")
+
+        def body(i, state):
+            logits, cache, tokens = state
+            token = ops.cast(ops.argmax(logits, axis=-1), "int32")
+            tokens = ops.slice_update(tokens, [0, i], ops.expand_dims(token, 1))
+            logits, cache = t.decode_step(token, cache, i)
+            return logits, cache, tokens
+
+        return ops.fori_loop(0, steps, body, (logits, cache, tokens))[2]
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        variables = t.decode_variables()
+
+        def pure(values, prompt):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return loop(prompt)
+
+        return np.asarray(jax.jit(pure)([v.value for v in variables], prompt))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return np.asarray(tf.function(loop, jit_compile=True)(prompt))
+    return np.asarray(keras.ops.convert_to_numpy(loop(prompt)))
+
+
+@pytest.mark.parametrize("model,extra", [("gpt2", {}), ("albert", dict(embedding_size=8, application="unilm"))])
+def test_compiled_loop_equals_the_step_by_step_loop(model, extra):
+    t = build_transformer_model(dict(TINY), model=model, return_keras_model=False,
+                                **({"application": "lm"} if model == "gpt2" else extra))
+    randomize(t, 2)
+    np.testing.assert_array_equal(compiled_greedy(t, PROMPTS, 5), cached_greedy(t, PROMPTS, 5))

@@ -657,3 +657,33 @@ def test_converter_cli_turns_google_names_into_hf_folders(albert, electra, gpt, 
         out = hf(input_ids=torch.tensor(ids).long(), token_type_ids=torch.tensor(seg).long(),
                  attention_mask=torch.tensor(ids != 0).long())
     close_at_tokens(out.prediction_logits.numpy(), albert[4][1], ids)
+
+
+def test_t5_v1_0_greedy_generation_equals_transformers(t5):
+    from bert4x.generation import generate
+
+    hf, folder, *_ = t5
+    t = build_transformer_model(str(folder / "config.json"), str(folder), model="t5", return_keras_model=False)
+    prompts = [[5, 6, 7, 8, 1], [9, 10, 1]]
+    ours = generate(t, prompts, max_len=6, end_id=1)
+    for prompt, tokens in zip(prompts, ours):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, num_beams=1,
+                              decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+        theirs = out[0, 1:].tolist()
+        theirs = theirs[: theirs.index(1) + 1] if 1 in theirs else theirs
+        assert tokens == theirs
+
+
+def test_cdial_gpt_config_without_model_type_reads_afn_as_transformers_does():
+    # CDial-GPT's config.json: OpenAIGPT keys, no model_type; transformers' OpenAIGPT 'gelu' is the tanh GELU.
+    cfg = {"afn": "gelu", "attn_pdrop": 0.1, "embd_pdrop": 0.1, "finetuning_task": None, "initializer_range": 0.02,
+           "layer_norm_epsilon": 1e-05, "n_ctx": 33, "n_embd": 16, "n_head": 4, "n_layer": 1, "n_positions": 33,
+           "n_special": 0, "num_labels": 1, "output_attentions": False, "output_hidden_states": False,
+           "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+           "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+           "torchscript": False, "vocab_size": 50}
+    t = build_transformer_model(cfg, model="gpt", return_keras_model=False)
+    assert t.hidden_act == "gelu_tanh" and t.intermediate_size == 64 and t.layer_norm_eps == 1e-5
+    with pytest.raises(ValueError, match="n_special=2"):
+        build_transformer_model(dict(cfg, n_special=2), model="gpt")

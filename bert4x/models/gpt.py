@@ -90,8 +90,6 @@ class GPT(CachedDecoding, BERT):
     hf_prefix = "transformer."
     decode_hides_pad_keys = False  # the model's mask is causal only
     supports_padding_removal = False
-    # Hugging Face's OpenAIGPT 'gelu' is the tanh approximation.
-    hf_gelu = "gelu_tanh"
 
     def __init__(self, final_activation: str = "softmax", intermediate_size: int | None = None,
                  segment_vocab_size: int = 0, layer_norm_eps: float = 1e-5, hidden_act: str = "gelu",
@@ -121,12 +119,15 @@ class GPT(CachedDecoding, BERT):
     @classmethod
     def from_config(cls, config, config_path="<config>", **kwargs):
         config = dict(config)
-        if config.get("model_type") in ("openai-gpt", "gpt2"):
-            act = config.get("afn", config.get("activation_function"))
-            if act == "gelu":  # transformers' GPT 'gelu' is gelu_new (tanh)
-                config[("afn" if "afn" in config else "activation_function")] = cls.hf_gelu
-            if config.get("scale_attn_weights") is False or config.get("scale_attn_by_inverse_layer_idx"):
-                raise ValueError(f"Config {config_path}: only attention scaled by 1/sqrt(head_size) is implemented.")
+        # 'afn' is OpenAIGPT's key (CDial-GPT's config.json has no model_type), where 'gelu' means the tanh GELU.
+        if config.get("afn") == "gelu":
+            config["afn"] = "gelu_tanh"
+        if config.get("n_special", 0):
+            raise ValueError(f"Config {config_path} has n_special={config['n_special']}: special-token rows beyond "
+                             "vocab_size are not implemented; fold them into vocab_size.")
+        config.pop("n_special", None)
+        if config.get("scale_attn_weights") is False or config.get("scale_attn_by_inverse_layer_idx"):
+            raise ValueError(f"Config {config_path}: only attention scaled by 1/sqrt(head_size) is implemented.")
         return super().from_config(config, config_path, **kwargs)
 
     @classmethod

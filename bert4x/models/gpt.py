@@ -230,7 +230,7 @@ class GPT2(GPT):
     >>> model = build_transformer_model({"vocab_size": 50, "n_embd": 8, "n_layer": 1, "n_head": 2,
     ...     "n_positions": 16, "model_type": "gpt2"}, model="gpt2", final_activation="linear")
     >>> [layer.name for layer in model.layers][-3:]
-    ['Output-Norm', 'Embedding-Token', 'LM-Activation']
+    ['Output-Norm', 'Output-Dropout', 'LM-Activation']
     """
 
     model_types = ("gpt2",)

@@ -687,3 +687,13 @@ def test_cdial_gpt_config_without_model_type_reads_afn_as_transformers_does():
     assert t.hidden_act == "gelu_tanh" and t.intermediate_size == 64 and t.layer_norm_eps == 1e-5
     with pytest.raises(ValueError, match="n_special=2"):
         build_transformer_model(dict(cfg, n_special=2), model="gpt")
+
+
+def test_embedding_options_raise_where_a_model_builds_its_own_positions():
+    cfg = dict(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    with pytest.raises(ValueError, match="RoFormer has no learned position table"):
+        build_transformer_model(cfg, model="roformer", custom_position_ids=True)
+    with pytest.raises(ValueError, match="builds its own embeddings"):
+        build_transformer_model(cfg, model="roformer_v2", shared_segment_embeddings=True)
+    assert "Embedding-Segment" not in [layer.name for layer in build_transformer_model(
+        cfg, model="roformer", shared_segment_embeddings=True).layers]

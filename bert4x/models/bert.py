@@ -157,6 +157,9 @@ class BERT(Transformer):
     hf_prefix = "bert."
     # Subclasses whose main layers do not pass `padding_index` to attention set this to False.
     supports_padding_removal = True
+    # Whether a subclass that overrides apply_embeddings still honours embedding_size / hierarchical_position /
+    # custom_position_ids / shared_segment_embeddings (through BERT's helpers).
+    handles_embedding_options = False
 
     def __init__(
         self,
@@ -222,6 +225,17 @@ class BERT(Transformer):
             raise ValueError(f"segment_vocab_size must be a non-negative integer, got {segment_vocab_size!r}.")
         if self.shared_segment_embeddings and segment_vocab_size == 0:
             raise ValueError("shared_segment_embeddings=True needs segment ids, but segment_vocab_size=0.")
+        # Subclasses with their own embeddings or positions (RoFormer's rotary ones) do not read these options.
+        cls = type(self)
+        if (hierarchical_position or self.custom_position_ids) and \
+                cls.apply_position_embedding is not BERT.apply_position_embedding:
+            raise ValueError(f"{cls.__name__} has no learned position table: hierarchical_position and "
+                             "custom_position_ids do not apply to it.")
+        own_embeddings = cls.apply_embeddings is not BERT.apply_embeddings and not self.handles_embedding_options
+        if own_embeddings and (self.shared_segment_embeddings or self.embedding_size != self.hidden_size
+                               or hierarchical_position or self.custom_position_ids):
+            raise ValueError(f"{cls.__name__} builds its own embeddings: shared_segment_embeddings, embedding_size, "
+                             "hierarchical_position and custom_position_ids are not implemented for it.")
 
     def _resolve_remove_padding(self, option: bool | None) -> bool:
         backend_name = keras.backend.backend()

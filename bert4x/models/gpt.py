@@ -89,6 +89,7 @@ class GPT(CachedDecoding, BERT):
     ignored_config_keys = BERT.ignored_config_keys | _GPT_IGNORED
     hf_prefix = "transformer."
     decode_hides_pad_keys = False  # the model's mask is causal only
+    handles_embedding_options = True
     supports_padding_removal = False
 
     def __init__(self, final_activation: str = "softmax", intermediate_size: int | None = None,

@@ -72,6 +72,7 @@ class CachedDecoding:
             return None
 
     def decoding_unsupported(self) -> str | None:
+        """None when the model can decode with the cache, else the reason it cannot."""
         if self.model is None:
             return "the model is not built"
         if self.decode_mode() not in ("lm", "unilm"):
@@ -88,6 +89,7 @@ class CachedDecoding:
         return None
 
     def decode_variables(self) -> list:
+        """The Keras variables the decoding functions read (jax passes their values into the compiled loop)."""
         return list(self.model.variables)
 
     @property
@@ -98,7 +100,16 @@ class CachedDecoding:
         return int(getattr(layer, "max_positions", layer.input_dim))
 
     # ------------------------------------------------------------------ host side
-    def decode_prepare(self, prompts, segment_ids=None, pad_to_multiple: int = 8, max_len: int = 0) -> dict:
+    def decode_prepare(self, prompts: list[list[int]], segment_ids: list[list[int]] | None = None,
+                       pad_to_multiple: int = 8, max_len: int = 0) -> dict[str, np.ndarray]:
+        """Host side: the prompts as left-padded int32 arrays `token_ids`, `segment_ids` and a bool `mask`.
+
+        Args:
+            prompts: token ids per row (different lengths allowed, each non-empty).
+            segment_ids: per-row segment ids of the prompts (UniLM: 0 for the source), or None for zeros.
+            pad_to_multiple: the padded length is a multiple of this (nearby lengths share one compilation).
+            max_len: how many tokens will be generated (checked against the model's positions).
+        """
         reason = self.decoding_unsupported()
         if reason:
             raise ValueError(f"{type(self).__name__} cannot decode: {reason}.")
@@ -178,6 +189,12 @@ class CachedDecoding:
         return attention.heads, attention.head_size, attention.compute_dtype
 
     def decode_start(self, prompt: dict, max_len: int):
+        """Runs the prompts once: (logits of the first new token `[batch, vocab]` float32, cache).
+
+        Args:
+            prompt: `decode_prepare`'s arrays.
+            max_len: how many tokens the cache must hold beyond the prompt.
+        """
         token_ids = ops.convert_to_tensor(prompt["token_ids"], "int32")
         segment_ids = ops.convert_to_tensor(prompt["segment_ids"], "int32")
         mask = ops.convert_to_tensor(prompt["mask"], "bool")
@@ -209,6 +226,13 @@ class CachedDecoding:
         return logits, cache
 
     def decode_step(self, token_ids, cache: dict, index):
+        """Feeds the `index`-th generated token of every row: (logits of the next one, updated cache).
+
+        Args:
+            token_ids: int32 `[batch]`.
+            cache: the cache of `decode_start` or of the previous step.
+            index: how many tokens were generated before this one (a scalar, may be a traced tensor).
+        """
         slot = cache["start"][0] + index
         token_ids = ops.expand_dims(ops.cast(token_ids, "int32"), 1)
         positions = ops.expand_dims(cache["position"], 1)

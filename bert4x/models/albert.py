@@ -11,11 +11,13 @@ Hugging Face `AlbertModel` / `AlbertForPreTraining` (`albert.encoder.albert_laye
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
-from bert4x.layers import Dropout, FeedForward, MultiHeadAttention
+from bert4x.layers import Dropout, FeedForward, LayerNormalization, MultiHeadAttention
+from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import CheckpointError, register_model, src
-from bert4x.models.bert import BERT
+from bert4x.models.bert import BERT, GOOGLE_TABLE
 from bert4x.models.cached_decoding import CachedDecoding, post_norm_block
 
 _GOOGLE_SHARED = "bert/encoder/transformer/group_0/inner_group_0/"
@@ -119,10 +121,9 @@ class _AlbertBase(CachedDecoding, BERT):
                       inner_group_num=1)
         return name, config
 
-    def _shared_table(self, fmt, layer):
+    def _shared_table(self, fmt):
+        """(the embedding/head table, the function naming the shared layer's variables) of format `fmt`."""
         if fmt == "google":
-            from bert4x.models.bert import GOOGLE_TABLE
-
             return dict(GOOGLE_TABLE), _google_shared
         if fmt == "huggingface":
             return dict(HF_TABLE), _hf_shared
@@ -169,9 +170,6 @@ class ALBERT(_AlbertBase):
     def _norm(self, x, name):
         # A shared LayerNorm: made on first use by BERT's apply_layer_norm, then called again.
         if name not in self._norms:
-            from bert4x.layers import LayerNormalization
-            from bert4x.layers.heads import ConditionalLayerNormalization
-
             if self.condition is None:
                 self._norms[name] = LayerNormalization(epsilon=self.layer_norm_eps, name=name)
             else:
@@ -183,8 +181,6 @@ class ALBERT(_AlbertBase):
         return layer(x) if self.condition is None else layer([x, self.condition])
 
     def apply_main_layers(self, x, index):
-        import keras
-
         shared = self._shared_layers()
         y = shared["attention"](x, attention_mask=self.attention_mask, **self.attention_kwargs())
         y = shared["attention_dropout"](y)
@@ -195,7 +191,7 @@ class ALBERT(_AlbertBase):
         return self._norm(x, "Transformer-FeedForward-Norm")
 
     def variable_mapping(self, fmt):
-        table, shared = self._shared_table(fmt, None)
+        table, shared = self._shared_table(fmt)
         table.update(shared("Transformer-MultiHeadSelfAttention", "Transformer-FeedForward"))
         return table
 
@@ -215,7 +211,7 @@ class ALBERTUnshared(_AlbertBase):
     """
 
     def variable_mapping(self, fmt):
-        table, shared = self._shared_table(fmt, None)
+        table, shared = self._shared_table(fmt)
         for i in range(self.num_hidden_layers):
             table.update(shared(f"Transformer-{i}-MultiHeadSelfAttention", f"Transformer-{i}-FeedForward"))
         return table

@@ -510,8 +510,8 @@ class BERT(Transformer):
     def keep_decode_block(self, index: int, attention, attention_norm, feed_forward, feed_forward_norm) -> None:
         """Records the layers of main layer `index` for `decode_step` (post-norm: attention, norm, FFN, norm)."""
         if index == 0:
-            self.decode_blocks = []
-        self.decode_blocks.append((attention, attention_norm, feed_forward, feed_forward_norm))
+            self.decode_layers = []
+        self.decode_layers.append((attention, attention_norm, feed_forward, feed_forward_norm))
 
     def decode_head_layers(self) -> tuple:
         """(dense, norm, bias) of the MLM head around the tied projection; None for a part the head lacks."""
@@ -536,7 +536,7 @@ class BERT(Transformer):
         if self.embedding_size != self.hidden_size or self.hierarchical_position or self.custom_position_ids:
             return ("embedding_size, hierarchical_position and custom_position_ids change the embeddings that "
                     f"{type(self).__name__}'s cached step reproduces; generate with the uncached model instead.")
-        if len(getattr(self, "decode_blocks", ())) != self.num_hidden_layers:
+        if len(getattr(self, "decode_layers", ())) != self.num_hidden_layers:
             return (f"{type(self).__name__}'s main layers did not record their layers for decoding "
                     "(keep_decode_block), so its cached step would not be the model's.")
         return None
@@ -563,7 +563,7 @@ class BERT(Transformer):
 
     def _decode_blocks(self, x, attention_mask, positions, caches, slot):
         rotary, new_caches = self._decode_rotary(positions), []
-        for (attention, attention_norm, feed_forward, feed_forward_norm), cache in zip(self.decode_blocks, caches):
+        for (attention, attention_norm, feed_forward, feed_forward_norm), cache in zip(self.decode_layers, caches):
             y, cache = attention(x, attention_mask=attention_mask, cache=cache, cache_update_index=slot, **rotary)
             x = attention_norm(x + y)
             x = feed_forward_norm(x + feed_forward(x))
@@ -604,9 +604,9 @@ class BERT(Transformer):
         allowed = ops.logical_and(allowed, ops.expand_dims(keys_valid, 1))
         # Padding queries see themselves only (their outputs are never used), so no row is fully masked.
         allowed = ops.logical_or(allowed, ops.expand_dims(ops.equal(query, key), 0))
-        attention = self.decode_blocks[0][0]
+        attention = self.decode_layers[0][0]
         empty = ops.zeros((batch, 2, slots, attention.heads, attention.head_size), attention.compute_dtype)
-        x, caches = self._decode_blocks(x, ops.expand_dims(allowed, 1), positions, [empty] * len(self.decode_blocks),
+        x, caches = self._decode_blocks(x, ops.expand_dims(allowed, 1), positions, [empty] * len(self.decode_layers),
                                         0)
         cache = {
             "layers": caches,

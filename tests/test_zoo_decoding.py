@@ -1,6 +1,8 @@
-"""Model-owned cached decoding of the zoo's causal / UniLM models (`decode_prepare`, `decode_start`, `decode_step`):
-greedy decoding with the cache equals the uncached model token for token, and GPT-2's equals transformers'
-`generate(do_sample=False)` on the same weights."""
+"""The zoo's models through `bert4x.generation.Generator` (the cached decoding contract, `decode_prepare` /
+`decode_start` / `decode_step`): greedy, beam search and sampling over a batch of left-padded prompts of different
+lengths equal, token for token, the same search run on the whole uncached keras model (the pure-Python beam rule of
+test_beam_search.py fed with its log-probabilities); GPT-2's greedy output equals transformers'
+`generate(do_sample=False)` on the same weights. One jax subprocess repeats the compiled runs."""
 
 from __future__ import annotations
 
@@ -8,81 +10,105 @@ import keras
 import numpy as np
 import pytest
 from helpers import in_subprocess, run_pytest_on_backend
+from test_beam_search import ref_bert4keras
 
+from bert4x.generation import Generator
 from bert4x.models import build_transformer_model
 
 TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
             max_position=32)
-
-
-def cached_greedy(t, prompts, steps, segment_ids=None):
-    """A plain greedy loop over the decoding contract (prompts of different lengths in one batch)."""
-    assert t.decoding_unsupported() is None
-    prompt = t.decode_prepare(prompts, segment_ids, 4, steps)
-    logits, cache = t.decode_start(prompt, steps)
-    tokens = []
-    for i in range(steps):
-        token = np.argmax(np.asarray(keras.ops.convert_to_numpy(logits)), axis=-1).astype("int32")
-        tokens.append(token)
-        logits, cache = t.decode_step(keras.ops.convert_to_tensor(token), cache, i)
-    return np.stack(tokens, axis=1)
-
-
-def uncached_greedy(model, prompt, steps, segments=None, target_segment=0):
-    """Greedy decoding that reruns the whole keras model on the growing sequence (one prompt, no padding)."""
-    ids, seg = list(prompt), list(segments) if segments is not None else None
-    out = []
-    for _ in range(steps):
-        inputs = [np.array([ids], "int32")]
-        if len(model.inputs) > 1:
-            inputs.append(np.array([seg if seg is not None else [0] * len(ids)], "int32"))
-        probs = np.asarray(keras.ops.convert_to_numpy(model(inputs, training=False)))[0, -1]
-        token = int(np.argmax(probs))
-        out.append(token)
-        ids.append(token)
-        if seg is not None:
-            seg.append(target_segment)
-    return out
+T5_TINY = {"vocab_size": 40, "hidden_size": 16, "attention_head_size": 6, "intermediate_size": 24,
+           "num_hidden_layers": 2, "num_decoder_layers": 2, "num_attention_heads": 3, "hidden_act": "relu",
+           "relative_attention_num_buckets": 8, "relative_attention_max_distance": 12}
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]  # left-padded to different lengths in one batch
+END, MAX_LEN, BEAMS = 3, 6, 3
 
 
 def randomize(t, seed=0):
-    """Random weights everywhere (LayerNorms included) so that every path matters."""
+    """Random weights everywhere (LayerNorms included) so that every path matters; the end token is made likely
+    enough that some outputs end early and others do not."""
     rng = np.random.default_rng(seed)
     for w in t.model.weights:
-        w.assign(rng.normal(0, 0.5, w.shape).astype("float32") + (1.0 if w.path.endswith("gamma") else 0.0))
+        value = rng.normal(0, 0.5, w.shape).astype("float32")
+        if w.path.endswith(("gamma", "scale")):
+            value += 1.0
+        if w.path == "MLM-Bias/bias":
+            value[END] += 1.0
+        w.assign(value)
 
 
-PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 3], [13]]
-
-
-@pytest.mark.parametrize("model,application,extra", [
-    ("gpt", "lm", {}),
-    ("gpt", "lm", dict(segment_vocab_size=40, shared_segment_embeddings=True)),
-    ("gpt2", "lm", {}),
-    ("gpt2_ml", "lm", {}),
-    ("albert", "lm", dict(embedding_size=8)),
-    ("albert_unshared", "lm", dict(embedding_size=8)),
-    ("albert", "lm", dict(embedding_size=8, hierarchical_position=True, max_position=4)),
-])
-def test_cached_greedy_equals_the_uncached_model(model, application, extra):
-    t = build_transformer_model(dict(TINY, **{k: v for k, v in extra.items() if k == "max_position"}), model=model,
-                                application=application, return_keras_model=False,
-                                **{k: v for k, v in extra.items() if k != "max_position"})
+def build(model, application="lm", **options):
+    if model.startswith("t5"):
+        t = build_transformer_model(dict(T5_TINY), model=model, return_keras_model=False, **options)
+    else:
+        config = dict(TINY, max_position=options.pop("max_position", TINY["max_position"]))
+        t = build_transformer_model(config, model=model, application=application, return_keras_model=False,
+                                    **options)
     randomize(t)
-    steps = 6
-    cached = cached_greedy(t, PROMPTS, steps)
-    for row, prompt in enumerate(PROMPTS):
-        assert cached[row].tolist() == uncached_greedy(t.model, prompt, steps), f"prompt #{row}"
+    return t
 
 
-def test_unilm_cached_greedy_equals_the_uncached_model():
-    t = build_transformer_model(dict(TINY), model="albert", application="unilm", embedding_size=8,
-                                return_keras_model=False)
-    randomize(t, 1)
-    segments = [[0] * len(p) for p in PROMPTS]
-    cached = cached_greedy(t, PROMPTS, 5, segments)
-    for row, (prompt, seg) in enumerate(zip(PROMPTS, segments)):
-        assert cached[row].tolist() == uncached_greedy(t.model, prompt, 5, seg, target_segment=1)
+def uncached_logp(t, prompt, unilm=False, is_t5=False):
+    """seq -> log p(next token | prompt, seq), from the whole keras model rerun on the full sequence (no cache, no
+    padding), memoised."""
+    memo = {}
+
+    def fn(seq):
+        if seq not in memo:
+            if is_t5:
+                inputs = [np.array([prompt], "int32"), np.array([[0, *seq]], "int32")]
+            else:
+                ids = list(prompt) + list(seq)
+                inputs = [np.array([ids], "int32")]
+                if len(t.model.inputs) > 1:
+                    inputs.append(np.array([[0] * len(prompt) + [int(unilm)] * len(seq)], "int32"))
+            out = np.asarray(keras.ops.convert_to_numpy(t.model(inputs, training=False)), np.float64)[0, -1]
+            if out.min() >= 0 and abs(out.sum() - 1) < 1e-3:  # a softmax head
+                memo[seq] = np.log(np.maximum(out, 1e-30))
+            else:
+                memo[seq] = out - out.max() - np.log(np.exp(out - out.max()).sum())
+        return memo[seq]
+
+    return fn
+
+
+CASES = {
+    "gpt": ("gpt", "lm", {}),
+    "gpt_segments": ("gpt", "lm", dict(segment_vocab_size=40, shared_segment_embeddings=True)),
+    "gpt2": ("gpt2", "lm", {}),
+    "gpt2_ml": ("gpt2_ml", "lm", {}),
+    "albert_lm": ("albert", "lm", dict(embedding_size=8)),
+    "albert_unshared_lm": ("albert_unshared", "lm", dict(embedding_size=8)),
+    "albert_hierarchical": ("albert", "lm", dict(embedding_size=8, hierarchical_position=True, max_position=4)),
+    "albert_unilm": ("albert", "unilm", dict(embedding_size=8)),
+    "t5.1.0": ("t5.1.0", None, {}),
+}
+# The search is compiled on jax (the subprocess run below: gpt2, ALBERT UniLM and T5 v1.0, one per decoding
+# implementation) and for gpt2 with XLA on tensorflow; the other tensorflow runs are eager (the same code) because
+# each search setting costs an XLA compilation.
+COMPILED_ON_TF = {"gpt2"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generator_equals_the_uncached_model(case):
+    model, application, options = CASES[case]
+    t = build(model, application, **dict(options))
+    is_t5 = model.startswith("t5")
+    end = 1 if is_t5 else END
+    jit = keras.backend.backend() == "jax" or case in COMPILED_ON_TF
+    generator = Generator(t.model, pad_to_multiple=4, jit=jit)
+    segments = [[0] * len(p) for p in PROMPTS] if application == "unilm" else None
+    refs = [uncached_logp(t, p, unilm=application == "unilm", is_t5=is_t5) for p in PROMPTS]
+    common = dict(max_len=MAX_LEN, end_id=end)
+    greedy = generator.generate(PROMPTS, segments, **common)
+    assert greedy == [ref_bert4keras(f, 1, MAX_LEN, end) for f in refs], "greedy"
+    beam = generator.generate(PROMPTS, segments, num_beams=BEAMS, **common)
+    assert beam == [ref_bert4keras(f, BEAMS, MAX_LEN, end) for f in refs], "beam"
+    # Sampling: top_k=1 is greedy; with top_k=2 every token is one of the uncached model's two likeliest.
+    assert generator.generate(PROMPTS, segments, do_sample=True, top_k=1, seed=3, **common) == greedy
+    for f, out in zip(refs, generator.generate(PROMPTS, segments, do_sample=True, top_k=2, top_p=0.9, seed=4,
+                                               **common)):
+        assert out and all(token in np.argsort(-f(tuple(out[:i])))[:2] for i, token in enumerate(out)), out
 
 
 def test_decoding_unsupported_says_why():
@@ -90,6 +116,8 @@ def test_decoding_unsupported_says_why():
     assert "application='lm' or 'unilm'" in encoder.decoding_unsupported()
     with pytest.raises(ValueError, match="cannot decode"):
         encoder.decode_prepare([[1, 2]], None, 8, 4)
+    with pytest.raises(ValueError, match="application='lm' or 'unilm'"):
+        Generator(encoder.model)
     gpt = build_transformer_model(dict(TINY), model="gpt2", return_keras_model=False)
     assert gpt.decoding_unsupported() is None
     with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
@@ -110,61 +138,17 @@ def test_gpt2_greedy_equals_transformers_generate(tmp_path):
         for p in hf.parameters():
             p.normal_(0, 0.5)  # a peaked distribution: no near-ties between the top tokens
     hf.save_pretrained(str(tmp_path))
-    t = build_transformer_model(str(tmp_path / "config.json"), str(tmp_path), model="gpt2", return_keras_model=False)
+    model = build_transformer_model(str(tmp_path / "config.json"), str(tmp_path), model="gpt2")
     steps = 8
-    ours = cached_greedy(t, PROMPTS, steps)
+    ours = Generator(model, pad_to_multiple=4, jit=keras.backend.backend() == "jax").generate(PROMPTS, max_len=steps)
     for row, prompt in enumerate(PROMPTS):
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
-        assert ours[row].tolist() == out[0, len(prompt):].tolist(), f"prompt #{row}"
+                              pad_token_id=0, eos_token_id=None, use_cache=True)
+        assert ours[row] == out[0, len(prompt):].tolist(), f"prompt #{row}"
 
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_zoo_decoding_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_zoo_decoding.py", "-k", "generate or compiled")
-
-
-def compiled_greedy(t, prompts, steps):
-    """The whole greedy loop (prompt pass + `ops.fori_loop` over tokens) as one compiled function."""
-    from keras import ops
-
-    prompt = t.decode_prepare(prompts, None, 4, steps)
-
-    def loop(prompt):
-        logits, cache = t.decode_start(prompt, steps)
-        tokens = ops.zeros((len(prompts), steps), "int32")
-
-        def body(i, state):
-            logits, cache, tokens = state
-            token = ops.cast(ops.argmax(logits, axis=-1), "int32")
-            tokens = ops.slice_update(tokens, [0, i], ops.expand_dims(token, 1))
-            logits, cache = t.decode_step(token, cache, i)
-            return logits, cache, tokens
-
-        return ops.fori_loop(0, steps, body, (logits, cache, tokens))[2]
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        variables = t.decode_variables()
-
-        def pure(values, prompt):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return loop(prompt)
-
-        return np.asarray(jax.jit(pure)([v.value for v in variables], prompt))
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return np.asarray(tf.function(loop, jit_compile=True)(prompt))
-    return np.asarray(keras.ops.convert_to_numpy(loop(prompt)))
-
-
-@pytest.mark.parametrize("model,extra", [("gpt2", {}), ("albert", dict(embedding_size=8, application="unilm"))])
-def test_compiled_loop_equals_the_step_by_step_loop(model, extra):
-    t = build_transformer_model(dict(TINY), model=model, return_keras_model=False,
-                                **({"application": "lm"} if model == "gpt2" else extra))
-    randomize(t, 2)
-    np.testing.assert_array_equal(compiled_greedy(t, PROMPTS, 5), cached_greedy(t, PROMPTS, 5))
+    run_pytest_on_backend("jax", "tests/test_zoo_decoding.py", "-k",
+                          "gpt2_greedy or uncached_model[gpt2] or albert_unilm or t5.1.0")

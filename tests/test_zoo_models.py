@@ -583,6 +583,10 @@ TINY = dict(vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_hea
     ("gpt2_ml", {}),
 ])
 def test_zoo_models_pass_the_harness(model, extra, tmp_path):
+    # Every model gets the float32 checks; the mixed-precision pass (the same layer types in each) runs on ALBERT,
+    # whose shared layer is the one path the others lack, to keep CI time down.
+    policies = ("float32", "mixed_bfloat16") if model == "albert" else ("float32",)
+
     def make():
         return build_transformer_model(dict(TINY), model=model, **extra)
 
@@ -593,7 +597,7 @@ def test_zoo_models_pass_the_harness(model, extra, tmp_path):
         inputs[1] = np.array([[0, 0, 0, 1, 1, 1]] * 2, "int32")
     targets = np.zeros(tuple(2 if d is None else d for d in probe.output.shape[:1]) + (6,) + tuple(
         probe.output.shape[2:]), "float32") if len(probe.output.shape) == 3 else np.zeros((2, 8), "float32")
-    check_model(make, inputs, targets, tmp_path)
+    check_model(make, inputs, targets, tmp_path, policies=policies)
 
 
 def test_t5_v1_0_passes_the_harness(tmp_path):
@@ -605,12 +609,14 @@ def test_t5_v1_0_passes_the_harness(tmp_path):
     enc = np.random.default_rng(0).integers(1, 40, size=(2, 5)).astype("int32")
     dec = np.random.default_rng(1).integers(1, 40, size=(2, 4)).astype("int32")
     check_model(make, [enc, dec], np.ones((2, 4), "int32"), tmp_path,
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), policies=("float32",))
 
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_zoo_parity_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_zoo_models.py", "-k", "equal or follows")
+    # The forward passes on jax; the Google-format loads differ from the Hugging Face ones only in the (numpy)
+    # loader, which the tensorflow run covers.
+    run_pytest_on_backend("jax", "tests/test_zoo_models.py", "-k", "(equal or follows) and not google")
 
 
 def test_a_checkpoint_given_to_the_wrong_model_names_its_family(albert, electra, gpt, t5):

@@ -36,7 +36,11 @@ SMOKE_CONFIG = {"vocab_size": 21128, "hidden_size": 32, "num_hidden_layers": 2, 
 
 
 def load_tokenizer(vocab: str):
-    """A WordPiece tokenizer for `vocab.txt` files, a jieba + sentencepiece one for `.model` files."""
+    """A WordPiece tokenizer for `vocab.txt` files, a jieba + sentencepiece one for `.model` files.
+
+    Args:
+        vocab: the release's vocab.txt or sentencepiece model.
+    """
     if str(vocab).endswith(".model"):
         import jieba
 

@@ -47,7 +47,11 @@ SMOKE_CONFIG = {"vocab_size": 21128, "hidden_size": 32, "num_hidden_layers": 2, 
 
 
 def load_corpus(limit: int) -> list[str]:
-    """The distinct sentences of LCQMC's dev pairs ("s1\\ts2\\tlabel"), in file order."""
+    """The distinct sentences of LCQMC's dev pairs ("s1\\ts2\\tlabel"), in file order.
+
+    Args:
+        limit: how many pairs (lines) to read.
+    """
     if not LCQMC.exists():
         raise FileNotFoundError(f"LCQMC dev.txt not found at {LCQMC} (expected ../shared/data beside the repo).")
     sentences: dict[str, None] = {}
@@ -79,7 +83,12 @@ class SimBERT:
         self.generator = Generator(model)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Unit-norm pooled vectors `[len(texts), hidden]`."""
+        """Unit-norm pooled vectors `[len(texts), hidden]`.
+
+        Args:
+            texts: sentences to encode.
+            batch_size: sentences per forward pass.
+        """
         vectors = []
         for start in range(0, len(texts), batch_size):
             ids = [self.tokenizer.encode(t, maxlen=self.max_len)[0] for t in texts[start:start + batch_size]]
@@ -89,7 +98,14 @@ class SimBERT:
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def generate(self, query: str, samples: int = 8, top_p: float = 0.95, seed: int = 0) -> list[dict]:
-        """Sampled candidates similar to `query`, ranked by cosine to it: a list of {"text", "cosine"}."""
+        """Sampled candidates similar to `query`, ranked by cosine to it: a list of {"text", "cosine"}.
+
+        Args:
+            query: the sentence to paraphrase.
+            samples: rows sampled (duplicates and empty outputs are dropped).
+            top_p: nucleus sampling threshold.
+            seed: makes the samples reproducible.
+        """
         ids = self.tokenizer.encode(query, maxlen=self.max_len)[0]
         outputs = self.generator.generate([ids] * samples, [[0] * len(ids)] * samples, max_len=self.max_len,
                                           end_id=self.tokenizer.end_id, do_sample=True, top_p=top_p, seed=seed)
@@ -102,11 +118,20 @@ class SimBERT:
         return [{"text": texts[i], "cosine": round(float(cosines[i]), 4)} for i in order]
 
     def index(self, corpus: list[str]) -> None:
-        """Encodes the corpus for `retrieve`."""
+        """Encodes the corpus for `retrieve`.
+
+        Args:
+            corpus: the sentences to search.
+        """
         self.corpus, self.vectors = list(corpus), self.encode(corpus)
 
     def retrieve(self, query: str, top: int = 5) -> list[dict]:
-        """The `top` corpus sentences nearest to `query` by cosine: a list of {"text", "cosine"}."""
+        """The `top` corpus sentences nearest to `query` by cosine: a list of {"text", "cosine"}.
+
+        Args:
+            query: the sentence to look up.
+            top: how many neighbours.
+        """
         cosines = self.vectors @ self.encode([query])[0]
         order = np.argsort(-cosines, kind="stable")[:top]
         return [{"text": self.corpus[i], "cosine": round(float(cosines[i]), 4)} for i in order]

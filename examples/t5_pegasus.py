@@ -48,8 +48,13 @@ SMOKE_CONFIG = dict(SMALL_CONFIG, d_model=64, d_kv=16, d_ff=128, num_heads=4, nu
 
 
 def pegasus_tokenizer(vocab, texts: list[str] | None = None) -> Tokenizer:
-    """T5-PEGASUS's tokenizer: WordPiece over jieba words. With `texts` (training from scratch) the vocabulary is
-    cut to the tokens those texts use plus the special ones, renumbered from 0."""
+    """T5-PEGASUS's tokenizer: WordPiece over jieba words.
+
+    Args:
+        vocab: a one-token-per-line vocab.txt.
+        texts: training texts; when given (training from scratch) the vocabulary is cut to the tokens they use plus
+            the special ones, renumbered from 0.
+    """
     import jieba
 
     def pre_tokenize(text):
@@ -87,7 +92,17 @@ class TitleBatches(DataGenerator):
 
 def generate_titles(t5, tokenizer: Tokenizer, abstracts: list[str], max_source: int, max_target: int,
                     beams: int = 1, batch_size: int = 32) -> list[str]:
-    """Titles for `abstracts`, decoded from `[CLS]` until `[SEP]`."""
+    """Titles for `abstracts`, decoded from `[CLS]` until `[SEP]`.
+
+    Args:
+        t5: the mT5.1.1 `Transformer` (its `decoder_start_id` is set to `[CLS]`).
+        tokenizer: `pegasus_tokenizer`'s tokenizer.
+        abstracts: source texts.
+        max_source: encoder tokens kept per abstract.
+        max_target: most title tokens generated.
+        beams: beam width (1 = greedy).
+        batch_size: prompts per generation call.
+    """
     t5.decoder_start_id = tokenizer.start_id  # T5-PEGASUS's decoder starts from [CLS]
     generator = Generator(t5)
     titles = []

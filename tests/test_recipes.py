@@ -55,3 +55,17 @@ def test_t5_pegasus_titles():
     assert 0.0 <= out["rouge_l"] <= 1.0 and np.isfinite(out["final_train_loss"])
     assert 4 < out["vocab_size"] < 21128  # the BERT vocabulary cut to the training texts' tokens
     assert len(out["examples"]) == 3 and all(isinstance(e["generated"], str) for e in out["examples"])
+
+
+def test_t5_pegasus_tokenizer_keeps_jieba_words_of_the_vocabulary(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "examples"))
+    from t5_pegasus import pegasus_tokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "我", "爱", "北", "京", "北京"]) + "\n",
+                     encoding="utf-8")
+    tokenizer = pegasus_tokenizer(str(vocab))
+    assert tokenizer.tokenize("我爱北京") == ["[CLS]", "我", "爱", "北京", "[SEP]"]  # jieba: 我 / 爱 / 北京
+    # Cut to the training texts: ids renumbered, the word kept whole.
+    cut = pegasus_tokenizer(str(vocab), ["我爱北京"])
+    assert cut.vocab_size == 7 and cut.tokenize("我爱北京") == ["[CLS]", "我", "爱", "北京", "[SEP]"]

@@ -4,8 +4,9 @@ This module holds search only. A model takes part through the decoding interface
 (`bert4x.models.base.Transformer`): `decoding_unsupported()`, `decode_variables()`, `decode_prepare(prompts,
 segment_ids, pad_to_multiple, max_len)` on the host, and `decode_start(prompt, max_len)` / `decode_step(token_ids,
 cache, index)` on the device, returning float32 logits `[batch, vocab]` and a cache whose tensors keep the batch on
-their first axis (beam search reorders it). BERT, RoBERTa, WoBERT, RoFormer and RoFormerV2 built with
-`application='lm'` or `'unilm'`, and T5/mT5, implement it; a new family gets this generator by implementing it too.
+their first axis (beam search reorders it). BERT, RoBERTa, WoBERT, RoFormer, RoFormerV2, ALBERT and
+ALBERT-unshared built with `application='lm'` or `'unilm'`, the causal GPT, GPT-2 and GPT2-ML, and T5 (v1.0, v1.1)
+and mT5 implement it; a new family gets this generator by implementing it too.
 
 Beam search has three rules (`num_beams > 1`):
 
@@ -558,8 +559,9 @@ class Generator:
     """Batched, cached generation for one model; keeps its compiled functions between calls.
 
     Args:
-        model: a keras model returned by `build_transformer_model` for a family that decodes (BERT family with
-            application 'lm'/'unilm', T5/mT5), its `Transformer`, or any object with the decoding interface.
+        model: a keras model returned by `build_transformer_model` for a family that decodes (BERT family and
+            ALBERT with application 'lm'/'unilm', GPT/GPT-2/GPT2-ML, T5/mT5), its `Transformer`, or any object with
+            the decoding interface.
         pad_to_multiple: prompts are padded to a multiple of this length, so that nearby lengths share a compiled
             function.
         jit: compile the search (jax, tensorflow); False runs it eagerly.

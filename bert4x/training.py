@@ -401,6 +401,10 @@ def _is_deleted(value) -> bool:
 _CHECK_MARK = "[bert4x input check] "
 
 
+# The Transformer's own inputs, which must agree in [batch, length].
+_PAIRED_INPUTS = ("Input-Token", "Input-Segment", "Input-Position")
+
+
 class _InputChecker:
     """Host-side checks of a functional model's integer inputs, derived from the layers that read them.
 
@@ -460,6 +464,8 @@ class _InputChecker:
                         f"Input {name!r} has sequences of length {array.shape[1]}, longer than the model's "
                         f"{self.max_length} learned positions (max_position_embeddings)."
                     )
+                if name not in _PAIRED_INPUTS:  # a user's own input (a label for layer_norm_cond) has its own shape
+                    continue
                 if first is None:
                     first = (name, array.shape[:2])
                 elif array.shape[:2] != first[1]:

@@ -12,6 +12,7 @@ from bert4x.layers.dropout import *  # noqa: F401,F403
 from bert4x.layers.embeddings import *  # noqa: F401,F403
 from bert4x.layers.feed_forward import *  # noqa: F401,F403
 from bert4x.layers.heads import *  # noqa: F401,F403
+from bert4x.layers.hierarchical_position import *  # noqa: F401,F403
 from bert4x.layers.loss import *  # noqa: F401,F403
 from bert4x.layers.normalization import *  # noqa: F401,F403
 from bert4x.layers.padding import *  # noqa: F401,F403

@@ -158,11 +158,11 @@ def _add_positions(inputs, table):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class EmbeddingSum(keras.layers.Add):
-    """`keras.layers.Add` whose output keeps the Keras mask of the inputs that carry one.
+    """`keras.layers.Add` whose output keeps the Keras mask of its first input (the token embedding).
 
     Keras's merge layers drop the mask when any input has none; the token embedding carries the padding mask and the
-    segment embedding none, so their sum would lose it. Here the present masks are combined (AND), as Keras 2's
-    merge layers did.
+    segment embedding none, so their sum would lose it. Only the first input's mask counts: a segment embedding that
+    shares the token table (`shared_segment_embeddings`) would otherwise mask every segment-0 token.
 
     Args:
         **kwargs: `keras.layers.Layer` arguments.
@@ -175,13 +175,7 @@ class EmbeddingSum(keras.layers.Add):
     """
 
     def compute_mask(self, inputs, mask=None):
-        masks = [m for m in (mask or []) if m is not None]
-        if not masks:
-            return None
-        combined = masks[0]
-        for m in masks[1:]:
-            combined = ops.logical_and(combined, m)
-        return combined
+        return mask[0] if mask else None
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -579,14 +579,18 @@ class Transformer:
             logger.info("%d bert4x-only weights are not in %s and keep their initial values: %s",
                         len(initialized), checkpoint_path, initialized)
         if not report.ok:
+            from bert4x.models.families import family_hint
+
+            hint = family_hint(reader.keys(), [n for n, c in MODELS.items() if c is type(self)])
+            hint = f"{hint}\n" if hint else ""
             if not loaded and strict:
                 raise CheckpointError(
-                    f"{checkpoint_path} does not look like a {type(self).__name__} checkpoint in {fmt} format: "
+                    f"{hint}{checkpoint_path} does not look like a {type(self).__name__} checkpoint in {fmt} format: "
                     f"no model weight found its source.\n{report.describe()}"
                 )
             if strict:
                 raise CheckpointError(
-                    f"Strict load failed; pass strict=False to load partially.\n{report.describe()}"
+                    f"{hint}Strict load failed; pass strict=False to load partially.\n{report.describe()}"
                 )
             logger.warning("Partial load (strict=False):\n%s", report.describe())
         for variable, value in assignments:

@@ -20,6 +20,7 @@ from bert4x.layers import (
     Unpadded,
 )
 from bert4x.layers.heads import ConditionalLayerNormalization
+from bert4x.layers.hierarchical_position import HierarchicalPositionEmbedding
 from bert4x.models.base import Transformer, left_pad_prompts, register_model, src
 
 # Google's BERT variable names, per layer and for the heads.
@@ -70,6 +71,9 @@ GOOGLE_TABLE = {
     "Embedding-Position/embeddings": "bert/embeddings/position_embeddings",
     "Embedding-Norm/gamma": "bert/embeddings/LayerNorm/gamma",
     "Embedding-Norm/beta": "bert/embeddings/LayerNorm/beta",
+    # The factorised embedding's projection (embedding_size != hidden_size), named as in Google's ALBERT.
+    "Embedding-Mapping/kernel": "bert/encoder/embedding_hidden_mapping_in/kernel",
+    "Embedding-Mapping/bias": "bert/encoder/embedding_hidden_mapping_in/bias",
     "Pooler-Dense/kernel": "bert/pooler/dense/kernel",
     "Pooler-Dense/bias": "bert/pooler/dense/bias",
     "NSP-Proba/kernel": src("cls/seq_relationship/output_weights", transpose=True),
@@ -147,6 +151,7 @@ class BERT(Transformer):
         "segment_vocab_size": ("type_vocab_size", "segment_vocab_size"),
         "layer_norm_eps": ("layer_norm_eps",),
         "initializer_range": ("initializer_range",),
+        "embedding_size": ("embedding_size",),
     }
     required_config = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     model_types = ("bert",)
@@ -154,6 +159,9 @@ class BERT(Transformer):
     hf_prefix = "bert."
     # Subclasses whose main layers do not take `Unpadded` hidden states (remove_padding) set this to False.
     supports_padding_removal = True
+    # Whether a subclass that overrides apply_embeddings still honours embedding_size / hierarchical_position /
+    # custom_position_ids / shared_segment_embeddings (through BERT's helpers).
+    handles_embedding_options = False
 
     def __init__(
         self,
@@ -168,9 +176,16 @@ class BERT(Transformer):
         layer_norm_cond_hidden_size: int | None = None,
         layer_norm_cond_hidden_act: str | None = None,
         additional_input_layers=None,
+        embedding_size: int | None = None,
+        hierarchical_position: bool | float | None = None,
+        custom_position_ids: bool = False,
+        shared_segment_embeddings: bool = False,
+        attention_key_size: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self._set_embedding_options(embedding_size, hierarchical_position, custom_position_ids,
+                                    shared_segment_embeddings, attention_key_size, segment_vocab_size)
         # bert4keras's conditional LayerNorm: every LayerNorm becomes ConditionalLayerNormalization([x, condition]).
         # layer_norm_cond: an int (a new 'Input-LayerNorm-Condition' input of that width) or a Keras tensor (an Input,
         # or a tensor computed from the Inputs listed in additional_input_layers).
@@ -191,19 +206,54 @@ class BERT(Transformer):
         # queries, whose outputs nothing reads (remove_padding=False keeps them).
         self.skip_padded_queries = remove_padding is None and not self.remove_padding and self.reads_first_token_only
 
+    def _set_embedding_options(self, embedding_size, hierarchical_position, custom_position_ids,
+                               shared_segment_embeddings, attention_key_size, segment_vocab_size):
+        """bert4keras's embedding options; combinations bert4x does not implement raise with the reason."""
+        if embedding_size is not None and (not isinstance(embedding_size, int) or embedding_size <= 0):
+            raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}.")
+        # embedding_size != hidden_size: ALBERT's factorised embedding, projected by 'Embedding-Mapping'.
+        self.embedding_size = embedding_size or self.hidden_size
+        self.hierarchical_position = hierarchical_position
+        self.custom_position_ids = bool(custom_position_ids)
+        self.shared_segment_embeddings = bool(shared_segment_embeddings)
+        if attention_key_size is not None and attention_key_size != self.attention_head_size:
+            raise ValueError(
+                f"attention_key_size={attention_key_size} differs from the head size {self.attention_head_size}: "
+                "bert4x's attention projects queries/keys and values to one head size; keys of another width are "
+                "not implemented."
+            )
+        if not isinstance(segment_vocab_size, int) or segment_vocab_size < 0:
+            raise ValueError(f"segment_vocab_size must be a non-negative integer, got {segment_vocab_size!r}.")
+        if self.shared_segment_embeddings and segment_vocab_size == 0:
+            raise ValueError("shared_segment_embeddings=True needs segment ids, but segment_vocab_size=0.")
+        # Subclasses with their own embeddings or positions (RoFormer's rotary ones) do not read these options.
+        cls = type(self)
+        if (hierarchical_position or self.custom_position_ids) and \
+                cls.apply_position_embedding is not BERT.apply_position_embedding:
+            raise ValueError(f"{cls.__name__} has no learned position table: hierarchical_position and "
+                             "custom_position_ids do not apply to it.")
+        own_embeddings = cls.apply_embeddings is not BERT.apply_embeddings and not self.handles_embedding_options
+        if own_embeddings and (self.shared_segment_embeddings or self.embedding_size != self.hidden_size
+                               or hierarchical_position or self.custom_position_ids):
+            raise ValueError(f"{cls.__name__} builds its own embeddings: shared_segment_embeddings, embedding_size, "
+                             "hierarchical_position and custom_position_ids are not implemented for it.")
+
     def _resolve_remove_padding(self, option: bool | None) -> bool:
         backend_name = keras.backend.backend()
         dynamic_shapes = backend_name == "torch" or (
             backend_name == "tensorflow" and not keras.distribution.list_devices("gpu"))
         if option is None:
             return (self.reads_first_token_only and dynamic_shapes and self.layer_norm_cond is None
-                    and self.supports_padding_removal)
+                    and self.supports_padding_removal and not self.custom_position_ids)
         if option:
             if self.layer_norm_cond is not None:
                 raise ValueError("remove_padding=True does not combine with layer_norm_cond (the condition is "
                                  "per row, the hidden states per token).")
             if not self.supports_padding_removal:
                 raise ValueError(f"remove_padding=True is not supported by {type(self).__name__}.")
+            if self.custom_position_ids:
+                raise ValueError("remove_padding=True does not combine with custom_position_ids (positions come "
+                                 "from the padded layout).")
         return bool(option)
 
     def restore_padding(self, x):
@@ -242,6 +292,8 @@ class BERT(Transformer):
         inputs = [token]
         if self.segment_vocab_size > 0:
             inputs.append(keras.Input((self.sequence_length,), dtype="int32", name="Input-Segment"))
+        if self.custom_position_ids:
+            inputs.append(keras.Input((self.sequence_length,), dtype="int32", name="Input-Position"))
         if self.packing_input:  # jax: the positions of the real tokens, chosen per batch on the host
             inputs.append(keras.Input((None,), dtype="int32", name="Input-Packing"))
         return inputs + self.condition_inputs()
@@ -278,35 +330,65 @@ class BERT(Transformer):
             hidden_activation=self.layer_norm_cond_hidden_act, hidden_initializer=self.initializer(), name=name,
         )([x, self.condition])
 
-    def apply_embeddings(self, inputs):
-        token_ids = inputs[0]
-        segment_ids = inputs[1] if self.segment_vocab_size > 0 else None
+    def split_inputs(self, inputs) -> tuple:
+        """(token_ids, segment_ids or None, position_ids or None, packing or None) from `get_inputs()`' list."""
+        rest = list(inputs[1:])
+        segment_ids = rest.pop(0) if self.segment_vocab_size > 0 else None
+        position_ids = rest.pop(0) if self.custom_position_ids else None
+        packing = rest.pop(0) if self.packing_input else None
+        return inputs[0], segment_ids, position_ids, packing
+
+    def apply_token_segment_embeddings(self, token_ids, segment_ids):
+        """Token (+ segment) embeddings of width `embedding_size`; sets `self.token_embedding`."""
         self.token_embedding = Embedding(
-            self.vocab_size, self.hidden_size, embeddings_initializer=self.initializer(), mask_zero=True,
+            self.vocab_size, self.embedding_size, embeddings_initializer=self.initializer(), mask_zero=True,
             name="Embedding-Token",
         )
         x = self.token_embedding(token_ids)  # carries the padding mask (id 0) that the layers after it propagate
         if segment_ids is not None:
-            self.segment_embedding = Embedding(  # bert4x's: its backward pass avoids a slow scatter-add into 2 rows
-                self.segment_vocab_size, self.hidden_size, embeddings_initializer=self.initializer(),
-                name="Embedding-Segment",
-            )
-            x = EmbeddingSum(name="Embedding-Token-Segment")([x, self.segment_embedding(segment_ids)])  # keeps the mask
-        x = self.apply_position_embedding(x)
+            if self.shared_segment_embeddings:  # segment ids index the token table (bert4keras's option)
+                self.segment_embedding = self.token_embedding
+            else:
+                self.segment_embedding = Embedding(  # bert4x's: its backward pass avoids a slow scatter-add
+                    self.segment_vocab_size, self.embedding_size, embeddings_initializer=self.initializer(),
+                    name="Embedding-Segment",
+                )
+            # keeps the token embedding's padding mask
+            x = EmbeddingSum(name="Embedding-Token-Segment")([x, self.segment_embedding(segment_ids)])
+        return x
+
+    def apply_embedding_mapping(self, x):
+        """Projects factorised embeddings (`embedding_size`) to `hidden_size` ('Embedding-Mapping')."""
+        if self.embedding_size == self.hidden_size:
+            return x
+        return keras.layers.Dense(self.hidden_size, kernel_initializer=self.initializer(), name="Embedding-Mapping")(x)
+
+    def apply_embeddings(self, inputs):
+        token_ids, segment_ids, position_ids, packing = self.split_inputs(inputs)
+        x = self.apply_token_segment_embeddings(token_ids, segment_ids)
+        x = self.apply_position_embedding(x, position_ids) if position_ids is not None else \
+            self.apply_position_embedding(x)
         x = self.apply_layer_norm(x, "Embedding-Norm")
         self.embedding_norm = _producer(x)
         x = Dropout(self.dropout_rate, name="Embedding-Dropout")(x)
+        x = self.apply_embedding_mapping(x)
         self.attention_mask = AttentionMask(
             {"encoder": "encoder", "lm": "lm", "unilm": "unilm"}[self.application], name="Attention-Mask"
         )(token_ids, segment_ids)
         if self.remove_padding:  # the hidden states then flow through the layers as `Unpadded` data
-            packing = inputs[2 if self.segment_vocab_size > 0 else 1] if self.packing_input else None
             x = Unpadded(*RemovePadding(name="Remove-Padding")(x, token_ids, packing=packing))
         return x
 
-    def apply_position_embedding(self, x):
+    def apply_position_embedding(self, x, position_ids=None):
+        if self.hierarchical_position or self.custom_position_ids:
+            self.position_embedding = HierarchicalPositionEmbedding(
+                self.max_position, self.embedding_size, hierarchical=self.hierarchical_position,
+                custom_position_ids=self.custom_position_ids, embeddings_initializer=self.initializer(),
+                name="Embedding-Position",
+            )
+            return self.position_embedding(x) if position_ids is None else self.position_embedding(x, position_ids)
         self.position_embedding = PositionEmbedding(
-            self.max_position, self.hidden_size, embeddings_initializer=self.initializer(), name="Embedding-Position"
+            self.max_position, self.embedding_size, embeddings_initializer=self.initializer(), name="Embedding-Position"
         )
         return self.position_embedding(x)
 
@@ -363,7 +445,7 @@ class BERT(Transformer):
             outputs.append(pooled)
         if self.with_mlm:
             y = keras.layers.Dense(
-                self.hidden_size, activation=_keras_activation(self.hidden_act),
+                self.embedding_size, activation=_keras_activation(self.hidden_act),
                 kernel_initializer=self.initializer(), name="MLM-Dense",
             )(x)
             self.mlm_dense = _producer(y)
@@ -414,6 +496,8 @@ class BERT(Transformer):
             "type_vocab_size": self.segment_vocab_size,
             "initializer_range": self.initializer_range,
         }
+        if self.embedding_size != self.hidden_size:
+            config["embedding_size"] = self.embedding_size
         if fmt == "google":
             return "bert_config.json", config
         config.update(model_type="bert", layer_norm_eps=self.layer_norm_eps, architectures=["BertForPreTraining"])
@@ -426,8 +510,8 @@ class BERT(Transformer):
     def keep_decode_block(self, index: int, attention, attention_norm, feed_forward, feed_forward_norm) -> None:
         """Records the layers of main layer `index` for `decode_step` (post-norm: attention, norm, FFN, norm)."""
         if index == 0:
-            self.decode_blocks = []
-        self.decode_blocks.append((attention, attention_norm, feed_forward, feed_forward_norm))
+            self.decode_layers = []
+        self.decode_layers.append((attention, attention_norm, feed_forward, feed_forward_norm))
 
     def decode_head_layers(self) -> tuple:
         """(dense, norm, bias) of the MLM head around the tied projection; None for a part the head lacks."""
@@ -449,7 +533,10 @@ class BERT(Transformer):
             return f"the MLM head activation is {self.with_mlm!r}; generation needs 'softmax' (True) or 'linear'."
         if self.condition is not None:
             return "layer_norm_cond: the conditional LayerNorm needs a condition input, which decoding does not feed."
-        if len(getattr(self, "decode_blocks", ())) != self.num_hidden_layers:
+        if self.embedding_size != self.hidden_size or self.hierarchical_position or self.custom_position_ids:
+            return ("embedding_size, hierarchical_position and custom_position_ids change the embeddings that "
+                    f"{type(self).__name__}'s cached step reproduces; generate with the uncached model instead.")
+        if len(getattr(self, "decode_layers", ())) != self.num_hidden_layers:
             return (f"{type(self).__name__}'s main layers did not record their layers for decoding "
                     "(keep_decode_block), so its cached step would not be the model's.")
         return None
@@ -476,7 +563,7 @@ class BERT(Transformer):
 
     def _decode_blocks(self, x, attention_mask, positions, caches, slot):
         rotary, new_caches = self._decode_rotary(positions), []
-        for (attention, attention_norm, feed_forward, feed_forward_norm), cache in zip(self.decode_blocks, caches):
+        for (attention, attention_norm, feed_forward, feed_forward_norm), cache in zip(self.decode_layers, caches):
             y, cache = attention(x, attention_mask=attention_mask, cache=cache, cache_update_index=slot, **rotary)
             x = attention_norm(x + y)
             x = feed_forward_norm(x + feed_forward(x))
@@ -517,9 +604,9 @@ class BERT(Transformer):
         allowed = ops.logical_and(allowed, ops.expand_dims(keys_valid, 1))
         # Padding queries see themselves only (their outputs are never used), so no row is fully masked.
         allowed = ops.logical_or(allowed, ops.expand_dims(ops.equal(query, key), 0))
-        attention = self.decode_blocks[0][0]
+        attention = self.decode_layers[0][0]
         empty = ops.zeros((batch, 2, slots, attention.heads, attention.head_size), attention.compute_dtype)
-        x, caches = self._decode_blocks(x, ops.expand_dims(allowed, 1), positions, [empty] * len(self.decode_blocks),
+        x, caches = self._decode_blocks(x, ops.expand_dims(allowed, 1), positions, [empty] * len(self.decode_layers),
                                         0)
         cache = {
             "layers": caches,

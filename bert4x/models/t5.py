@@ -9,7 +9,8 @@ The architecture (T5.1.1; mT5 is the same with a 250k vocabulary):
 - gated-GELU feed-forward `wo(gelu(wi_0 x) * wi_1 x)` (GELU with the tanh approximation, as Google trained it);
 - an LM head *untied* from the embedding, with no d_model^-0.5 rescaling.
 
-T5 v1.0 (ReLU feed-forward, LM head tied to the embedding and rescaled) is out of scope: its configs are rejected.
+T5 v1.0 (ReLU feed-forward, LM head tied to the embedding and rescaled) is `model='t5'` / `'t5.1.0'` (`T5_1_0`), and
+every name has bert4keras's `_encoder` / `_decoder` variants, whose `.model` is that stack alone.
 
 `build_transformer_model(config, checkpoint, model='mt5.1.1', return_keras_model=False)` returns a `T5` whose
 `.encoder` maps `encoder_token_ids -> context` (padding positions zeroed), `.decoder` maps
@@ -205,9 +206,20 @@ HF_TABLE = {
 }
 
 
+class _TiedLMHead:
+    """T5 v1.0's LM head as one callable (`layers['Decoder-Output-LM'](x)`): the rescaling layer, then the token
+    embedding used as the output projection. Not a Keras layer: it owns no weights, the two layers it calls do."""
+
+    def __init__(self, scale, embedding):
+        self.scale, self.embedding, self.name = scale, embedding, "Decoder-Output-LM"
+
+    def __call__(self, x):
+        return self.embedding(self.scale(x), mode="dense")
+
+
 def _resolve_feed_forward(feed_forward_proj: str | None, hidden_act) -> str:
     """The gate activation of the gated feed-forward, from HF `feed_forward_proj` or bert4keras `hidden_act`."""
-    v1_0 = "T5 v1.0 (a non-gated feed-forward, with an LM head tied to the embedding) is not implemented"
+    v1_0 = "T5 v1.0 (a non-gated feed-forward, with an LM head tied to the embedding) is model='t5.1.0'"
     if feed_forward_proj is not None:
         kind, _, act = str(feed_forward_proj).partition("-")
         if kind != "gated" or not act:
@@ -283,14 +295,7 @@ class T5(Transformer):
         attention_dropout_rate: float | None = None,
         **kwargs,
     ):
-        if tie_word_embeddings:
-            raise ValueError(
-                "tie_word_embeddings=True: bert4x's T5.1.1/mT5 has an LM head untied from the embedding "
-                "(decoder/logits/kernel, lm_head.weight); tied T5 v1.0 is not implemented. transformers >= 5 writes "
-                "tie_word_embeddings=true into every mT5 config it saves: if the checkpoint has its own lm_head.weight, "
-                "set tie_word_embeddings to false in the config (or pass tie_word_embeddings=False)."
-            )
-        activation = _resolve_feed_forward(feed_forward_proj, hidden_act)
+        activation, self.gated, self.tied = self._resolve_version(feed_forward_proj, hidden_act, tie_word_embeddings)
         # Hugging Face's T5 applies its one dropout_rate to attention probabilities too.
         attention_dropout_rate = dropout_rate if attention_dropout_rate is None else attention_dropout_rate
         super().__init__(hidden_act=activation, layer_norm_eps=layer_norm_eps, dropout_rate=dropout_rate,
@@ -303,6 +308,21 @@ class T5(Transformer):
         self.encoder: keras.Model | None = None
         self.decoder: keras.Model | None = None
 
+    def _resolve_version(self, feed_forward_proj, hidden_act, tie_word_embeddings) -> tuple[str, bool, bool]:
+        """(feed-forward activation, gated, LM head tied) of this T5 version; T5.1.1/mT5: gated and untied."""
+        if tie_word_embeddings:
+            raise ValueError(
+                "tie_word_embeddings=True: bert4x's T5.1.1/mT5 has an LM head untied from the embedding "
+                "(decoder/logits/kernel, lm_head.weight); tied T5 v1.0 is model='t5.1.0'. transformers >= 5 writes "
+                "tie_word_embeddings=true into every mT5 config it saves: if the checkpoint has its own lm_head.weight, "
+                "set tie_word_embeddings to false in the config (or pass tie_word_embeddings=False)."
+            )
+        return _resolve_feed_forward(feed_forward_proj, hidden_act), True, False
+
+    def lm_logits(self, x):
+        """The LM head on decoder hidden states: the untied kernel, or (T5 v1.0) the tied, rescaled embedding."""
+        return self.layers["Decoder-Output-LM"](x)
+
     @classmethod
     def validate_config(cls, config, config_path):
         # Hugging Face's T5Config defaults are T5 v1.0's: a relu feed-forward and a tied head.
@@ -311,7 +331,7 @@ class T5(Transformer):
                 if key not in config:
                     raise ValueError(
                         f"Config {config_path} (model_type 't5') does not set {key}, so it means {default!r}, i.e. "
-                        "T5 v1.0, which bert4x does not implement; T5.1.1 configs set feed_forward_proj='gated-gelu' "
+                        "T5 v1.0, which is model='t5.1.0'; T5.1.1 configs set feed_forward_proj='gated-gelu' "
                         "and tie_word_embeddings=false."
                     )
         if config.get("is_gated_act") is False:
@@ -339,8 +359,8 @@ class T5(Transformer):
 
     def _feed_forward_layer(self, name: str):
         return self._layer(
-            FeedForward, name, units=self.intermediate_size, activation=self.hidden_act, gated=True, use_bias=False,
-            dropout_rate=self.dropout_rate, kernel_initializer=self.initializer(),
+            FeedForward, name, units=self.intermediate_size, activation=self.hidden_act, gated=self.gated,
+            use_bias=False, dropout_rate=self.dropout_rate, kernel_initializer=self.initializer(),
         )
 
     def _position_bias_layer(self, name: str, bidirectional: bool):
@@ -401,8 +421,13 @@ class T5(Transformer):
         x = self._dropout("Decoder-Output-Dropout")(x)
         if not self.with_lm:
             return x
-        x = self._layer(keras.layers.Dense, "Decoder-Output-LM", units=self.vocab_size, use_bias=False,
-                        kernel_initializer=self.initializer())(x)
+        if self.tied:  # T5 v1.0: the embedding's transpose, on hidden states scaled by d_model ** -0.5
+            scale = self._layer(keras.layers.Rescaling, "Decoder-Output-LM-Scale", scale=self.hidden_size ** -0.5)
+            self.layers.setdefault("Decoder-Output-LM", _TiedLMHead(scale, self.layers["Embedding-Token"]))
+            x = self.layers["Embedding-Token"](scale(x), mode="dense")
+        else:
+            x = self._layer(keras.layers.Dense, "Decoder-Output-LM", units=self.vocab_size, use_bias=False,
+                            kernel_initializer=self.initializer())(x)
         activation = "softmax" if self.with_lm is True else self.with_lm
         return self._layer(keras.layers.Activation, "Decoder-Output-LM-Activation", activation=activation,
                            dtype=_output_dtype())(x)
@@ -603,6 +628,112 @@ class MT5(T5):
 
     hf_model_type = "mt5"
     hf_architecture = "MT5ForConditionalGeneration"
+
+
+def _renamed(source, *pairs):
+    names = source.names if not isinstance(source, str) else (source,)
+    for old, new in pairs:
+        names = tuple(n.replace(old, new) for n in names)
+    if isinstance(source, str):
+        return names[0]
+    return src(*names, transpose=source.transpose, vocab=source.vocab, vocab_axis=source.vocab_axis)
+
+
+@register_model("t5", "t5.1.0")
+class T5_1_0(T5):
+    """Google's original T5 (v1.0, `model='t5'` or `'t5.1.0'`): a ReLU feed-forward (`wi`, `wo`), and an LM head tied
+    to the embedding, applied to decoder outputs scaled by `d_model ** -0.5`. Google names use `layer_norm` /
+    `final_layer_norm` where T5.1.1 has `rms_norm`.
+
+    Example:
+    >>> from bert4x.models import build_transformer_model
+    >>> t5 = build_transformer_model({"vocab_size": 40, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1,
+    ...     "num_heads": 2}, model="t5.1.0", with_lm="linear", return_keras_model=False)
+    >>> any("Decoder-Output-LM/" in w.path for w in t5.model.weights)
+    False
+    """
+
+    ignored_config_keys = T5.ignored_config_keys | {"scale_decoder_outputs"}
+
+    def __init__(self, tie_word_embeddings: bool = True, **kwargs):
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def _resolve_version(self, feed_forward_proj, hidden_act, tie_word_embeddings):
+        if not tie_word_embeddings:
+            raise ValueError("tie_word_embeddings=False: T5 v1.0 ties its LM head to the embedding; an untied head "
+                             "is T5.1.1 (model='t5.1.1').")
+        gated = "T5 v1.0 has a non-gated feed-forward; a gated one is T5.1.1 / mT5 (model='t5.1.1' or 'mt5.1.1')"
+        if feed_forward_proj is not None:
+            if str(feed_forward_proj).startswith("gated"):
+                raise ValueError(f"feed_forward_proj={feed_forward_proj!r}: {gated}.")
+            activation = backend.canonical_activation(feed_forward_proj)
+            if hidden_act is not None and backend.canonical_activation(hidden_act) != activation:
+                raise ValueError(f"feed_forward_proj={feed_forward_proj!r} contradicts hidden_act={hidden_act!r}.")
+            return activation, False, True
+        if isinstance(hidden_act, (list, tuple)):
+            raise ValueError(f"hidden_act={list(hidden_act)}: {gated}.")
+        return backend.canonical_activation(hidden_act or "relu"), False, True
+
+    @classmethod
+    def validate_config(cls, config, config_path):
+        if config.get("is_gated_act") is True:
+            raise ValueError(f"Config {config_path} has is_gated_act=true: that is T5.1.1 (model='t5.1.1').")
+        if config.get("scale_decoder_outputs") is False:
+            raise ValueError(f"Config {config_path} has scale_decoder_outputs=false; T5 v1.0 scales by d_model**-0.5.")
+
+    def variable_mapping(self, fmt):
+        table = super().variable_mapping(fmt)
+        table = {k: v for k, v in table.items() if "/gate/" not in k and not k.startswith("Decoder-Output-LM/")}
+        if fmt == "google":
+            pairs = (("encoder/rms_norm/", "encoder/final_layer_norm/"),
+                     ("decoder/rms_norm/", "decoder/final_layer_norm/"), ("rms_norm/", "layer_norm/"),
+                     ("/wi_0/", "/wi/"))
+        else:
+            pairs = ((".wi_0.", ".wi."),)
+        return {k: _renamed(v, *pairs) for k, v in table.items()}
+
+    def tied_variables(self, fmt):
+        if fmt == "huggingface":
+            return dict(super().tied_variables(fmt), **{"lm_head.weight": "shared.weight"})
+        return {}
+
+    def export_config(self, fmt):
+        name, config = super().export_config(fmt) if fmt == "google" else (None, None)
+        if fmt == "google":
+            config["hidden_act"] = self.hidden_act
+            return name, config
+        return "config.json", {
+            "model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": self.vocab_size,
+            "d_model": self.hidden_size, "d_kv": self.attention_head_size, "d_ff": self.intermediate_size,
+            "num_layers": self.num_hidden_layers, "num_decoder_layers": self.num_decoder_layers,
+            "num_heads": self.num_attention_heads,
+            "relative_attention_num_buckets": self.relative_attention_num_buckets,
+            "relative_attention_max_distance": self.relative_attention_max_distance,
+            "dropout_rate": self.dropout_rate, "layer_norm_epsilon": self.layer_norm_eps,
+            "feed_forward_proj": self.hidden_act, "tie_word_embeddings": True, "is_encoder_decoder": True,
+            "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+        }
+
+
+def _stack_variant(base: type, part: str) -> type:
+    """bert4keras's `<name>_encoder` / `<name>_decoder`: the same T5 whose `.model` is one stack. The encoder maps
+    `Encoder-Input-Token` to the context; the decoder maps `[Input-Context, Decoder-Input-Token]` to the LM output."""
+
+    def build(self):
+        base.build(self)
+        self.model = self.encoder if part == "encoder" else self.decoder
+        return self.model
+
+    doc = f"{base.__name__}'s {part} alone (bert4keras's `_{part}` model names); see `{base.__name__}`."
+    return type(f"{base.__name__}_{part.capitalize()}", (base,), {"build": build, "__doc__": doc,
+                                                                 "__module__": __name__})
+
+
+for _names, _base in ((("t5", "t5.1.0"), T5_1_0), (("t5.1.1",), T5_1_1), (("mt5.1.1",), MT5)):
+    for _part in ("encoder", "decoder"):
+        _cls = _stack_variant(_base, _part)
+        globals()[_cls.__name__] = _cls
+        register_model(*(f"{n}_{_part}" for n in _names))(_cls)
 
 
 def _output_dtype():

@@ -112,7 +112,9 @@ class PromptPattern:
 
     def __init__(self, tokenizer, template: str, label_words: Sequence[str]):
         if template.count("{mask}") != 1 or template.count("{text}") != 1:
-            raise ValueError(f"PromptPattern: template must contain '{{mask}}' and '{{text}}' once each, got {template!r}.")
+            raise ValueError(
+                f"PromptPattern: template must contain '{{mask}}' and '{{text}}' once each, got {template!r}."
+            )
         if tokenizer.mask_id is None:
             raise ValueError("PromptPattern: the tokenizer's vocabulary has no [MASK] token.")
         self.tokenizer = tokenizer
@@ -164,7 +166,9 @@ class PromptPattern:
         fixed += int(tok._token_start is not None) + int(tok._token_end is not None)
         if maxlen is not None:
             if maxlen <= fixed:
-                raise ValueError(f"PromptPattern.encode: maxlen={maxlen} leaves no room for text (pattern takes {fixed}).")
+                raise ValueError(
+                    f"PromptPattern.encode: maxlen={maxlen} leaves no room for text (pattern takes {fixed})."
+                )
             text_tokens = text_tokens[: maxlen - fixed]
         tokens = [tok._token_start] if tok._token_start is not None else []
         slot_positions = []
@@ -213,7 +217,8 @@ class PromptPattern:
         return masked, targets
 
     def scores(self, mlm_probs, token_ids) -> np.ndarray:
-        """`[batch, num_labels]`: sum over slots of log P(label word token | slot), from MLM probs `[batch, len, vocab]`."""
+        """`[batch, num_labels]`: sum over slots of log P(label word token | slot), from MLM probs
+        `[batch, len, vocab]`."""
         probs = np.asarray(mlm_probs)
         out = np.zeros((len(probs), len(self.label_ids)))
         for b, ids in enumerate(np.asarray(token_ids)):

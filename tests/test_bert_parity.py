@@ -94,7 +94,8 @@ def hf_outputs(hf, token_ids, segment_ids):
         s = torch.tensor(segment_ids, dtype=torch.long)
         out = hf(input_ids=t, token_type_ids=s, attention_mask=(t != 0).long(), output_hidden_states=True)
         pooled = hf.bert.pooler(out.hidden_states[-1])
-    return out.hidden_states[-1].numpy(), pooled.numpy(), out.prediction_logits.numpy(), out.seq_relationship_logits.numpy()
+    return (out.hidden_states[-1].numpy(), pooled.numpy(), out.prediction_logits.numpy(),
+            out.seq_relationship_logits.numpy())
 
 
 def bert4x_outputs(config_path, checkpoint_path, token_ids, segment_ids, **kwargs):
@@ -134,7 +135,7 @@ def test_pytorch_bin_and_bare_keys(tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     # A BertModel checkpoint (no 'bert.' prefix, no heads) saved as pytorch_model.bin.
-    torch.save({k: v for k, v in hf.bert.state_dict().items()}, bare / "pytorch_model.bin")
+    torch.save(dict(hf.bert.state_dict().items()), bare / "pytorch_model.bin")
     token_ids, segment_ids = batch()
     theirs = hf_outputs(hf, token_ids, segment_ids)
     model = build_transformer_model(str(hf_dir / "config.json"), str(bare / "pytorch_model.bin"), with_pool=True)
@@ -198,7 +199,8 @@ def test_real_google_bert_checkpoint(tmp_path):
     segment_ids = np.array([[0] * 6 + [1] * 3, [0] * 4 + [1] * 2 + [0] * 3], dtype="int32")
     with torch.no_grad():
         t = torch.tensor(token_ids, dtype=torch.long)
-        out = hf(input_ids=t, token_type_ids=torch.tensor(segment_ids, dtype=torch.long), attention_mask=(t != 0).long())
+        out = hf(input_ids=t, token_type_ids=torch.tensor(segment_ids, dtype=torch.long),
+                 attention_mask=(t != 0).long())
     nsp, mlm = bert.model.predict([token_ids, segment_ids], verbose=0)
     valid = token_ids != 0
     np.testing.assert_allclose(mlm[valid], out.prediction_logits.numpy()[valid], atol=1e-4)

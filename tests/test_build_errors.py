@@ -80,7 +80,7 @@ def test_shape_mismatch_is_reported(google_ckpt):
 def test_partial_load_reports_what_it_skipped(google_ckpt, tmp_path, caplog):
     config, prefix = google_ckpt
     reader = open_checkpoint(prefix)
-    tensors = {k: reader.get(k) for k in reader.keys() if "pooler" not in k}
+    tensors = {k: reader.get(k) for k in reader if "pooler" not in k}
     partial = write_google_checkpoint(tensors, str(tmp_path / "p" / "bert_model.ckpt"))
     with pytest.raises(CheckpointError, match="Pooler-Dense/kernel"):
         build_transformer_model(config, partial, with_pool=True)
@@ -103,7 +103,8 @@ def test_keep_tokens_slices_embedding_and_mlm_bias(google_ckpt):
     np.testing.assert_array_equal(
         small.get_layer("Embedding-Token").get_weights()[0], reader.get("bert/embeddings/word_embeddings")[keep]
     )
-    np.testing.assert_array_equal(small.get_layer("MLM-Bias").get_weights()[0], reader.get("cls/predictions/output_bias")[keep])
+    np.testing.assert_array_equal(small.get_layer("MLM-Bias").get_weights()[0],
+                                  reader.get("cls/predictions/output_bias")[keep])
     # Same text in the new ids gives the full model's logits restricted to the kept columns.
     full_ids = np.array([[2, 9, 12, 3]], dtype="int32")
     small_ids = np.array([[2, 5, 6, 3]], dtype="int32")
@@ -111,7 +112,8 @@ def test_keep_tokens_slices_embedding_and_mlm_bias(google_ckpt):
     np.testing.assert_allclose(
         small.predict([small_ids, seg], verbose=0), full.predict([full_ids, seg], verbose=0)[..., keep], atol=1e-6
     )
-    with pytest.raises(ValueError, match=r"keep_tokens has 2 ids outside the checkpoint vocabulary \[0, 15\): \[15, -1\]"):
+    with pytest.raises(ValueError,
+                       match=r"keep_tokens has 2 ids outside the checkpoint vocabulary \[0, 15\): \[15, -1\]"):
         build_transformer_model(config, prefix, keep_tokens=[0, 1, 15, -1])
 
 

@@ -24,7 +24,8 @@ rng = np.random.default_rng(0)
 
 # Tests that compare XLA's own buffer accounting of two programs, which bert4x's recomputations target on jax's CPU.
 jax_cpu_only = pytest.mark.skipif(
-    not on_jax_cpu(), reason="XLA's buffer accounting on jax's CPU backend (test_harness_on_jax_backend runs this there)")
+    not on_jax_cpu(),
+    reason="XLA's buffer accounting on jax's CPU backend (test_harness_on_jax_backend runs this there)")
 
 
 def xla_temporaries(fn, *args) -> int:
@@ -85,7 +86,8 @@ TINY = {"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 2, "num_attenti
         "intermediate_size": 16, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 
 
-@pytest.mark.parametrize("heads", [{}, {"with_pool": True}, {"with_mlm": True}, {"with_pool": True, "with_mlm": "linear"}])
+@pytest.mark.parametrize("heads",
+                         [{}, {"with_pool": True}, {"with_mlm": True}, {"with_pool": True, "with_mlm": "linear"}])
 def test_bert_model_harness(heads, tmp_path):
     segments = np.zeros_like(IDS)
     if heads.get("with_pool") and heads.get("with_mlm"):
@@ -270,7 +272,7 @@ def test_layer_norm_gradient_is_the_closed_form():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(ours(*tensors, eps)),
                                keras.ops.convert_to_numpy(autodiff(*tensors)), atol=2e-6)
     for name, wrt in (("x", 0), ("gamma", 1), ("beta", 2)):
-        def of(fn, *extra):
+        def of(fn, *extra, wrt=wrt):
             return lambda t: fn(*tensors[:wrt], t, *tensors[wrt + 1:], *extra) * weights
 
         point = (x, gamma, beta)[wrt]
@@ -311,6 +313,7 @@ def test_truncated_normal_initializer():
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_harness_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_harness_core.py", "-k",
-                          "bert_model or MultiHeadAttention or truncated or gelu or layer_norm or LayerNormalization or Dropout"
+                          "bert_model or MultiHeadAttention or truncated or gelu or layer_norm or LayerNormalization"
+                          " or Dropout"
                           " or first_token or FirstToken or PositionEmbedding"
                           " or Embedding or embedding_gradient")

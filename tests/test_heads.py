@@ -141,7 +141,7 @@ def test_crf_fits_variable_length_sequences_under_jit():
     assert history["sparse_accuracy"][-1] > 0.9
     trans = np_(crf.trans)
     paths = [ViterbiDecoder(trans).decode(e[m]) for e, m in zip(model.predict(ids, verbose=0), ids > 0)]
-    assert np.mean(np.concatenate([p == l[m] for p, l, m in zip(paths, labels, ids > 0)])) > 0.9
+    assert np.mean(np.concatenate([p == gold[m] for p, gold, m in zip(paths, labels, ids > 0)])) > 0.9
 
 
 def test_crf_accuracy_ignores_padding():
@@ -263,13 +263,14 @@ def test_bert_layer_norm_cond_harness(tmp_path):
     cond = rng.normal(size=(4, 5)).astype("float32")
 
     def make():
-        return build_transformer_model(dict(TINY, num_hidden_layers=1), layer_norm_cond=5, layer_norm_cond_hidden_size=4,
-                                       layer_norm_cond_hidden_act="swish", with_mlm="linear")
+        return build_transformer_model(dict(TINY, num_hidden_layers=1), layer_norm_cond=5,
+                                       layer_norm_cond_hidden_size=4, layer_norm_cond_hidden_act="swish",
+                                       with_mlm="linear")
 
     model = make()
     assert [i.name for i in model.inputs] == ["Input-Token", "Input-Segment", "Input-LayerNorm-Condition"]
-    norms = [l for l in model.layers if l.name.endswith("-Norm")]
-    assert len(norms) == 4 and all(isinstance(l, ConditionalLayerNormalization) for l in norms)
+    norms = [layer for layer in model.layers if layer.name.endswith("-Norm")]
+    assert len(norms) == 4 and all(isinstance(norm, ConditionalLayerNormalization) for norm in norms)
     check_model(make, [ids, np.zeros_like(ids), cond], rng.normal(size=(4, 6, 30)), tmp_path)
 
 
@@ -346,7 +347,7 @@ def test_global_pointer_learns_nested_spans():
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=losses.global_pointer_crossentropy)
     model.fit(train_ids, labels, batch_size=32, epochs=12, verbose=0)
     logits = model.predict(test_ids, verbose=0)
-    predicted = [decode_global_pointer(l) for l in logits]
+    predicted = [decode_global_pointer(sample_logits) for sample_logits in logits]
     scores = entity_f1(predicted, [sorted(s) for s in test_spans])
     assert scores["f1"] >= 0.95, scores
 

@@ -72,7 +72,9 @@ def corpus(tokenizer, tmp_path_factory):
 
 # ----------------------------------------------------------------- corpus
 def test_split_sentences_keeps_punctuation_and_quotes():
-    assert split_sentences("你好。他说：“走吧！”然后走了？好\n下一行") == ["你好。", "他说：“走吧！”", "然后走了？", "好", "下一行"]
+    assert split_sentences("你好。他说：“走吧！”然后走了？好\n下一行") == [
+        "你好。", "他说：“走吧！”", "然后走了？", "好", "下一行"
+    ]
     assert split_sentences("") == []
 
 
@@ -81,7 +83,8 @@ def test_iter_corpus_texts_reads_zip_tsv_csv_json_and_char_tag_files(tmp_path):
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("data/train.tsv", "label\ttext_a\n1\t这家酒店的位置很方便\n0\t房间太小了而且很吵\n")
     (tmp_path / "reviews.zip").write_bytes(buffer.getvalue())
-    (tmp_path / "pairs.csv").write_text('label,review\n1,"很快，好吃，味道足"\n1,很快，好吃，味道足\n', encoding="utf-8")
+    (tmp_path / "pairs.csv").write_text('label,review\n1,"很快，好吃，味道足"\n1,很快，好吃，味道足\n',
+                                       encoding="utf-8")
     lines = [{"id": 1, "text": "王 艳 家 买 了 一 台 洗 衣 机", "label": {"人名": {"王艳": [[0, 1]]}}},
              {"id": 2, "text": "王艳家买了一台洗衣机"}]
     (tmp_path / "ner.json").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines), encoding="utf-8")

@@ -68,7 +68,8 @@ def test_pooled_model_computes_its_last_layer_at_cls_only(model):
     for m in (pruned, full):
         m.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
         m.fit([IDS, SEGMENTS], target, batch_size=3, epochs=1, shuffle=False, verbose=0)
-    qkv = [i for i, w in enumerate(pruned.weights) if w.path.endswith("Transformer-1-MultiHeadSelfAttention/qkv/kernel")]
+    qkv = [i for i, w in enumerate(pruned.weights)
+           if w.path.endswith("Transformer-1-MultiHeadSelfAttention/qkv/kernel")]
     assert qkv and np.abs(pruned.get_weights()[qkv[0]] - before[qkv[0]])[:, :8].min() > 0
     for w, a, b in zip(pruned.weights, pruned.get_weights(), full.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=w.path)

@@ -48,7 +48,7 @@ def test_minilm_hidden_states_match_transformers(loaded):
     path, model, tokenizer = loaded
     hidden, token_ids, _ = embed(model, tokenizer, SENTENCES)
     reference_tokenizer = transformers.BertTokenizer(os.path.join(path, "vocab.txt"), do_lower_case=True)
-    for i, s in enumerate(SENTENCES):
+    for s in SENTENCES:
         assert tokenizer.encode(s)[0] == reference_tokenizer(s)["input_ids"]
     hf = transformers.BertModel.from_pretrained(path).eval()
     with torch.no_grad():

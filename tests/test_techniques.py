@@ -82,7 +82,9 @@ def test_prompt_pattern_encodes_cloze_inputs():
     # P-tuning templates: bracketed vocabulary tokens stay single tokens (in the template only).
     prompt = PromptPattern(Tokenizer({t: i for i, t in enumerate(VOCAB + ["[unused1]"])}), "[unused1]{mask}{text}",
                            ["很", "不"])
-    assert prompt.tokenizer.ids_to_tokens(prompt.encode("[unused1]")[0])[:4] == ["[CLS]", "[unused1]", "[MASK]", "[UNK]"]
+    assert prompt.tokenizer.ids_to_tokens(prompt.encode("[unused1]")[0])[:4] == [
+        "[CLS]", "[unused1]", "[MASK]", "[UNK]"
+    ]
     with pytest.raises(ValueError, match="same non-zero length"):
         PromptPattern(tok, "{mask}{text}", ["很", "不好"])
     with pytest.raises(ValueError, match="leaves no room"):
@@ -142,7 +144,7 @@ def test_prompt_tuning_trains_only_prompt_rows():
     tuned = prompt_tuning_model(mlm, prompt_ids=[1, 2, 3])
     embedding = tuned.get_layer("Embedding-Token")
     assert isinstance(embedding, PromptEmbedding)
-    assert not any(type(l).__name__ == "Embedding" and l.name == "Embedding-Token" for l in tuned.layers)
+    assert not any(type(layer).__name__ == "Embedding" and layer.name == "Embedding-Token" for layer in tuned.layers)
     ids = rng.integers(1, 20, size=(8, 6)).astype("int32")
     np.testing.assert_allclose(tuned.predict(ids, verbose=0), mlm.predict(ids, verbose=0), rtol=1e-5, atol=1e-6)
     assert [v.path for v in tuned.trainable_variables] == ["Embedding-Token/embeddings"]

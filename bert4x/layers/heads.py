@@ -48,7 +48,8 @@ def _span_masks(logits, mask, tril_mask: bool):
         mask = ops.cast(mask, "bool")
         keep = ops.logical_and(mask[:, None, :, None], mask[:, None, None, :])
     if tril_mask:
-        upper = ops.expand_dims(ops.expand_dims(ops.greater_equal(ops.arange(n)[None, :], ops.arange(n)[:, None]), 0), 0)
+        upper = ops.greater_equal(ops.arange(n)[None, :], ops.arange(n)[:, None])
+        upper = ops.expand_dims(ops.expand_dims(upper, 0), 0)
         keep = upper if keep is None else ops.logical_and(keep, upper)
     return logits if keep is None else ops.where(keep, logits, backend.MASK_VALUE)
 
@@ -81,7 +82,8 @@ class _SpanHead(keras.layers.Layer):
 
     def _dense(self, units: int, name: str) -> keras.layers.Dense:
         return keras.layers.Dense(
-            units, use_bias=self.use_bias, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy, name=name
+            units, use_bias=self.use_bias, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy,
+            name=name,
         )
 
     def compute_mask(self, inputs, mask=None):
@@ -183,13 +185,15 @@ class ConditionalRandomField(keras.layers.Layer):
     only `(y_true, y_pred)`, can recover the padding (give `mask` `[batch, len]` or rely on Keras masking). Padding
     may be on either side but valid positions must be contiguous.
 
-    - `sparse_loss(y_true, y_pred)`: `log Z - score(gold)` per sequence, `score = sum_t E[t, y_t] + sum_t T[y_t, y_t+1]`,
-      Z by the forward algorithm. `y_true`: int labels `[batch, len]` (or `[batch, len, 1]`).
+    - `sparse_loss(y_true, y_pred)`: `log Z - score(gold)` per sequence,
+      `score = sum_t E[t, y_t] + sum_t T[y_t, y_t+1]`, Z by the forward algorithm. `y_true`: int labels
+      `[batch, len]` (or `[batch, len, 1]`).
     - `dense_loss`: the same with one-hot labels. `sparse_accuracy` / `dense_accuracy`: per-token argmax accuracy.
     - `trans`: `T` as a tensor (`lr_multiplier * stored weight`: bert4keras's reparameterisation that multiplies the
       transitions' effective learning rate by about `lr_multiplier` under Adam).
 
-    Models compiled with these bound-method losses save fine; load them with `compile=False` and compile again.
+    A `bert4x.models.Model` compiled with these bound-method losses and metrics records them by layer and method
+    name, so `keras.saving.load_model` (with the default `compile=True`) restores it compiled, ready to train on.
 
     Example:
     >>> crf = ConditionalRandomField(lr_multiplier=10)
@@ -342,7 +346,8 @@ class ConditionalLayerNormalization(keras.layers.Layer):
         self.hidden_initializer = keras.initializers.get(hidden_initializer)
 
     def build(self, input_shape):
-        if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2 and isinstance(input_shape[0], (list, tuple))):
+        if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2
+                and isinstance(input_shape[0], (list, tuple))):
             raise ValueError(f"{self.name}: call ConditionalLayerNormalization on [x, condition], got {input_shape}.")
         x_shape, cond_shape = input_shape
         dim = x_shape[-1]
@@ -459,7 +464,9 @@ class PromptEmbedding(Embedding):
         table = ops.convert_to_tensor(self.embeddings)
         is_prompt = ops.zeros((self.input_dim,), "bool")
         if self.prompt_ids:
-            is_prompt = ops.any(ops.equal(ops.arange(self.input_dim)[:, None], ops.array(self.prompt_ids)[None]), axis=1)
+            is_prompt = ops.any(
+                ops.equal(ops.arange(self.input_dim)[:, None], ops.array(self.prompt_ids)[None]), axis=1
+            )
         return ops.where(is_prompt[:, None], table, ops.stop_gradient(table))
 
     def call(self, inputs, mode: str = "embedding"):

@@ -51,7 +51,8 @@ class Source:
     names: checkpoint variables, concatenated along the last axis when there are several (fused q|k|v kernels).
     transpose: each variable is stored `[out, in]` (PyTorch Linear) and is transposed to Keras' `[in, out]`.
     vocab: one axis indexes the vocabulary, so `keep_tokens` / `compound_tokens` apply to it.
-    vocab_axis: which axis that is, in Keras layout (0 for embeddings; -1 for an untied LM head's `[dim, vocab]` kernel).
+    vocab_axis: which axis that is, in Keras layout (0 for embeddings; -1 for an untied LM head's `[dim, vocab]`
+        kernel).
     """
 
     names: tuple[str, ...]
@@ -73,7 +74,8 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class LoadReport:
-    """What a checkpoint load did: `loaded` Keras weights, and what was `missing`, `mismatched`, `unexpected`, `ignored`."""
+    """What a checkpoint load did: `loaded` Keras weights, and what was `missing`, `mismatched`, `unexpected`,
+    `ignored`."""
 
     checkpoint: str
     loaded: list[str]
@@ -562,7 +564,7 @@ class Transformer:
         ignore = self._ignore_patterns(fmt)
         head_names = {self._checkpoint_name(reader, n, fmt) for s in table.values() for n in s.names}
         unexpected, ignored = [], []
-        for key in reader.keys():
+        for key in reader:
             if key in used:
                 continue
             if any(p.search(key) for p in ignore):
@@ -628,12 +630,12 @@ class Transformer:
                 raise CheckpointError(f"{path}: {problem}")
             used.update(names)
             tensors.update(self._write_source(dst_table[path], value))
-        for copy, original in self.tied_variables(reader.format).items():
+        for copy in self.tied_variables(reader.format):
             name = self._checkpoint_name(reader, copy, reader.format)
             if name is not None:
                 used.add(name)
         ignore = self._ignore_patterns(reader.format)
-        left = [k for k in reader.keys() if k not in used and not any(p.search(k) for p in ignore)]
+        left = [k for k in reader if k not in used and not any(p.search(k) for p in ignore)]
         if left:
             raise CheckpointError(
                 f"{len(left)} variables of {source_path} match no {type(self).__name__} weight: {left[:20]}"

@@ -46,7 +46,8 @@ def test_linear_attention_matches_formula():
                                rtol=1e-4, atol=1e-5)
     pad = padding([N, 4])
     np.testing.assert_allclose(np_(av.linear_attention(q, k, v, mask=pad)),
-                               kernel_numpy(phi(q), phi(k), v, np.broadcast_to(pad, (B, H, N, N))), rtol=1e-4, atol=1e-5)
+                               kernel_numpy(phi(q), phi(k), v, np.broadcast_to(pad, (B, H, N, N))),
+                               rtol=1e-4, atol=1e-5)
     causal = np.tril(np.ones((N, N), bool))[None, None]
     expected = kernel_numpy(phi(q), phi(k), v, np.broadcast_to(causal, (B, H, N, N)))
     # O(n) running sums and the explicit masked form agree with the formula.

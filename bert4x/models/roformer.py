@@ -298,7 +298,8 @@ class RoFormerV2(RoFormer):
             layer = _google_layer_table(i, f"Transformer-{i}-MultiHeadSelfAttention")
             table.update({path: s for path, s in layer.items() if path.endswith("/kernel")})
             if self.ffn_gated:
-                table[f"Transformer-{i}-FeedForward/gate/kernel"] = f"bert/encoder/layer_{i}/intermediate/dense_1/kernel"
+                gate = f"bert/encoder/layer_{i}/intermediate/dense_1/kernel"
+                table[f"Transformer-{i}-FeedForward/gate/kernel"] = gate
         return table
 
     def export_config(self, fmt):

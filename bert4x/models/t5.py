@@ -176,7 +176,9 @@ def _hf_block(stack: str, i: int) -> dict:
     if stack == "Decoder":
         table.update({
             f"{_attention(stack, i, 'Cross')}/q/kernel": linear("layer.1.EncDecAttention.q"),
-            f"{_attention(stack, i, 'Cross')}/kv/kernel": linear("layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v"),
+            f"{_attention(stack, i, 'Cross')}/kv/kernel": linear(
+                "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v"
+            ),
             f"{_attention(stack, i, 'Cross')}/output/kernel": linear("layer.1.EncDecAttention.o"),
             f"{_attention(stack, i, 'Cross')}-Norm/scale": p + "layer.1.layer_norm.weight",
         })
@@ -198,8 +200,10 @@ GOOGLE_TABLE = {
 
 HF_TABLE = {
     "Embedding-Token/embeddings": src("shared.weight", vocab=True),
-    "Encoder-Embedding-Relative-Position/embeddings": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-    "Decoder-Embedding-Relative-Position/embeddings": "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    "Encoder-Embedding-Relative-Position/embeddings":
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    "Decoder-Embedding-Relative-Position/embeddings":
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
     "Encoder-Output-Norm/scale": "encoder.final_layer_norm.weight",
     "Decoder-Output-Norm/scale": "decoder.final_layer_norm.weight",
     "Decoder-Output-LM/kernel": src("lm_head.weight", transpose=True, vocab=True, vocab_axis=-1),
@@ -273,7 +277,9 @@ class T5(Transformer):
     required_config = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     model_types = ("t5", "mt5")
     # initializer_factor only scales HF's random init; dense_act_fn / is_gated_act are derived from feed_forward_proj.
-    ignored_config_keys = frozenset({"initializer_factor", "dense_act_fn", "is_gated_act", "n_positions", "output_past"})
+    ignored_config_keys = frozenset(
+        {"initializer_factor", "dense_act_fn", "is_gated_act", "n_positions", "output_past"}
+    )
     # Old Hugging Face T5 checkpoints carry an unused cross-attention position table (transformers ignores it too).
     ignored_checkpoint_variables = {
         "huggingface": (r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",),
@@ -314,8 +320,8 @@ class T5(Transformer):
             raise ValueError(
                 "tie_word_embeddings=True: bert4x's T5.1.1/mT5 has an LM head untied from the embedding "
                 "(decoder/logits/kernel, lm_head.weight); tied T5 v1.0 is model='t5.1.0'. transformers >= 5 writes "
-                "tie_word_embeddings=true into every mT5 config it saves: if the checkpoint has its own lm_head.weight, "
-                "set tie_word_embeddings to false in the config (or pass tie_word_embeddings=False)."
+                "tie_word_embeddings=true into every mT5 config it saves: if the checkpoint has its own "
+                "lm_head.weight, set tie_word_embeddings to false in the config (or pass tie_word_embeddings=False)."
             )
         return _resolve_feed_forward(feed_forward_proj, hidden_act), True, False
 
@@ -391,7 +397,8 @@ class T5(Transformer):
     def apply_main_layers(self, x, index):
         attention = self._attention_layer(_attention("Encoder", index, "Self"))
         x = self._residual(
-            attention.name, x, lambda y: attention(y, attention_mask=self._encoder_mask, attention_bias=self._encoder_bias)
+            attention.name, x,
+            lambda y, layer=attention: layer(y, attention_mask=self._encoder_mask, attention_bias=self._encoder_bias),
         )
         return self._residual(_feed_forward("Encoder", index), x,
                               self._feed_forward_layer(_feed_forward("Encoder", index)))
@@ -412,9 +419,9 @@ class T5(Transformer):
             self_attention = self._attention_layer(_attention("Decoder", index, "Self"))
             cross_attention = self._attention_layer(_attention("Decoder", index, "Cross"), cross=True)
             x = self._residual(self_attention.name, x,
-                               lambda y: self_attention(y, attention_mask=self_mask, attention_bias=bias))
+                               lambda y, layer=self_attention: layer(y, attention_mask=self_mask, attention_bias=bias))
             x = self._residual(cross_attention.name, x,
-                               lambda y: cross_attention(y, context, attention_mask=context_mask))
+                               lambda y, layer=cross_attention: layer(y, context, attention_mask=context_mask))
             x = self._residual(_feed_forward("Decoder", index), x,
                                self._feed_forward_layer(_feed_forward("Decoder", index)))
         x = self._norm("Decoder-Output-Norm")(x)

@@ -63,9 +63,10 @@ def decoding_model(model):
     target = getattr(model, "transformer", None) if isinstance(model, keras.Model) else model
     if target is None:
         raise TypeError(
-            f"Generator: the keras model {model.name!r} has no `.transformer`: it was not returned by bert4x's "
-            "build_transformer_model (a model loaded from a .keras file or wrapped in a new keras.Model loses it). "
-            "Pass the model build_transformer_model returned (or rebuild it and load the weights)."
+            f"Generator: the keras model {model.name!r} has no `.transformer`, so it has no decoding methods: pass "
+            "the model that build_transformer_model returned, or that model saved and loaded as .keras (it is "
+            "rebuilt with its Transformer). A new keras.Model wrapped around its layers loses them: rebuild the "
+            "model with build_transformer_model and load the weights into it (load_weights / set_weights)."
         )
     missing = [name for name in _INTERFACE if not callable(getattr(target, name, None))]
     if missing or not isinstance(getattr(target, "vocab_size", None), numbers.Integral):

@@ -287,6 +287,25 @@ def test_models_that_cannot_decode_are_refused():
         [[2, 5]], max_len=4)
 
 
+def test_models_loaded_from_keras_files_generate_like_the_original(tmp_path):
+    import keras
+
+    prompts = [[2, 5, 6, 7], [2, 9]]
+    for n, (model, application) in enumerate([("bert", "unilm"), ("roformer", "lm")]):
+        original = make_model(model, application, layers=1)
+        original.save(tmp_path / f"m{n}.keras")
+        loaded = keras.models.load_model(tmp_path / f"m{n}.keras")
+        assert loaded is not original and loaded.transformer.model is loaded
+        for options in (dict(max_len=6, end_id=END), dict(max_len=6, end_id=END, num_beams=3)):
+            want = Generator(original).generate(prompts, **options)
+            assert Generator(loaded).generate(prompts, **options) == want
+            assert any(len(row) > 1 for row in want)
+    # A new keras.Model around a bert4x model's layers has no decoding methods: a clear TypeError says what to do.
+    wrapped = keras.Model(original.inputs, original.outputs)
+    with pytest.raises(TypeError, match="build_transformer_model and load the weights"):
+        Generator(wrapped)
+
+
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_generation_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_generation.py", "-k", "exhaustive or uncached or sampling or prefix_tree")

@@ -560,7 +560,8 @@ class Generator:
 
     Args:
         model: a keras model returned by `build_transformer_model` for a family that decodes (BERT family with
-            application 'lm'/'unilm', T5/mT5), its `Transformer`, or any object with the decoding interface.
+            application 'lm'/'unilm', T5/mT5) or loaded from its `.keras` file, its `Transformer`, or any object
+            with the decoding interface.
         pad_to_multiple: prompts are padded to a multiple of this length, so that nearby lengths share a compiled
             function.
         jit: compile the search (jax, tensorflow); False runs it eagerly.

@@ -570,15 +570,16 @@ def export_generator(
 
     The function is `serving_default`. It takes `batch_size` prompts right-padded with 0 to `prompt_length`:
     `Input-Token` and `Input-Segment` (int32 `[batch_size, prompt_length]`) for a BERT-family model built with
-    `application='unilm'` or `'lm'`, or `Encoder-Input-Token` for a T5/mT5 model (pass the `T5` object,
-    `return_keras_model=False`). It returns `generated_ids` (int32 `[batch_size, max_len]`) and `lengths`
-    (`[batch_size]`: the tokens up to and including `end_id`); `generated_ids[i, :lengths[i]]` is what
+    `application='unilm'` or `'lm'`, or `Encoder-Input-Token` for a T5/mT5 model. It returns `generated_ids` (int32
+    `[batch_size, max_len]`) and `lengths` (`[batch_size]`: the tokens up to and including `end_id`);
+    `generated_ids[i, :lengths[i]]` is what
     `bert4x.generation.Generator(model).generate(...)` returns for prompt i. The whole search (prompt pass, cached
     steps, early stop) runs inside the graph, compiled with XLA. Shapes are fixed at export: export one artifact per
     batch size / prompt length bucket you serve.
 
     Args:
-        model: a bert4x 'unilm'/'lm' keras model, a bert4x `T5`, or a `bert4x.generation.DecodingAdapter`.
+        model: what `bert4x.generation.Generator` takes (a bert4x 'unilm'/'lm' keras model, a T5/mT5 model or its
+            `T5` object), whose decoding `Transformer` has a built keras `.model`.
         path: the SavedModel directory to write (must not exist).
         batch_size: prompts per call.
         prompt_length: the padded prompt length (longest prompt served).
@@ -602,39 +603,47 @@ def export_generator(
         raise ValueError(f"export_generator: {path!r} already exists; remove it or choose another path.")
     import tensorflow as tf
 
-    from bert4x.generation import BertDecodingAdapter, _Search, _Searcher, adapter_for
+    from bert4x.generation import Generator
 
-    adapter = adapter_for(model)
-    if end_id is not None and not 0 <= end_id < adapter.vocab_size:
-        raise ValueError(f"export_generator: end_id={end_id} is outside the vocabulary [0, {adapter.vocab_size}).")
-    limit = getattr(adapter, "max_positions", None)
-    if limit is not None and prompt_length + max_len > limit:
-        raise ValueError(f"export_generator: prompt_length={prompt_length} plus max_len={max_len} exceeds the "
-                         f"model's {limit} learned positions.")
-    search = _Search("beam" if num_beams > 1 else "greedy", max_len, min_len, end_id, num_beams, None, None, 1.0, 1.0,
-                     0, False, None)
-    searcher = _Searcher(adapter, search)
-    bert = isinstance(adapter, BertDecodingAdapter)
+    generator = Generator(model, pad_to_multiple=prompt_length, jit=False)
+    transformer = generator.model
+    owner = getattr(transformer, "model", None)
+    if not isinstance(owner, keras.Model):
+        raise TypeError(f"export_generator: {type(transformer).__name__} has no built keras `.model` whose variables "
+                        "the SavedModel could hold.")
+    search = generator.search_function(max_len=max_len, end_id=end_id, num_beams=num_beams, min_len=min_len)
+    try:  # validates the shapes (e.g. learned positions) as `generate` would, and shows the prompt format
+        transformer.decode_prepare([[1] * prompt_length], None, prompt_length, max_len)
+        template = transformer.decode_prepare([[1]], None, 2, max_len)
+    except ValueError as e:
+        raise ValueError(f"export_generator: prompt_length={prompt_length}, max_len={max_len}: {e}") from e
+    if set(template) == {"token_ids"}:  # right-padded encoder inputs (T5): served as they come
+        names, left_pad = ["Encoder-Input-Token"], False
+    elif set(template) == {"token_ids", "segment_ids", "mask"}:  # `left_pad_prompts` (BERT family)
+        names, left_pad = ["Input-Token", "Input-Segment"], True
+        pad_id = int(template["token_ids"][0, 0])  # what decode_prepare writes at padding
+    else:
+        raise TypeError(f"export_generator: {type(transformer).__name__}.decode_prepare returns {sorted(template)}; "
+                        "the export knows right-padded `token_ids` and left-padded token_ids/segment_ids/mask.")
     shape = (batch_size, prompt_length)
-    names = ["Input-Token", "Input-Segment"] if bert else ["Encoder-Input-Token"]
 
     @tf.function(jit_compile=True, autograph=False)
     def decode(inputs):
         token_ids = ops.cast(inputs[names[0]], "int32")
-        if bert:  # the adapter's prompts are left-padded with a mask (prepare() does this on the host)
+        if left_pad:  # the served prompts are right-padded with 0: move them right, as decode_prepare does
             lengths = ops.sum(ops.cast(ops.not_equal(token_ids, 0), "int32"), axis=1)
             source = ops.arange(prompt_length, dtype="int32")[None, :] - (prompt_length - lengths)[:, None]
             mask = ops.greater_equal(source, 0)
             source = ops.maximum(source, 0)
+            segment_ids = ops.cast(inputs[names[1]], "int32")
             prompt = {
-                "token_ids": ops.where(mask, ops.take_along_axis(token_ids, source, axis=1), adapter.pad_id),
-                "segment_ids": ops.where(mask, ops.take_along_axis(ops.cast(inputs[names[1]], "int32"), source,
-                                                                   axis=1), 0),
+                "token_ids": ops.where(mask, ops.take_along_axis(token_ids, source, axis=1), pad_id),
+                "segment_ids": ops.where(mask, ops.take_along_axis(segment_ids, source, axis=1), 0),
                 "mask": mask,
             }
         else:
             prompt = {"token_ids": token_ids}
-        tokens, _ = searcher.run(prompt, {}, ops.convert_to_tensor(0, "int32"))
+        tokens, _ = search(prompt)
         if end_id is None:
             lengths = ops.full((batch_size,), max_len, "int32")
         else:
@@ -644,20 +653,8 @@ def export_generator(
         return {"generated_ids": tokens, "lengths": lengths}
 
     archive = keras.export.ExportArchive()
-    for variable_owner in _variable_owners(adapter):
-        archive.track(variable_owner)
+    archive.track(owner)
     signature = {n: tf.TensorSpec(shape, "int32", name=n) for n in names}
     archive.add_endpoint(_SIGNATURE, decode, input_signature=[signature])
     archive.write_out(path, verbose=verbose)
     return path
-
-
-def _variable_owners(adapter) -> list:
-    """The Keras models whose variables the decoding reads (tracked so the SavedModel holds them)."""
-    for attribute in ("model", "t5"):
-        owner = getattr(adapter, attribute, None)
-        if isinstance(owner, keras.Model):
-            return [owner]
-        if owner is not None and isinstance(getattr(owner, "model", None), keras.Model):
-            return [owner.model]
-    raise TypeError(f"export_generator: cannot find the Keras model behind {type(adapter).__name__}.")

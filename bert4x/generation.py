@@ -64,9 +64,10 @@ def decoding_model(model):
     target = getattr(model, "transformer", None) if isinstance(model, keras.Model) else model
     if target is None:
         raise TypeError(
-            f"Generator: the keras model {model.name!r} has no `.transformer`: it was not returned by bert4x's "
-            "build_transformer_model (a model loaded from a .keras file or wrapped in a new keras.Model loses it). "
-            "Pass the model build_transformer_model returned (or rebuild it and load the weights)."
+            f"Generator: the keras model {model.name!r} has no `.transformer`, so it has no decoding methods: pass "
+            "the model that build_transformer_model returned, or that model saved and loaded as .keras (it is "
+            "rebuilt with its Transformer). A new keras.Model wrapped around its layers loses them: rebuild the "
+            "model with build_transformer_model and load the weights into it (load_weights / set_weights)."
         )
     missing = [name for name in _INTERFACE if not callable(getattr(target, name, None))]
     if missing or not isinstance(getattr(target, "vocab_size", None), numbers.Integral):
@@ -560,8 +561,8 @@ class Generator:
 
     Args:
         model: a keras model returned by `build_transformer_model` for a family that decodes (BERT family and
-            ALBERT with application 'lm'/'unilm', GPT/GPT-2/GPT2-ML, T5/mT5), its `Transformer`, or any object with
-            the decoding interface.
+            ALBERT with application 'lm'/'unilm', GPT/GPT-2/GPT2-ML, T5/mT5) or loaded from its `.keras` file, its
+            `Transformer`, or any object with the decoding interface.
         pad_to_multiple: prompts are padded to a multiple of this length, so that nearby lengths share a compiled
             function.
         jit: compile the search (jax, tensorflow); False runs it eagerly.
@@ -639,6 +640,50 @@ class Generator:
         Returns:
             A list of token-id lists, and with `return_scores` a list of floats too.
         """
+        search, tree_arrays, seed = self._settings(
+            max_len=max_len, min_len=min_len, end_id=end_id, num_beams=num_beams, length_penalty=length_penalty,
+            early_stopping=early_stopping, exact=exact, do_sample=do_sample, top_k=top_k, top_p=top_p,
+            temperature=temperature, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, prefix_tree=prefix_tree, always_keep_end=always_keep_end,
+            seed=seed,
+        )
+        prompt = self.model.decode_prepare(prompts, segment_ids, self.pad_to_multiple, max_len)
+        if search not in self._compiled:
+            self._compiled[search] = _compile(_Searcher(self.model, search).run, self.model.decode_variables(),
+                                              self.jit)
+        tokens, scores = self._compiled[search](prompt, tree_arrays, np.asarray(seed, dtype=np.int32))
+        tokens = np.asarray(ops.convert_to_numpy(tokens))
+        outputs = []
+        for row in tokens:
+            row = row.tolist()
+            if end_id is not None and end_id in row:
+                row = row[: row.index(end_id) + 1]
+            outputs.append(row)
+        if return_scores:
+            return outputs, np.asarray(ops.convert_to_numpy(scores)).tolist()
+        return outputs
+
+    def _settings(
+        self,
+        *,
+        max_len: int = 32,
+        min_len: int = 1,
+        end_id: int | None = None,
+        num_beams: int = 1,
+        length_penalty: float | None = None,
+        early_stopping: bool | str = False,
+        exact: bool = False,
+        do_sample: bool = False,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        prefix_tree: PrefixTree | None = None,
+        always_keep_end: bool = False,
+        seed: int = 0,
+    ) -> tuple[_Search, dict, int]:
+        """Validates the search options of `generate`; returns the `_Search`, the prefix-tree arrays and the seed."""
         max_len = _check_int("max_len", max_len, low=1)
         min_len = _check_int("min_len", min_len, low=1)
         if min_len > max_len:
@@ -687,21 +732,26 @@ class Generator:
             strategy, max_len, min_len, end_id, num_beams, top_k, top_p, temperature, repetition_penalty,
             no_repeat_ngram_size, bool(always_keep_end), fanout, rule, length_penalty or 0.0, early_stopping,
         )
-        prompt = self.model.decode_prepare(prompts, segment_ids, self.pad_to_multiple, max_len)
-        if search not in self._compiled:
-            self._compiled[search] = _compile(_Searcher(self.model, search).run, self.model.decode_variables(),
-                                              self.jit)
-        tokens, scores = self._compiled[search](prompt, tree_arrays, np.asarray(seed, dtype=np.int32))
-        tokens = np.asarray(ops.convert_to_numpy(tokens))
-        outputs = []
-        for row in tokens:
-            row = row.tolist()
-            if end_id is not None and end_id in row:
-                row = row[: row.index(end_id) + 1]
-            outputs.append(row)
-        if return_scores:
-            return outputs, np.asarray(ops.convert_to_numpy(scores)).tolist()
-        return outputs
+        return search, tree_arrays, seed
+
+    def search_function(self, **options) -> Callable:
+        """The search of `generate(..., **options)` as one uncompiled, traceable function, for graph exports.
+
+        `fn(prompt) -> (tokens, scores)`: `prompt` is what the model's `decode_prepare` returns (arrays or tensors of
+        that structure and dtypes, possibly symbolic); `tokens` is int32 `[batch, max_len]`, 0 after a row's end;
+        `scores` float32 `[batch]` (what `return_scores` gives). The caller compiles it (e.g. in a
+        `tf.function(jit_compile=True)`); `generate` runs the same search.
+
+        Args:
+            **options: the search options of `generate` (`max_len`, `end_id`, `num_beams`, ...).
+        """
+        search, tree_arrays, seed = self._settings(**options)
+        run = _Searcher(self.model, search).run
+
+        def fn(prompt):
+            return run(prompt, tree_arrays, ops.convert_to_tensor(seed, "int32"))
+
+        return fn
 
 
 _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -224,6 +224,39 @@ class Model(keras.Model):
                 os.remove(alias)
             os.rmdir(folder)
 
+    # ----------------------------------------------------------------- model config
+    # A model that `build_transformer_model` built carries its `Transformer` (`.transformer`: the decoding methods,
+    # checkpoint tables). Its config records how to build it again, so that `.keras` loading rebuilds the same
+    # graph through the Transformer instead of layer by layer, and the loaded model keeps `.transformer`.
+    def get_config(self) -> dict:
+        config = super().get_config()
+        transformer = getattr(self, "transformer", None)
+        record = transformer.rebuild_record() if getattr(transformer, "model", None) is self else None
+        if record is not None:
+            config[_TRANSFORMER_KEY] = record
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None):
+        record = config.get(_TRANSFORMER_KEY)
+        config = {k: v for k, v in config.items() if k != _TRANSFORMER_KEY}
+        if record is not None:
+            from bert4x.models.base import rebuild_transformer
+
+            model = rebuild_transformer(record).model
+            # Only the very graph that was saved may stand in for it: same layers, settings and connections.
+            if "name" in config:  # an unnamed model's generated name depends on what was built before it
+                model.name = config["name"]
+            rebuilt = {k: v for k, v in model.get_config().items() if k != _TRANSFORMER_KEY}
+            if isinstance(model, cls) and _plain(rebuilt) == _plain(config):
+                return model
+            warnings.warn(
+                f"bert4x.models.Model.from_config: rebuilding {record['model']!r} from its recorded arguments did not "
+                "give the saved graph; it is loaded layer by layer instead, without `.transformer` (so no Generator).",
+                stacklevel=2,
+            )
+        return super().from_config(config, custom_objects)
+
     # ----------------------------------------------------------------- compile config
     def get_compile_config(self) -> dict:
         """Keras's compile config, with losses and metrics that are methods of this model's layers (the CRF's
@@ -350,6 +383,19 @@ class Model(keras.Model):
 # weight-gradient reduction and optimizer update, whose inputs have by then left the L2 cache; without it the scanned
 # step is as fast as single steps (benchmarks/RESULTS.md). The option is per program and ignored off the GPU.
 _SCAN_COMPILER_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": False}
+
+
+_TRANSFORMER_KEY = "bert4x_transformer"
+
+
+def _plain(value):
+    """A config as it reads back from a `.keras` file (tuples as lists, without the ids that Keras's saving gives
+    shared objects), for comparing a fresh config with a loaded one."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "shared_object_id"}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _same_shapes(batches: list) -> bool:

@@ -287,6 +287,42 @@ def test_models_that_cannot_decode_are_refused():
         [[2, 5]], max_len=4)
 
 
+def test_models_loaded_from_keras_files_generate_like_the_original(tmp_path):
+    import keras
+
+    prompts = [[2, 5, 6, 7], [2, 9]]
+    for n, (model, application) in enumerate([("bert", "unilm"), ("roformer", "lm")]):
+        original = make_model(model, application, layers=1)
+        original.save(tmp_path / f"m{n}.keras")
+        loaded = keras.models.load_model(tmp_path / f"m{n}.keras")
+        assert loaded is not original and loaded.transformer.model is loaded
+        for options in (dict(max_len=6, end_id=END), dict(max_len=6, end_id=END, num_beams=3)):
+            want = Generator(original).generate(prompts, **options)
+            assert Generator(loaded).generate(prompts, **options) == want
+            assert any(len(row) > 1 for row in want)
+    # A record that does not rebuild the saved graph is not trusted: the file loads layer by layer, with a warning.
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "m1.keras") as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    config["config"]["bert4x_transformer"]["kwargs"]["hidden_act"] = "relu"
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "tampered.keras", "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    with pytest.warns(UserWarning, match="did not give the saved graph"):
+        fallback = keras.models.load_model(tmp_path / "tampered.keras")
+    assert not hasattr(fallback, "transformer")
+    inputs = [np.array([[2, 5, 6]]), np.zeros((1, 3), "int32")]
+    np.testing.assert_allclose(fallback.predict(inputs, verbose=0), original.predict(inputs, verbose=0), atol=1e-6)
+    # A new keras.Model around a bert4x model's layers has no decoding methods: a clear TypeError says what to do.
+    wrapped = keras.Model(original.inputs, original.outputs)
+    with pytest.raises(TypeError, match="build_transformer_model and load the weights"):
+        Generator(wrapped)
+
+
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
 def test_generation_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_generation.py", "-k", "exhaustive or uncached or sampling or prefix_tree")

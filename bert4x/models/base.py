@@ -261,6 +261,13 @@ class Transformer:
     # Per format, regexes of checkpoint variables that this model knowingly does not use (beyond optimizer slots).
     ignored_checkpoint_variables: dict[str, tuple[str, ...]] = {}
 
+    def __new__(cls, *args, **kwargs):
+        # The constructor arguments, kept so that a saved model can be rebuilt with its decoding methods
+        # (`rebuild_record`); None when they are not plain JSON data (e.g. a Keras tensor as `layer_norm_cond`).
+        self = super().__new__(cls)
+        self.constructor_arguments = _json_data({"args": list(args), "kwargs": kwargs})
+        return self
+
     def __init__(
         self,
         vocab_size: int,
@@ -438,6 +445,15 @@ class Transformer:
         self.model = Model(inputs, outputs, name=self.name)
         self.model.transformer = self  # lets `Generator(keras_model)` reach the decoding methods below
         return self.model
+
+    def rebuild_record(self) -> dict | None:
+        """How to build this model again: its registered name, constructor arguments and dtype policy, as JSON data
+        (`bert4x.models.Model` saves it in its config, so that a loaded `.keras` model keeps `.transformer`); None
+        for an unregistered class or arguments that are not JSON data."""
+        names = [name for name, cls in MODELS.items() if cls is type(self)]
+        if not names or self.constructor_arguments is None or self.model is None:
+            return None
+        return {"model": names[0], **self.constructor_arguments, "dtype_policy": self.model.dtype_policy.name}
 
     # ----------------------------------------------------------------- checkpoints
     def attention_variant_kwargs(self) -> dict:
@@ -766,6 +782,46 @@ def build_transformer_model(
     if return_keras_model:
         return transformer.model
     return transformer
+
+def rebuild_transformer(record: dict) -> Transformer:
+    """Builds the `Transformer` that `Transformer.rebuild_record` describes (fresh weights), under the dtype policy it
+    was built with.
+
+    Args:
+        record: what `rebuild_record` returned.
+    """
+    import bert4x.models  # noqa: F401 (registers every model)
+
+    if not isinstance(record, dict) or not {"model", "args", "kwargs", "dtype_policy"} <= set(record):
+        raise ValueError(f"rebuild_transformer: record must be what Transformer.rebuild_record returns, got "
+                         f"{record!r}.")
+    if record["model"] not in MODELS:
+        raise ValueError(f"rebuild_transformer: model {record['model']!r} is not registered (import the module that "
+                         f"registers it); registered: {sorted(MODELS)}.")
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(record["dtype_policy"])
+    try:
+        transformer = MODELS[record["model"]](*record["args"], **record["kwargs"])
+        transformer.build()
+    finally:
+        keras.config.set_dtype_policy(policy)
+    return transformer
+
+
+def _json_data(value):
+    """`value` as plain JSON data (numpy scalars and arrays, tuples as lists), or None if it holds anything else."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_json_data(v) for v in value]
+        return None if any(i is None and v is not None for i, v in zip(items, value)) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _json_data(v) for k, v in value.items()}
+        return None if any(items[k] is None and value[k] is not None for k in value) else items
+    return None
+
 
 # ---------------------------------------------------------------------- decoding helpers
 

@@ -527,7 +527,9 @@ def _compile(fn: Callable, variables: list, jit: bool) -> Callable:
         return lambda *args: jitted([v.value for v in variables], *args)
     import tensorflow as tf
 
-    return tf.function(fn, jit_compile=True)
+    # No autograph: the search is written in keras.ops control flow, and autograph's cache of converted code (keyed
+    # by code objects, whose ids are reused) could hand one model's traced method to another.
+    return tf.function(fn, jit_compile=True, autograph=False)
 
 
 def _check_int(name: str, value, low: int | None = None, high: int | None = None, none: bool = False):

@@ -565,7 +565,7 @@ def test_custom_position_ids_and_segment_options():
         build_transformer_model(cfg, attention_key_size=3)
     with pytest.raises(ValueError, match="shared_segment_embeddings=True needs segment ids"):
         build_transformer_model(cfg, shared_segment_embeddings=True, segment_vocab_size=0)
-    with pytest.raises(ValueError, match="embedding_size must be a positive integer"):
+    with pytest.raises(ValueError, match="embedding_size=0 must be an integer >= 1"):
         build_transformer_model(cfg, embedding_size=0)
 
 

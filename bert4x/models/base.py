@@ -182,6 +182,10 @@ def check_config_value(key: str, value: Any, config_path: str = "<config>", cano
             raise ValueError(f"{where} must be > 0 (and not round to 0 in float32).")
         if rule_of in _NON_NEGATIVE_FLOAT and value < 0:
             raise ValueError(f"{where} must be >= 0.")
+    elif rule_of == "hidden_act" and isinstance(value, (list, tuple)):
+        # bert4keras's configs may list one activation per feed-forward projection (['silu', 'linear'])
+        if not value or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{where} must be a string or a list of strings.")
     elif rule_of in _STRING and not isinstance(value, str) and not (rule_of == "hidden_act" and callable(value)):
         raise TypeError(f"{where} must be a string, got {type(value).__name__}.")
 

@@ -888,7 +888,11 @@ class SpTokenizer(TokenizerBase):
         spans: list[_Span] = []
         for piece in proto.pieces:
             first, last = char_at_byte[piece.begin], char_at_byte[piece.end]
-            if first == last and self.sp_model.is_byte(piece.id) and first < len(text):
-                last = first + 1  # byte-fallback pieces of one char all map to it
+            if first == last and first < len(text) and (
+                self.sp_model.is_byte(piece.id) or piece.piece.strip("\u2581")
+            ):
+                # byte-fallback pieces of one char, and the pieces NFKC expands one char into ('¼' -> '1', '⁄',
+                # '4'), come with an empty span at that char: they all map to it
+                last = first + 1
             spans.append((piece.piece, list(range(first, last))))
         return spans

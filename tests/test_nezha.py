@@ -197,6 +197,9 @@ def test_nezha_refuses_what_it_cannot_do(release):
         build_transformer_model(dict(cfg), model="nezha", remove_padding=True)
     with pytest.raises(ValueError, match="no learned position table"):
         build_transformer_model(dict(cfg), model="nezha", hierarchical_position=True)
+    (tmp / "no_relative.json").write_text(json.dumps(dict(CONFIG, use_relative_position=False)))
+    with pytest.raises(ValueError, match="use_relative_position=false"):
+        build_transformer_model(str(tmp / "no_relative.json"), model="nezha")
     lm = build_transformer_model(dict(cfg), model="nezha", application="lm", return_keras_model=False)
     assert "relative position" in lm.decoding_unsupported()
     # A BERT checkpoint (with its position table) is no NEZHA checkpoint: the strict load names the extra variable.

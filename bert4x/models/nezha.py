@@ -61,6 +61,13 @@ class NEZHA(BERT):
         self.max_relative_position = max_relative_position
         super().__init__(**kwargs)
 
+    @classmethod
+    def validate_config(cls, config, config_path):
+        super().validate_config(config, config_path)
+        if config.get("use_relative_position") is False:
+            raise ValueError(f"Config {config_path} sets use_relative_position=false; NEZHA's positions are its "
+                             "relative ones (use model='bert' for an absolute position table).")
+
     def apply_position_embedding(self, x, position_ids=None):
         return x  # positions enter through the attention's relative terms only
 

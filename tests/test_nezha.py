@@ -132,6 +132,9 @@ def release(tmp_path_factory):
     for name, value in w.items():
         new, transpose = hf_name(name)
         hf[new] = np.ascontiguousarray(value.T if transpose else value)
+    for n in range(LAYERS):  # the fixed table as older transformers versions stored it (a buffer): not loaded
+        hf[f"nezha.encoder.layer.{n}.attention.self.relative_positions_encoding.positions_encoding"] = \
+            relative_table(16, 16, D // HEADS, CLIP).astype(np.float32)
     (tmp / "hf").mkdir()
     write_safetensors(hf, str(tmp / "hf"))
     (tmp / "hf" / "config.json").write_text(json.dumps(dict(CONFIG, model_type="nezha")))

@@ -51,6 +51,9 @@ class NEZHA(BERT):
     model_types = ("nezha",)
     ignored_config_keys = BERT.ignored_config_keys | {"use_relative_position", "use_cache", "classifier_dropout"}
     hf_prefix = "nezha."
+    # Hugging Face folders written by older transformers versions also store each layer's copy of the fixed
+    # sinusoid table (a buffer, not a weight); bert4x computes it.
+    ignored_checkpoint_variables = {"huggingface": (r"\.relative_positions_encoding\.positions_encoding$",)}
     # The relative terms are `[q_len, k_len]` in the padded layout; attention without padding does not take them.
     supports_padding_removal = False
     handles_embedding_options = True  # apply_embeddings is BERT's, plus the relative table

@@ -227,3 +227,16 @@ def test_nezha_passes_the_harness(tmp_path):
     ids[1, 4:] = 0
     check_model(make, [ids, (ids > 20).astype("int32")], np.zeros((2, 8), "float32"), tmp_path,
                 policies=("float32",))
+
+
+def test_nezha_pruned_last_layer_reads_the_relative_terms_of_cls():
+    # [CLS]-only outputs compute the last layer at [CLS] alone: its relative terms are the first query row's.
+    cfg = dict(vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+               max_relative_position=2)
+    pruned = build_transformer_model(dict(cfg), model="nezha", with_pool=True)
+    full = build_transformer_model(dict(cfg), model="nezha", with_pool=True, prune_last_layer=False)
+    full.set_weights(pruned.get_weights())
+    ids = np.random.default_rng(3).integers(1, 40, size=(2, 7)).astype("int32")
+    ids[1, 5:] = 0
+    np.testing.assert_allclose(run(pruned, [ids, np.zeros_like(ids)]), run(full, [ids, np.zeros_like(ids)]),
+                               atol=1e-5)

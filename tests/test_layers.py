@@ -36,6 +36,7 @@ from bert4x.layers import (
     PositionEmbedding,
     PromptEmbedding,
     RelativePositionBias,
+    RelativePositionEmbedding,
     RemovePadding,
     RestorePadding,
 )
@@ -89,6 +90,7 @@ CASES = [
     (ConditionalLayerNormalization, dict(hidden_units=4), [X, COND], {}),
     (NormalizedDense, dict(units=3), X[:, 0], {}),
     (RelativePositionBias, dict(heads=2, num_buckets=8, max_distance=16), X, {}),
+    (RelativePositionEmbedding, dict(output_dim=4, max_relative_position=2), X, dict(trainable=False)),
     (MaskPadding, {}, {"inputs": X, "token_ids": IDS}, {}),
     (ContextMask, {}, X * MASK[..., None], dict(trainable=False)),
     (MeanSquareLoss, dict(output_axis=0), X, {}),

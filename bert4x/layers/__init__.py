@@ -17,4 +17,5 @@ from bert4x.layers.loss import *  # noqa: F401,F403
 from bert4x.layers.normalization import *  # noqa: F401,F403
 from bert4x.layers.padding import *  # noqa: F401,F403
 from bert4x.layers.pooling import *  # noqa: F401,F403
+from bert4x.layers.relative_position import *  # noqa: F401,F403
 from bert4x.layers.t5 import *  # noqa: F401,F403

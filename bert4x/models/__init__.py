@@ -14,6 +14,7 @@ from bert4x.models.base import (  # noqa: F401
 from bert4x.models.bert import BERT, WoBERT  # noqa: F401
 from bert4x.models.electra import ELECTRA  # noqa: F401
 from bert4x.models.gpt import GPT, GPT2, GPT2ML  # noqa: F401
+from bert4x.models.nezha import NEZHA  # noqa: F401
 from bert4x.models.roformer import RoFormer, RoFormerV2  # noqa: F401
 from bert4x.models.t5 import MT5, T5, T5_1_1, load_keep_tokens  # noqa: F401
 from bert4x.training import Model  # noqa: F401

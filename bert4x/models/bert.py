@@ -181,9 +181,11 @@ class BERT(Transformer):
         custom_position_ids: bool = False,
         shared_segment_embeddings: bool = False,
         attention_key_size: int | None = None,
+        residual_attention_scores: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self._set_residual_attention_scores(residual_attention_scores, remove_padding)
         self._set_embedding_options(embedding_size, hierarchical_position, custom_position_ids,
                                     shared_segment_embeddings, attention_key_size, segment_vocab_size)
         # bert4keras's conditional LayerNorm: every LayerNorm becomes ConditionalLayerNormalization([x, condition]).
@@ -238,13 +240,27 @@ class BERT(Transformer):
             raise ValueError(f"{cls.__name__} builds its own embeddings: shared_segment_embeddings, embedding_size, "
                              "hierarchical_position and custom_position_ids are not implemented for it.")
 
+    def _set_residual_attention_scores(self, option: bool, remove_padding: bool | None) -> None:
+        """RealFormer (bert4keras's `residual_attention_scores`): each layer's pre-softmax scores are added to the
+        next layer's. Only BERT's own main layers pass the scores on."""
+        self.residual_attention_scores = bool(option)
+        if not option:
+            return
+        if type(self).apply_main_layers is not BERT.apply_main_layers:
+            raise ValueError(f"residual_attention_scores=True is not implemented for {type(self).__name__}, whose "
+                             "layers are not BERT's.")
+        if remove_padding:
+            raise ValueError("residual_attention_scores=True does not combine with remove_padding=True (the scores "
+                             "are kept in the padded layout).")
+
     def _resolve_remove_padding(self, option: bool | None) -> bool:
         backend_name = keras.backend.backend()
         dynamic_shapes = backend_name == "torch" or (
             backend_name == "tensorflow" and not keras.distribution.list_devices("gpu"))
         if option is None:
             return (self.reads_first_token_only and dynamic_shapes and self.layer_norm_cond is None
-                    and self.supports_padding_removal and not self.custom_position_ids)
+                    and self.supports_padding_removal and not self.custom_position_ids
+                    and not self.residual_attention_scores)
         if option:
             if self.layer_norm_cond is not None:
                 raise ValueError("remove_padding=True does not combine with layer_norm_cond (the condition is "
@@ -409,10 +425,14 @@ class BERT(Transformer):
             x, extra["padding_index"] = unpadded.tokens, unpadded.index
         elif self.skip_padded_queries and sequence is None:
             extra["skip_padded_queries"] = True
+        if self.residual_attention_scores:  # RealFormer: this layer's scores go on to the next
+            extra.update(return_scores=True, residual_scores=self.attention_scores if index > 0 else None)
         y = MultiHeadAttention(
             self.num_attention_heads, self.attention_head_size, attention_dropout=self.attention_dropout_rate,
             kernel_initializer=self.initializer(), name=attention, **self.attention_variant_kwargs(),
         )(x, key_value=sequence, attention_mask=self.attention_mask, **extra)
+        if self.residual_attention_scores:
+            y, self.attention_scores = y
         block = [_producer(y)]  # this block's layers, in the order decode_step applies them
         y = Dropout(self.dropout_rate, name=f"{attention}-Dropout")(y)
         x = keras.layers.Add(name=f"{attention}-Add")([x, y])
@@ -536,6 +556,9 @@ class BERT(Transformer):
         if self.embedding_size != self.hidden_size or self.hierarchical_position or self.custom_position_ids:
             return ("embedding_size, hierarchical_position and custom_position_ids change the embeddings that "
                     f"{type(self).__name__}'s cached step reproduces; generate with the uncached model instead.")
+        if self.residual_attention_scores:
+            return ("residual_attention_scores: the cached step does not carry each layer's scores to the next; "
+                    "generate with the uncached model instead.")
         if len(getattr(self, "decode_layers", ())) != self.num_hidden_layers:
             return (f"{type(self).__name__}'s main layers did not record their layers for decoding "
                     "(keep_decode_block), so its cached step would not be the model's.")

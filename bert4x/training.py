@@ -612,7 +612,8 @@ class _CheckedPyDataset(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         batch = self.dataset[index]
-        self.checker.check_batch(batch, self.with_targets)
+        if not getattr(self.dataset, "signature_only_read", False):  # a DataGenerator's shape probe is no data
+            self.checker.check_batch(batch, self.with_targets)
         return batch
 
     def on_epoch_begin(self) -> None:

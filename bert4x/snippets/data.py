@@ -230,6 +230,7 @@ class DataGenerator(keras.utils.PyDataset):
         self._served = 0
         self._in_epoch = False
         self._reads_outside_epoch = 0
+        self.signature_only_read = False  # True while the last batch served only Keras's shape inference
 
     # -- size ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -420,11 +421,13 @@ class DataGenerator(keras.utils.PyDataset):
         """Keras's tensorflow adapter reads two batches before an epoch and fixes every axis on which they agree; the
         second of those reads comes back empty on every non-batch axis longer than 1 (it only serves the signature),
         so that lengths stay unknown there (a first batch padded to length 1 would still fix that axis)."""
+        self.signature_only_read = False
         if self._in_epoch or keras.backend.backend() != "tensorflow" or not _called_from("get_tf_dataset"):
             return batch
         self._reads_outside_epoch += 1
         if self._reads_outside_epoch != 2:
             return batch
+        self.signature_only_read = True  # read by wrappers (bert4x.models.Model's input checks) that must skip it
 
         def shorter(x):
             if x is None:

@@ -55,20 +55,20 @@ def upstream_gradient(args: tuple, upstream=None):
 
 def _normal_cdf(x):
     # Google's erf formula, not jax's erfc one: XLA expands erfc into both of its branches (an exp and a division),
-    # which made GELU the slowest elementwise kernel of a BERT-base step (0.158 vs 0.086 ms a layer, H200, 32 x 512).
+    # which made GELU the slowest elementwise kernel of a BERT-base step (benchmarks/PROFILE.md, "Library choices").
     return 0.5 * (1.0 + ops.erf(x * 0.7071067811865476))
 
 
 @ops.custom_gradient
 def _gelu_erf_keeping_only_its_input(x):
-    # Autodiff of erf-GELU keeps several [tokens, ffn] intermediates per layer for the backward pass (~330 MiB for
-    # BERT-base at 8 x 128 on jax); the closed-form derivative needs only x.
+    # Autodiff of erf-GELU keeps several [tokens, ffn] intermediates per layer for the backward pass; the
+    # closed-form derivative needs only x.
     def grad(*args, upstream=None):
         saved, upstream = x, upstream_gradient(args, upstream)
         if on_jax_cpu():
             # Without the barrier XLA shares the forward's normal CDF with this one and keeps it alive until the
-            # backward pass: one more [tokens, ffn] array a layer (+132 MiB of temporaries for BERT-base at 8 x 128).
-            # Not on GPUs, where the shared CDF is the faster choice (0.8% a step, BERT-base on an H200).
+            # backward pass: one more [tokens, ffn] array a layer. Not on GPUs, where sharing it is faster
+            # (benchmarks/PROFILE.md, "Library choices").
             saved, upstream = recompute_barrier(saved, upstream)
         pdf = 0.3989422804014327 * ops.exp(-0.5 * ops.square(saved))
         return upstream * (_normal_cdf(saved) + saved * pdf)
@@ -91,7 +91,7 @@ def gelu_tanh(x):
 def _host_array(shape: tuple, dtype) -> np.ndarray:
     """An empty numpy array in a block of at least 33 MiB: glibc maps blocks that large from the OS and unmaps them
     when freed (its mmap threshold tops out at 32 MiB), so drawing weights leaves no freed blocks between the
-    weights in the heap (a BERT-base build held 30-60 MiB of them)."""
+    weights in the heap."""
     count = int(np.prod(shape))
     itemsize = np.dtype(dtype).itemsize
     block = np.empty(max(count * itemsize, 33 * 2**20), np.uint8)
@@ -104,8 +104,8 @@ class TruncatedNormal(keras.initializers.TruncatedNormal):
 
     Same distribution and seeding rules as Keras's (an int `seed` repeats, `seed=None` follows
     `keras.utils.set_random_seed`), but one float32 array per weight: Keras's jax version materialises several
-    full-size temporaries per weight, which the allocator keeps, and that alone made a BERT-base build hold ~140 MiB
-    more than its weights. Inside a traced function, where host arrays cannot be made, it defers to Keras's version.
+    full-size temporaries per weight, which the allocator keeps (benchmarks/PROFILE.md, "Library choices").
+    Inside a traced function, where host arrays cannot be made, it defers to Keras's version.
 
     Example:
     >>> init = TruncatedNormal(stddev=0.02, seed=1)
@@ -463,13 +463,8 @@ class _KerasBackendFunctions:
     def cumsum(x, axis=0):
         return ops.cumsum(x, axis=axis)
 
-    @staticmethod
-    def clip(x, min_value, max_value):
-        return ops.clip(x, min_value, max_value)
-
-    @staticmethod
-    def pow(x, a):
-        return ops.power(x, a)
+    clip = staticmethod(ops.clip)
+    pow = staticmethod(ops.power)
 
     @staticmethod
     def l2_normalize(x, axis=None):
@@ -478,9 +473,7 @@ class _KerasBackendFunctions:
         return x * ops.rsqrt(ops.maximum(squares, ops.cast(1e-12, x.dtype)))
 
     # Types and shapes.
-    @staticmethod
-    def cast(x, dtype):
-        return ops.cast(x, dtype)
+    cast = staticmethod(ops.cast)
 
     @staticmethod
     def floatx():
@@ -494,9 +487,7 @@ class _KerasBackendFunctions:
     def dtype(x):
         return keras.backend.standardize_dtype(x.dtype)
 
-    @staticmethod
-    def shape(x):
-        return ops.shape(x)
+    shape = staticmethod(ops.shape)
 
     @staticmethod
     def int_shape(x):
@@ -506,9 +497,7 @@ class _KerasBackendFunctions:
     def ndim(x):
         return len(x.shape)
 
-    @staticmethod
-    def reshape(x, shape):
-        return ops.reshape(x, shape)
+    reshape = staticmethod(ops.reshape)
 
     @staticmethod
     def concatenate(tensors, axis=-1):
@@ -522,9 +511,7 @@ class _KerasBackendFunctions:
     def expand_dims(x, axis=-1):
         return ops.expand_dims(x, axis)
 
-    @staticmethod
-    def squeeze(x, axis):
-        return ops.squeeze(x, axis)
+    squeeze = staticmethod(ops.squeeze)
 
     @staticmethod
     def flatten(x):
@@ -534,13 +521,8 @@ class _KerasBackendFunctions:
     def batch_flatten(x):
         return ops.reshape(x, (ops.shape(x)[0], -1))
 
-    @staticmethod
-    def permute_dimensions(x, pattern):
-        return ops.transpose(x, pattern)
-
-    @staticmethod
-    def tile(x, n):
-        return ops.tile(x, n)
+    permute_dimensions = staticmethod(ops.transpose)
+    tile = staticmethod(ops.tile)
 
     @staticmethod
     def gather(reference, indices):
@@ -615,37 +597,14 @@ class _KerasBackendFunctions:
         return ops.expand_dims(result, -1) if len(out) == 1 else result
 
     # Comparisons and selection.
-    @staticmethod
-    def equal(x, y):
-        return ops.equal(x, y)
-
-    @staticmethod
-    def not_equal(x, y):
-        return ops.not_equal(x, y)
-
-    @staticmethod
-    def greater(x, y):
-        return ops.greater(x, y)
-
-    @staticmethod
-    def greater_equal(x, y):
-        return ops.greater_equal(x, y)
-
-    @staticmethod
-    def less(x, y):
-        return ops.less(x, y)
-
-    @staticmethod
-    def less_equal(x, y):
-        return ops.less_equal(x, y)
-
-    @staticmethod
-    def minimum(x, y):
-        return ops.minimum(x, y)
-
-    @staticmethod
-    def maximum(x, y):
-        return ops.maximum(x, y)
+    equal = staticmethod(ops.equal)
+    not_equal = staticmethod(ops.not_equal)
+    greater = staticmethod(ops.greater)
+    greater_equal = staticmethod(ops.greater_equal)
+    less = staticmethod(ops.less)
+    less_equal = staticmethod(ops.less_equal)
+    minimum = staticmethod(ops.minimum)
+    maximum = staticmethod(ops.maximum)
 
     @staticmethod
     def switch(condition, then_expression, else_expression):
@@ -656,9 +615,7 @@ class _KerasBackendFunctions:
             condition = ops.expand_dims(condition, -1)
         return ops.where(condition, then_expression, else_expression)
 
-    @staticmethod
-    def stop_gradient(x):
-        return ops.stop_gradient(x)
+    stop_gradient = staticmethod(ops.stop_gradient)
 
     # Losses and activations.
     @staticmethod
@@ -680,54 +637,20 @@ class _KerasBackendFunctions:
     def softmax(x, axis=-1):
         return ops.softmax(x, axis=axis)
 
-    @staticmethod
-    def sigmoid(x):
-        return ops.sigmoid(x)
-
-    @staticmethod
-    def relu(x):
-        return ops.relu(x)
-
-    @staticmethod
-    def tanh(x):
-        return ops.tanh(x)
-
-    @staticmethod
-    def log(x):
-        return ops.log(x)
-
-    @staticmethod
-    def exp(x):
-        return ops.exp(x)
-
-    @staticmethod
-    def square(x):
-        return ops.square(x)
-
-    @staticmethod
-    def sqrt(x):
-        return ops.sqrt(x)
-
-    @staticmethod
-    def abs(x):
-        return ops.abs(x)
-
-    @staticmethod
-    def sign(x):
-        return ops.sign(x)
-
-    @staticmethod
-    def round(x):
-        return ops.round(x)
+    sigmoid = staticmethod(ops.sigmoid)
+    relu = staticmethod(ops.relu)
+    tanh = staticmethod(ops.tanh)
+    log = staticmethod(ops.log)
+    exp = staticmethod(ops.exp)
+    square = staticmethod(ops.square)
+    sqrt = staticmethod(ops.sqrt)
+    abs = staticmethod(ops.abs)
+    sign = staticmethod(ops.sign)
+    round = staticmethod(ops.round)
 
     # Variables.
-    @staticmethod
-    def get_value(x):
-        return ops.convert_to_numpy(x)
-
-    @staticmethod
-    def eval(x):
-        return ops.convert_to_numpy(x)
+    get_value = staticmethod(ops.convert_to_numpy)
+    eval = staticmethod(ops.convert_to_numpy)
 
     @staticmethod
     def set_value(variable, value):

@@ -11,9 +11,14 @@ CPU peers (float32; `--device cpu`):
   hf_torch             transformers BertForSequenceClassification (sdpa attention), torch eager, inference_mode
 
 GPU peers (bfloat16 compute; `--device gpu`, the shapes 1x128, 32x128, 128x128):
-  bert4x_jax           bert4x on jax under mixed_bfloat16: one jitted stateless forward, `np.asarray` of the logits
+  bert4x_jax           bert4x on jax: one jitted stateless forward, `np.asarray` of the logits
+  bert4x_jax_packed    the same, built with `remove_padding=True`: `Input-Packing` is computed from the batch's token
+                       ids on the host and sent inside each timed call (`bert4x.snippets.packing_positions`), so the
+                       layers run on the real tokens only (one compilation per capacity bucket, as a server buckets)
   keras_hub_jax        keras-hub BertBackbone + BertTextClassifier, the same jitted forward
   hf_compile           transformers BertForSequenceClassification in bfloat16 under torch.compile, `.cpu()` of logits
+The keras peers run under `--dtype-policy` (default `bfloat16`: weights and compute in bfloat16, as transformers'
+`.to(torch.bfloat16)`; `mixed_bfloat16` keeps float32 weights and casts them at every call).
 
 Examples:
     python benchmarks/bench_inference.py --device cpu --repeats 5 --out benchmarks/inference_cpu.jsonl
@@ -36,20 +41,21 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 CPU_PEERS = ("bert4x_onnxruntime", "bert4x_savedmodel", "bert4x_predict", "hf_torch")
-GPU_PEERS = ("bert4x_jax", "keras_hub_jax", "hf_compile")
+GPU_PEERS = ("bert4x_jax", "bert4x_jax_packed", "keras_hub_jax", "hf_compile")
 CPU_SHAPES = ("1x128", "8x128")
 GPU_SHAPES = ("1x128", "32x128", "128x128")
 BACKEND = {"bert4x_onnxruntime": "tensorflow", "bert4x_savedmodel": "tensorflow", "bert4x_predict": "tensorflow",
-           "bert4x_jax": "jax", "keras_hub_jax": "jax"}
+           "bert4x_jax": "jax", "bert4x_jax_packed": "jax", "keras_hub_jax": "jax"}
 
 
-def _bert4x_classifier(cfg: dict):
+def _bert4x_classifier(cfg: dict, remove_padding: bool | None = None):
     import keras
 
     from bert4x.models import build_transformer_model
 
     bert = build_transformer_model(dict(cfg, hidden_act="gelu", hidden_dropout_prob=0.0,
-                                        attention_probs_dropout_prob=0.0), with_pool=True)
+                                        attention_probs_dropout_prob=0.0), with_pool=True,
+                                   remove_padding=remove_padding)
     logits = keras.layers.Dense(common.NUM_CLASSES, name="Classifier")(bert.output)
     return keras.Model(bert.inputs, logits)
 
@@ -178,9 +184,14 @@ def run_gpu(args, cfg: dict) -> list[dict]:
         import jax
         import keras
 
-        keras.config.set_dtype_policy("mixed_bfloat16")
+        from bert4x.snippets import packing_positions
+
+        keras.config.set_dtype_policy(args.dtype_policy)
         keras.utils.set_random_seed(0)
-        model = _bert4x_classifier(cfg) if args.peer == "bert4x_jax" else _keras_hub_classifier(cfg)
+        if args.peer == "keras_hub_jax":
+            model = _keras_hub_classifier(cfg)
+        else:
+            model = _bert4x_classifier(cfg, remove_padding=True if args.peer == "bert4x_jax_packed" else None)
         values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
 
         @jax.jit
@@ -193,8 +204,10 @@ def run_gpu(args, cfg: dict) -> list[dict]:
                 x = {k: jax.device_put(data[k]) for k in ("token_ids", "segment_ids", "padding_mask")}
             else:
                 x = [jax.device_put(data["token_ids"]), jax.device_put(data["segment_ids"])]
+            if args.peer == "bert4x_jax_packed":  # the host finds the real tokens of each request batch
+                return lambda: np.asarray(forward(values, x + [jax.device_put(packing_positions(data["token_ids"]))]))
             return lambda: np.asarray(forward(values, x))  # fetched to the host, as a server answers
-        extra = {"device_name": str(jax.devices()[0].device_kind)}
+        extra = {"device_name": str(jax.devices()[0].device_kind), "dtype_policy": args.dtype_policy}
     setup_s = time.perf_counter() - start
     for shape in args.shapes.split(","):
         batch, seq = common.parse_shape(shape)
@@ -222,6 +235,8 @@ def main(argv=None) -> None:
     parser.add_argument("--peers", help="comma-separated; default: every peer of the device")
     parser.add_argument("--shapes", help="comma-separated BATCHxSEQ; default: the device's shapes")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per shape (cpu 5, gpu 50)")
+    parser.add_argument("--dtype-policy", default="bfloat16", choices=("bfloat16", "mixed_bfloat16"),
+                        help="the keras GPU peers' dtype policy")
     parser.add_argument("--note", default="", help="a remark stored in every record (e.g. 'shared CPU')")
     parser.add_argument("--out", help="append the records to this .jsonl file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -239,7 +254,8 @@ def main(argv=None) -> None:
     records = []
     for peer in peers:
         argv = [os.path.abspath(__file__), "--worker", peer, "--device", args.device, "--config", args.config,
-                "--shapes", args.shapes, "--repeats", str(args.repeats), "--note", args.note]
+                "--shapes", args.shapes, "--repeats", str(args.repeats), "--note", args.note,
+                "--dtype-policy", args.dtype_policy]
         env = {"KERAS_BACKEND": BACKEND[peer]} if peer in BACKEND else {}
         found, tail = common.run_worker(argv, env=env, timeout=1800)
         records += found

@@ -234,6 +234,17 @@ def test_gau_alpha_refuses_what_it_does_not_implement(release):
         t.save_weights_as_checkpoint(str(tmp / "hf_out"), format="huggingface")
 
 
+def test_explain_reports_the_units_normalised_scores(release):
+    import bert4x
+
+    _, tmp, _, _ = release
+    model = build_transformer_model(str(tmp / "bert_config.json"), model="gau_alpha", application="lm")
+    report = bert4x.kernels.explain(model, print_report=False)
+    assert [row.layer for row in report.rows] == [f"Transformer-{i}-GatedAttentionUnit" for i in range(LAYERS)]
+    assert {row.inference[1].name for row in report.rows} == {"normalized_scores"}
+    assert all(row.inference[0].mask == "full" for row in report.rows)  # the causal mask of 'lm'
+
+
 def test_gau_alpha_passes_the_harness(tmp_path):
     cfg = dict(vocab_size=40, hidden_size=8, num_hidden_layers=2, intermediate_size=12, attention_key_size=4,
                hidden_act="swish", attention_probs_dropout_prob=0.1)

@@ -154,6 +154,28 @@ class GatedAttentionUnit(keras.layers.Layer):
                                 training=bool(training))
         return ops.reshape(out, (shape[0], shape[1], heads * self.key_size))[..., :self.units]
 
+    def kernel_spec(self, inputs, attention_mask=None, rotary=None, training=False, mask=None,
+                    sequence_length: int | None = None, batch_size: int | None = None) -> kernels.AttentionSpec:
+        """The `bert4x.kernels.AttentionSpec` that `call` hands to `bert4x.kernels.attention` for these arguments
+        (only shapes are read): what `bert4x.kernels.explain` reports.
+
+        Args:
+            inputs, attention_mask, rotary, training, mask: as in `call`.
+            sequence_length: the length assumed where the shapes leave it unknown.
+            batch_size: the batch size assumed where the shapes leave it unknown.
+        """
+        batch, length = inputs.shape[0], inputs.shape[1]
+        batch = batch if isinstance(batch, int) else batch_size
+        length = length if isinstance(length, int) else sequence_length
+        heads = -(-self.units // self.key_size) if self.normalization == "softmax" else 1
+        shape = (batch, length, heads, self.key_size)
+        if attention_mask is not None:
+            mask_shape = tuple(attention_mask.shape)
+        else:
+            mask_shape = None if mask is None else (batch, 1, 1, length)
+        return kernels.make_spec(shape, shape, self.compute_dtype, mask_shape=mask_shape,
+                                 dropout_rate=self.attention_dropout, training=training, variant=self.normalization)
+
     def compute_output_shape(self, input_shape):
         return input_shape
 

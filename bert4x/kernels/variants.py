@@ -238,6 +238,6 @@ def normalized_scores_attention(q, k, v, method: str, mask=None, scale=1.0, drop
         probs = ops.softmax(scores, axis=-1)
     else:
         probs = ops.where(visible, ops.square(ops.relu(scores)), 0.0) / ops.maximum(length, 1.0)
-    if dropout is not None:
-        probs = dropout(probs, training=training)
+    if dropout is not None:  # a layer under a mixed policy returns its compute dtype: back to float32
+        probs = ops.cast(dropout(probs, training=training), "float32")
     return ops.cast(ops.einsum("bhqk,bkhd->bqhd", probs, v), dtype)

@@ -64,6 +64,9 @@ LAYOUT_RULES: dict[str, tuple[str | None, ...]] = {
     r".*FeedForward[^/]*/(inner|gate)/kernel": (None, "model"),
     r".*FeedForward[^/]*/(inner|gate)/bias": ("model",),
     r".*FeedForward[^/]*/output/kernel": ("model", None),
+    # GatedAttentionUnit (GAU-α): its fused u | v | z projection column-parallel, its output row-parallel.
+    r".*GatedAttentionUnit[^/]*/i_dense/kernel": (None, "model"),
+    r".*GatedAttentionUnit[^/]*/o_dense/kernel": ("model", None),
     # Vocabulary rows: the embedding lookup and the tied MLM/LM output projection both split over the vocab.
     r"(.*/)?Embedding-Token/embeddings": ("model", None),
     # An untied LM head (T5's 'Decoder-Output-LM'): split over its vocabulary columns.
@@ -228,12 +231,12 @@ def uncovered_kernels(model: keras.Model, layouts: keras.distribution.LayoutMap 
     Returns:
         The variable paths left replicated, empty when every kernel is covered.
     """
-    from bert4x.layers import FeedForward, MultiHeadAttention
+    from bert4x.layers import FeedForward, GatedAttentionUnit, MultiHeadAttention
 
     patterns = [re.compile(p) for p in (LAYOUT_RULES if layouts is None else list(layouts.keys()))]
     expected = []
     for layer in _walk_layers(model):
-        if isinstance(layer, (MultiHeadAttention, FeedForward)) or layer.name == "Embedding-Token":
+        if isinstance(layer, (MultiHeadAttention, FeedForward, GatedAttentionUnit)) or layer.name == "Embedding-Token":
             expected.extend(w.path for w in layer.weights if w.path.endswith(("/kernel", "/embeddings")))
     return [path for path in expected if not any(p.fullmatch(path) for p in patterns)]
 

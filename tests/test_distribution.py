@@ -110,10 +110,12 @@ def test_layout_rules_cover_every_registered_model(name):
             assert sum(bool(re.fullmatch(p, path)) for p in LAYOUT_RULES) <= 1, path
         sharded = [p for p in paths if any(re.fullmatch(r, p) for r in LAYOUT_RULES) and not p.endswith("/bias")]
         # The token embedding and, per distinct layer, the attention's two kernels and the feed-forward's two (or
-        # three); ALBERT's layers share one set of weights.
+        # three), or a gated attention unit's two; ALBERT's layers share one set of weights.
         layers = {p.split("/")[0] for p in paths if p.split("/")[0].endswith("MultiHeadSelfAttention")}
-        assert layers, (name, paths)
-        assert len(sharded) >= 1 + 4 * min(len(layers), transformer.num_hidden_layers), (name, sharded)
+        units = {p.split("/")[0] for p in paths if p.split("/")[0].endswith("GatedAttentionUnit")}
+        assert layers or units, (name, paths)
+        per_layer = 4 if layers else 2
+        assert len(sharded) >= 1 + per_layer * min(len(layers or units), transformer.num_hidden_layers), (name, sharded)
 
 
 def test_layout_rules_match_the_sublayers_of_attention_and_feed_forward():

@@ -26,6 +26,7 @@ from bert4x.layers import (
     EmbeddingSum,
     FeedForward,
     FirstToken,
+    GatedAttentionUnit,
     GlobalPointer,
     HierarchicalPositionEmbedding,
     LayerNormalization,
@@ -75,6 +76,9 @@ CASES = [
     (HierarchicalPositionEmbedding, dict(input_dim=3, output_dim=8, hierarchical=True), X, {}),
     (MultiHeadAttention, dict(heads=2, head_size=4, attention_dropout=0.1), {"query": X, "attention_mask": MASK4}, {}),
     (MultiHeadAttention, dict(heads=2, head_size=4, cross_attention=True), {"query": X[:, :3], "key_value": X}, {}),
+    # glorot (bert4keras's default): at stddev 0.02 relu² scores are ~1e-6 and their gradients fall under Adam's eps
+    (GatedAttentionUnit, dict(units=12, key_size=4, attention_dropout=0.1, kernel_initializer="glorot_uniform"),
+     {"inputs": X, "attention_mask": MASK4}, {}),
     (FeedForward, dict(units=16), X, {}),
     (FeedForward, dict(units=16, gated=True, use_bias=False), X, {}),
     (BiasAdd, {}, X, {}),

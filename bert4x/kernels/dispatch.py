@@ -63,7 +63,8 @@ class AttentionSpec:
         dropout_rate: attention dropout rate.
         training: whether the call is a training call.
         distributed: whether a `keras.distribution` is set.
-        variant: 'softmax', 'keynorm', 'linear' or 'performer' (`MultiHeadAttention(attention_type=...)`).
+        variant: 'softmax', 'keynorm', 'linear' or 'performer' (`MultiHeadAttention(attention_type=...)`), or
+            'softmax_plus' / 'squared_relu' (`GatedAttentionUnit(normalization=...)`).
         bias: an additive score bias is present.
         relative_keys: relative-position terms on keys are present.
         relative_values: relative-position terms on values are present.
@@ -177,6 +178,8 @@ class _Inputs:
     padding: tuple | None = None
     skip_padded_queries: bool = False
     performer_projection: object = None
+    variant: str = "softmax"
+    min_length: int = 16
 
     @property
     def rate(self) -> float:
@@ -192,6 +195,8 @@ class _Inputs:
 def _quadratic_variant(spec: AttentionSpec) -> str | None:
     if spec.variant in ("linear", "performer"):
         return f"attention_type={spec.variant!r} forms no softmax over scores"
+    if spec.variant in variants.NORMALIZED_VARIANTS:
+        return f"attention_type={spec.variant!r} normalises the scores by the number of visible keys"
     return None
 
 
@@ -309,6 +314,12 @@ def _supports_kernel_variant(name: str):
         return None
 
     return supports
+
+
+def _supports_normalized_scores(spec: AttentionSpec) -> str | None:
+    if spec.variant not in variants.NORMALIZED_VARIANTS:
+        return f"attention_type is {spec.variant!r}"
+    return _no_terms(spec)
 
 
 # ------------------------------------------------------------------ run(inputs)
@@ -457,11 +468,19 @@ def _run_performer(x: _Inputs):
     return variants.performer_attention(x.q, x.k, x.v, x.performer_projection, mask=x.mask), None
 
 
+def _run_normalized_scores(x: _Inputs):
+    out = variants.normalized_scores_attention(x.q, x.k, x.v, x.variant, mask=x.mask, scale=x.scale,
+                                               dropout=x.dropout, training=x.training, min_length=x.min_length)
+    return out, None
+
+
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("linear", "linear attention, phi(x) = elu(x) + 1 (bert4x.kernels.variants)",
                    _supports_kernel_variant("linear"), _run_linear),
     Implementation("performer", "Performer FAVOR+ random features (bert4x.kernels.variants)",
                    _supports_kernel_variant("performer"), _run_performer),
+    Implementation("normalized_scores", "explicit scores under softmax_plus or squared_relu (bert4x.kernels.variants)",
+                   _supports_normalized_scores, _run_normalized_scores),
     Implementation("pallas_tokens", "fused Pallas kernels on the rows without padding (flash_varlen)",
                    _supports_pallas_tokens, _run_pallas_tokens, layouts=("tokens",)),
     Implementation("pallas", "fused Pallas kernels with dropout inside (flash_attention)", _supports_pallas,
@@ -594,6 +613,7 @@ def attention(
     variant: str = "softmax",
     keynorm_scale=1.0,
     performer_projection=None,
+    softmax_plus_min_length: int = 16,
 ):
     """Attention over q, k and v by the first implementation of `IMPLEMENTATIONS` that takes them.
 
@@ -616,9 +636,12 @@ def attention(
             without padding); mask, bias and terms stay in the padded layout. The output is in the token layout.
         skip_padded_queries: outputs at queries past each row's last visible key are never read (kernels may skip
             them and give zeros there).
-        variant: 'softmax', 'keynorm' (q and k are transformed, then softmax), 'linear' or 'performer'.
+        variant: 'softmax', 'keynorm' (q and k are transformed, then softmax), 'linear', 'performer', or the
+            gated attention unit's normalisations 'softmax_plus' and 'squared_relu'
+            (`bert4x.kernels.variants.normalized_scores_attention`; v may then be wider than q and k).
         keynorm_scale: KeyNorm's scale (a float, or a tensor broadcastable to `[heads, 1]`).
         performer_projection: `[features, head_size]` Performer random features.
+        softmax_plus_min_length: 'softmax_plus' scales the scores by `log(max(visible keys, this)) / log(512)`.
 
     Returns:
         `[batch, q_len, heads, head_size]` (or the token layout), and the scores if `return_scores`.
@@ -652,7 +675,7 @@ def attention(
     choice = choose(spec)
     inputs = _Inputs(q, k, v, mask, bias, float(scale) if isinstance(scale, (int, float)) else scale, dropout,
                      bool(training), relative_keys, relative_values, residual_scores, return_scores, packed_qkv,
-                     padding, skip_padded_queries, performer_projection)
+                     padding, skip_padded_queries, performer_projection, variant, softmax_plus_min_length)
     if choice.gathered:  # token layout -> padded, run, and back
         positions, slots = padding
         if packed_qkv is not None:

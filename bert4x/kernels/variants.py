@@ -6,6 +6,11 @@
   by `d^(-1/4)`, with orthogonal Gaussian rows in W (`orthogonal_gaussian_projection`). An unbiased estimate of
   softmax attention whose error shrinks as the number of features m grows.
 - `keynorm_attention`: softmax attention on `scale * q . k / |k|` (keys L2-normalised, queries left alone).
+- `normalized_scores_attention`: the score normalisations of gated attention units (bert4keras's
+  `attention_normalize`), with `l_i` the number of keys query i sees: 'softmax_plus' is
+  `softmax_j(s_ij * log(max(l_i, min_length)) / log(512))` (the length-scaled softmax of
+  https://kexue.fm/archives/8823) and 'squared_relu' is `relu(s_ij)^2 / l_i` (Hua et al. 2022). Values may be
+  wider than queries and keys.
 
 `MultiHeadAttention(attention_type=...)` runs these through `bert4x.kernels.attention` (linear and Performer
 attention are entries of its table; KeyNorm transforms q and k and then takes the softmax entries). They are also
@@ -32,7 +37,12 @@ __all__ = [
     "keynorm_attention",
     "orthogonal_gaussian_projection",
     "default_performer_features",
+    "NORMALIZED_VARIANTS",
+    "normalized_scores_attention",
 ]
+
+# Score normalisations other than softmax: `normalized_scores_attention` computes them.
+NORMALIZED_VARIANTS = ("softmax_plus", "squared_relu")
 
 _EPS = 1e-6
 
@@ -184,3 +194,50 @@ def orthogonal_gaussian_projection(num_features: int, dim: int, seed: int = 0) -
     directions = np.concatenate(blocks, axis=0)[:num_features]
     norms = np.linalg.norm(rng.standard_normal((num_features, dim)), axis=1, keepdims=True)
     return (directions * norms).astype("float32")
+
+
+def normalized_scores_attention(q, k, v, method: str, mask=None, scale=1.0, dropout=None, training: bool = False,
+                                min_length: int = 16):
+    """Attention whose scores `s = scale * q . k` are normalised by `method` instead of a plain softmax.
+
+    With `l_i` the number of keys query i may see (the mask's True entries in its row; every key without a mask):
+    'softmax_plus' gives `softmax_j(s_ij * log(max(l_i, min_length)) / log(512))` over the visible keys, and
+    'squared_relu' gives `relu(s_ij)^2 / max(l_i, 1)` at visible keys and 0 elsewhere. Computed in float32; the
+    output has `v`'s dtype and `v`'s head size, which may differ from that of q and k.
+
+    Args:
+        q: `[batch, q_len, heads, key_size]`.
+        k: `[batch, k_len, heads, key_size]`.
+        v: `[batch, k_len, heads, value_size]`.
+        method: 'softmax_plus' or 'squared_relu'.
+        mask: booleans broadcastable to `[batch, heads, q_len, k_len]` (True = may attend), or None.
+        scale: the score scale.
+        dropout: a `bert4x.layers.Dropout` applied to the normalised scores, or None.
+        training: whether dropout applies.
+        min_length: 'softmax_plus' scales by `log(l_i)` with `l_i` at least this (bert4keras 0.11.5 uses 16; 1 keeps
+            the count as it is).
+
+    Example:
+    >>> q = keras.random.normal((1, 5, 1, 4), seed=0)
+    >>> normalized_scores_attention(q, q, keras.ops.ones((1, 5, 1, 6)), "squared_relu").shape
+    (1, 5, 1, 6)
+    """
+    if method not in NORMALIZED_VARIANTS:
+        raise ValueError(f"normalized_scores_attention: method must be one of {NORMALIZED_VARIANTS}, got {method!r}.")
+    dtype = v.dtype
+    q, k, v = (ops.cast(t, "float32") for t in (q, k, v))
+    scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(scale, "float32")
+    if mask is None:
+        visible = ops.ones_like(scores, dtype="bool")
+    else:
+        visible = ops.logical_and(ops.cast(mask, "bool"), ops.ones_like(scores, dtype="bool"))  # broadcast to scores
+    length = ops.sum(ops.cast(visible, "float32"), axis=-1, keepdims=True)
+    if method == "softmax_plus":
+        factor = ops.log(ops.maximum(length, float(min_length))) / math.log(512.0)
+        scores = ops.where(visible, scores * factor, -1e30)
+        probs = ops.softmax(scores, axis=-1)
+    else:
+        probs = ops.where(visible, ops.square(ops.relu(scores)), 0.0) / ops.maximum(length, 1.0)
+    if dropout is not None:  # a layer under a mixed policy returns its compute dtype: back to float32
+        probs = ops.cast(dropout(probs, training=training), "float32")
+    return ops.cast(ops.einsum("bhqk,bkhd->bqhd", probs, v), dtype)

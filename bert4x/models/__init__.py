@@ -13,6 +13,7 @@ from bert4x.models.base import (  # noqa: F401
 )
 from bert4x.models.bert import BERT, WoBERT  # noqa: F401
 from bert4x.models.electra import ELECTRA  # noqa: F401
+from bert4x.models.gau_alpha import GAU_alpha  # noqa: F401
 from bert4x.models.gpt import GPT, GPT2, GPT2ML  # noqa: F401
 from bert4x.models.nezha import NEZHA  # noqa: F401
 from bert4x.models.roformer import RoFormer, RoFormerV2  # noqa: F401

@@ -23,6 +23,7 @@ FAMILIES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("T5.1.1 / mT5", ("t5.1.1", "mt5.1.1", "t5.1.1_encoder", "t5.1.1_decoder", "mt5.1.1_encoder", "mt5.1.1_decoder"),
      (r"/DenseReluDense/wi_0/kernel$", r"\.DenseReluDense\.wi_0\.weight$")),
     ("RoFormer", ("roformer", "roformer_v2"), (r"^roformer[/.]",)),
+    ("GAU-α", ("gau_alpha",), (r"^GAU_alpha/encoder/layer_\d+/gau/",)),
     ("BERT", ("bert", "roberta", "wobert"),
      (r"^bert/encoder/layer_\d+/", r"(^|\.)encoder\.layer\.\d+\.attention\.self\.")),
 )

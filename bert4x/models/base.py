@@ -1,4 +1,5 @@
-"""The `Transformer` template, the model registry, config reading and strict checkpoint loading/saving.
+"""The `Transformer` template every bert4x model subclasses: constructor checks, construction from configs, the hooks,
+`build`, strict checkpoint loading/saving through the model's tables, and the cached-decoding contract.
 
 A model is a `Transformer` subclass that overrides hooks:
 
@@ -9,16 +10,20 @@ A model is a `Transformer` subclass that overrides hooks:
 - `variable_mapping(fmt)`        -> a table {Keras weight path: checkpoint source} for one checkpoint format
 
 Checkpoint loading is generic: it walks the table, so a new model adds a table, not a code path.
+
+Beside it: `registry` (`register_model`, `build_transformer_model`), `checkpoint_tables` (`Source`, `src`,
+`LoadReport`, `CheckpointError`), `config_checks` (`read_config` and the argument checks) and `prompts` (the host-side
+prompt checks of decoding). Their names stay importable from here (hence the F401 waivers below): the families and
+older code import them so.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -26,87 +31,25 @@ import numpy as np
 
 from bert4x import backend
 from bert4x.checkpoints import open_checkpoint, write_google_checkpoint, write_safetensors
+from bert4x.models.checkpoint_tables import _IGNORED_PATTERNS, CheckpointError, LoadReport, Source, src
+from bert4x.models.config_checks import (  # noqa: F401
+    COMMON_IGNORED_CONFIG_KEYS,
+    _check_attention_options,
+    check_config_value,
+    check_keep_tokens,
+    read_config,
+)
+from bert4x.models.prompts import _id_lists, left_pad_prompts  # noqa: F401
+from bert4x.models.registry import (  # noqa: F401
+    MODELS,
+    _json_data,
+    build_transformer_model,
+    rebuild_transformer,
+    register_model,
+)
 from bert4x.training import Model
 
 logger = logging.getLogger("bert4x")
-
-MODELS: dict[str, type[Transformer]] = {}
-
-
-def register_model(*names: str) -> Callable[[type], type]:
-    """Class decorator: makes a `Transformer` subclass buildable as `build_transformer_model(model=name)`."""
-
-    def decorate(cls):
-        for name in names:
-            MODELS[name] = cls
-        return cls
-
-    return decorate
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """Where one Keras weight comes from in a checkpoint.
-
-    names: checkpoint variables, concatenated along the last axis when there are several (fused q|k|v kernels).
-    transpose: each variable is stored `[out, in]` (PyTorch Linear) and is transposed to Keras' `[in, out]`.
-    vocab: one axis indexes the vocabulary, so `keep_tokens` / `compound_tokens` apply to it.
-    vocab_axis: which axis that is, in Keras layout (0 for embeddings; -1 for an untied LM head's `[dim, vocab]`
-        kernel).
-    """
-
-    names: tuple[str, ...]
-    transpose: bool = False
-    vocab: bool = False
-    vocab_axis: int = 0
-    # optional: a bert4x-only weight (attention variants, conditional LayerNorm) that keeps its initial value when
-    # the checkpoint lacks it (an original checkpoint) and is read back when present (one bert4x saved).
-    optional: bool = False
-
-
-def src(*names: str, transpose: bool = False, vocab: bool = False, vocab_axis: int = 0) -> Source:
-    return Source(tuple(names), transpose, vocab, vocab_axis)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: lists every offending variable."""
-
-
-@dataclasses.dataclass
-class LoadReport:
-    """What a checkpoint load did: `loaded` Keras weights, and what was `missing`, `mismatched`, `unexpected`,
-    `ignored`."""
-
-    checkpoint: str
-    loaded: list[str]
-    missing: list[str]
-    mismatched: list[str]
-    unexpected: list[str]
-    ignored: list[str]
-    initialized: list[str] = dataclasses.field(default_factory=list)  # optional weights absent from the checkpoint
-    # weights of layers the user added (condition embeddings, extra inputs' layers): not from the checkpoint
-    user: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.mismatched or self.unexpected)
-
-    def describe(self) -> str:
-        lines = [f"checkpoint {self.checkpoint}: loaded {len(self.loaded)} weights"]
-        for title, items in (
-            ("model weights with no source in the checkpoint", self.missing),
-            ("shape mismatches", self.mismatched),
-            ("checkpoint variables that match no model weight", self.unexpected),
-        ):
-            if items:
-                lines.append(f"{len(items)} {title}:")
-                lines.extend(f"  - {item}" for item in items)
-        if self.user:
-            lines.append(f"{len(self.user)} weights of layers added by the user, not from the checkpoint "
-                         "(they keep their initial values):")
-            lines.extend(f"  - {item}" for item in self.user)
-        return "\n".join(lines)
-
 
 
 @keras.saving.register_keras_serializable(package="bert4x")
@@ -118,131 +61,6 @@ class _ModelInitializer(backend.TruncatedNormal):
         if shape is None:
             return backend.TruncatedNormal(**self.get_config())
         return super().__call__(shape, dtype)
-
-# Variables that training leaves in checkpoints and that no model weight corresponds to.
-_IGNORED_PATTERNS = {
-    "google": [r"(^|/)adam_[mv]$", r"^global_step$", r"(^|/)(bad_steps|good_steps|loss_scale)$", r"/Momentum$",
-               r"_slot_\w+$"],  # Adafactor slots of T5/mT5 checkpoints: '<name>_slot_vc', '_slot_vr', '_slot_v'
-    "huggingface": [r"(^|\.)position_ids$"],
-}
-
-# Keys of Hugging Face / Google configs that carry no architecture information (or that a model validates itself).
-COMMON_IGNORED_CONFIG_KEYS = {
-    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
-    "gradient_checkpointing", "use_cache", "classifier_dropout", "id2label", "label2id", "num_labels",
-    "problem_type", "output_attentions", "output_hidden_states", "return_dict", "is_decoder",
-    "add_cross_attention", "tie_word_embeddings", "chunk_size_feed_forward", "finetuning_task", "tokenizer_class",
-    "prefix", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
-    "initializer_range", "directionality", "pooler_fc_size", "pooler_num_attention_heads",
-    "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type", "torchscript", "pruned_heads",
-    "use_bfloat16", "is_encoder_decoder", "task_specific_params", "_attn_implementation_autoset",
-}
-
-
-# What each canonical argument must be when given (None means "the model's default" and is always allowed).
-_POSITIVE_INT = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "max_position", "attention_head_size", "num_decoder_layers", "relative_attention_num_buckets",
-                 "relative_attention_max_distance", "embedding_size", "sequence_length")
-_NON_NEGATIVE_INT = ("segment_vocab_size",)
-_PROBABILITY = ("dropout_rate", "attention_dropout_rate")
-_POSITIVE_FLOAT = ("layer_norm_eps",)
-_NON_NEGATIVE_FLOAT = ("initializer_range",)
-_STRING = ("hidden_act", "feed_forward_proj", "name", "attention_type", "application")
-
-
-def check_config_value(key: str, value: Any, config_path: str = "<config>", canonical: str | None = None) -> None:
-    """Raises `TypeError` (wrong type) or `ValueError` (out of range) for a config value, naming `key`.
-
-    Args:
-        key: the config key (or argument) the value came from, named in the message.
-        value: the value.
-        config_path: where the config came from, named in the message.
-        canonical: the canonical argument name that decides the rule (defaults to `key`).
-    """
-    rule_of = canonical or key
-    if value is None:
-        return
-    where = f"Config {config_path}: {key}={value!r}"
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    is_number = is_int or (isinstance(value, (float, np.floating)))
-    if rule_of in _POSITIVE_INT or rule_of in _NON_NEGATIVE_INT:
-        if not is_int:
-            raise TypeError(f"{where} must be an integer, got {type(value).__name__}.")
-        low = 1 if rule_of in _POSITIVE_INT else 0
-        if value < low:
-            raise ValueError(f"{where} must be an integer >= {low}.")
-    elif rule_of in _PROBABILITY + _POSITIVE_FLOAT + _NON_NEGATIVE_FLOAT:
-        if not is_number:
-            raise TypeError(f"{where} must be a number, got {type(value).__name__}.")
-        if not np.isfinite(value):
-            raise ValueError(f"{where} must be finite.")
-        if rule_of in _PROBABILITY and not 0 <= value < 1:
-            raise ValueError(f"{where} must be a probability in [0, 1).")
-        if rule_of in _POSITIVE_FLOAT and not np.float32(value) > 0:
-            raise ValueError(f"{where} must be > 0 (and not round to 0 in float32).")
-        if rule_of in _NON_NEGATIVE_FLOAT and value < 0:
-            raise ValueError(f"{where} must be >= 0.")
-    elif rule_of == "hidden_act" and isinstance(value, (list, tuple)):
-        # bert4keras's configs may list one activation per feed-forward projection (['silu', 'linear'])
-        if not value or not all(isinstance(v, str) for v in value):
-            raise TypeError(f"{where} must be a string or a list of strings.")
-    elif rule_of in _STRING and not isinstance(value, str) and not (rule_of == "hidden_act" and callable(value)):
-        raise TypeError(f"{where} must be a string, got {type(value).__name__}.")
-
-
-def check_keep_tokens(keep_tokens: Any, vocab_size: int) -> list[int]:
-    """Validates `keep_tokens` (a non-empty 1-D sequence of unique integer ids in `[0, vocab_size)`) as a list.
-
-    Args:
-        keep_tokens: the ids of the checkpoint's vocabulary rows to keep, in the new order.
-        vocab_size: the checkpoint's vocabulary size.
-
-    Raises:
-        TypeError: not a sequence, or an element that is not an integer (floats, strings and bools included).
-        ValueError: empty, not 1-D, repeated ids, or ids outside `[0, vocab_size)`.
-    """
-    if isinstance(keep_tokens, (str, bytes, dict)) or not isinstance(keep_tokens, Iterable):
-        raise TypeError(f"keep_tokens must be a 1-D sequence of integer ids, got {type(keep_tokens).__name__}.")
-    items = list(keep_tokens.tolist() if isinstance(keep_tokens, np.ndarray) else keep_tokens)
-    if isinstance(keep_tokens, np.ndarray) and keep_tokens.ndim != 1:
-        raise ValueError(f"keep_tokens must be 1-D, got an array of shape {keep_tokens.shape}.")
-    if not items:
-        raise ValueError("keep_tokens is empty; it must list at least one id of the checkpoint vocabulary.")
-    for index, item in enumerate(items):
-        if isinstance(item, (list, tuple, np.ndarray)):
-            raise ValueError(f"keep_tokens must be 1-D; element {index} is a {type(item).__name__}.")
-        if isinstance(item, (bool, np.bool_)) or not isinstance(item, (int, np.integer)):
-            raise TypeError(f"keep_tokens must hold integer ids; element {index} is {item!r} ({type(item).__name__}).")
-    ids = [int(i) for i in items]
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise ValueError(
-            f"keep_tokens has {len(bad)} ids outside the checkpoint vocabulary [0, {vocab_size}): {bad[:10]}"
-        )
-    if len(set(ids)) != len(ids):
-        seen, repeated = set(), []
-        for i in ids:
-            if i in seen and i not in repeated:
-                repeated.append(i)
-            seen.add(i)
-        raise ValueError(f"keep_tokens repeats ids {repeated[:10]}; each kept row must be listed once.")
-    return ids
-
-
-def read_config(config_path: str) -> dict:
-    """Reads a JSON config file; FileNotFoundError / ValueError name the file."""
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"Config file not found: {config_path}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"Config file {config_path} is not valid JSON: {e}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"Config file {config_path} is not valid UTF-8 (byte {e.start}: {e.reason}).") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"Config file {config_path} must hold a JSON object, got {type(config).__name__}.")
-    return config
 
 
 class Transformer:
@@ -726,174 +544,3 @@ class Transformer:
             index: a 0-based scalar int tensor.
         """
         raise NotImplementedError(self.decoding_unsupported())
-
-
-def _check_attention_options(attention_type: str, options: dict | None) -> tuple[str, dict]:
-    from bert4x.layers.attention import ATTENTION_TYPES
-
-    if attention_type not in ATTENTION_TYPES:
-        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}.")
-    allowed = {"softmax": (), "linear": (), "performer": ("performer_features", "performer_seed"),
-               "keynorm": ("keynorm_scale", "keynorm_learnable_scale")}[attention_type]
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"attention_options {unknown} do not apply to attention_type={attention_type!r}; allowed: {list(allowed)}."
-        )
-    return attention_type, options
-
-
-def build_transformer_model(
-    config_path: str | dict | None = None,
-    checkpoint_path: str | None = None,
-    model: str = "bert",
-    application: str = "encoder",
-    return_keras_model: bool = True,
-    strict: bool = True,
-    **kwargs,
-) -> keras.Model | Transformer:
-    """Builds a model from a config (Google `bert_config.json`, Hugging Face `config.json`, or a dict) and, when
-    `checkpoint_path` is given, loads its weights strictly.
-
-    Returns the `keras.Model`, or with `return_keras_model=False` the `Transformer` (its `.model` is the Keras model;
-    it also saves checkpoints). kwargs override config entries and set options such as `with_pool`, `with_nsp`,
-    `with_mlm`, `prune_last_layer`, `remove_padding`, `keep_tokens`, `sequence_length`, `dropout_rate` and `name`.
-
-    Example:
-    >>> bert = build_transformer_model({"vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1,
-    ...     "num_attention_heads": 2, "intermediate_size": 16}, with_pool=True)
-    >>> bert.output.shape
-    (None, 8)
-    """
-    # Importing the package registers every model.
-    import bert4x.models  # noqa: F401
-
-    key = model.lower() if isinstance(model, str) else model
-    if key not in MODELS:
-        raise ValueError(f"Unknown model {model!r}; registered models: {sorted(MODELS)}.")
-    cls = MODELS[key]
-    if isinstance(config_path, dict):
-        config, source = dict(config_path), "<dict>"
-    elif config_path is None:
-        config, source = {}, "<kwargs>"
-    else:
-        config, source = read_config(config_path), config_path
-    transformer = cls.from_config(config, source, application=application, **kwargs)
-    transformer.build()
-    if checkpoint_path is not None:
-        transformer.load_weights_from_checkpoint(checkpoint_path, strict=strict)
-    if return_keras_model:
-        return transformer.model
-    return transformer
-
-def rebuild_transformer(record: dict) -> Transformer:
-    """Builds the `Transformer` that `Transformer.rebuild_record` describes (fresh weights), under the dtype policy it
-    was built with.
-
-    Args:
-        record: what `rebuild_record` returned.
-    """
-    import bert4x.models  # noqa: F401 (registers every model)
-
-    if not isinstance(record, dict) or not {"model", "args", "kwargs", "dtype_policy"} <= set(record):
-        raise ValueError(f"rebuild_transformer: record must be what Transformer.rebuild_record returns, got "
-                         f"{record!r}.")
-    if record["model"] not in MODELS:
-        raise ValueError(f"rebuild_transformer: model {record['model']!r} is not registered (import the module that "
-                         f"registers it); registered: {sorted(MODELS)}.")
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(record["dtype_policy"])
-    try:
-        transformer = MODELS[record["model"]](*record["args"], **record["kwargs"])
-        transformer.build()
-    finally:
-        keras.config.set_dtype_policy(policy)
-    return transformer
-
-
-def _json_data(value):
-    """`value` as plain JSON data (numpy scalars and arrays, tuples as lists), or None if it holds anything else."""
-    if isinstance(value, (np.ndarray, np.generic)):
-        value = value.tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        items = [_json_data(v) for v in value]
-        return None if any(i is None and v is not None for i, v in zip(items, value)) else items
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        items = {k: _json_data(v) for k, v in value.items()}
-        return None if any(items[k] is None and value[k] is not None for k in value) else items
-    return None
-
-
-# ---------------------------------------------------------------------- decoding helpers
-
-def left_pad_prompts(prompts, segment_ids, pad_to_multiple: int, max_len: int, *, pad_id: int, vocab_size: int,
-                     segment_vocab_size: int, max_positions: int | None) -> dict[str, np.ndarray]:
-    """Validates prompts for decoding and left-pads them: `token_ids`, `segment_ids` (int32) and `mask` (bool), each
-    `[batch, length]` with `length` a multiple of `pad_to_multiple`.
-
-    Args:
-        prompts: token ids, one non-empty list per row, each id in `[0, vocab_size)`.
-        segment_ids: segment ids of the same lengths in `[0, segment_vocab_size)`, or None (all 0).
-        pad_to_multiple: the padded length is rounded up to a multiple of this.
-        max_len: tokens to be generated; `longest prompt + max_len` must fit `max_positions`.
-        pad_id: the id written at padding positions.
-        vocab_size: size of the token vocabulary.
-        segment_vocab_size: number of segment ids.
-        max_positions: learned positions of the model, or None if unbounded.
-    """
-    prompts = _id_lists(prompts, "prompts")
-    if not prompts:
-        raise ValueError("generate: prompts is empty; pass at least one prompt.")
-    for n, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"generate: prompts[{n}] is empty; start it with at least one token (e.g. [CLS]).")
-        bad = [i for i in p if not 0 <= i < vocab_size]
-        if bad:
-            raise ValueError(f"generate: prompts[{n}] has token ids outside [0, {vocab_size}) (vocab_size): {bad[:5]}.")
-    if segment_ids is not None:
-        segment_ids = _id_lists(segment_ids, "segment_ids")
-        if len(segment_ids) != len(prompts):
-            raise ValueError(f"generate: {len(prompts)} prompts but {len(segment_ids)} segment_ids lists.")
-        for n, (p, s) in enumerate(zip(prompts, segment_ids)):
-            if len(p) != len(s):
-                raise ValueError(f"generate: prompts[{n}] has {len(p)} ids but segment_ids[{n}] has {len(s)}.")
-            bad = [i for i in s if not 0 <= i < segment_vocab_size]
-            if bad:
-                raise ValueError(f"generate: segment_ids[{n}] has ids outside [0, {segment_vocab_size}) "
-                                 f"(type_vocab_size): {bad[:5]}.")
-    longest = max(len(p) for p in prompts)
-    if max_positions is not None and longest + max_len > max_positions:
-        raise ValueError(
-            f"generate: a prompt of {longest} tokens plus max_len={max_len} exceeds the model's {max_positions} "
-            "learned positions (max_position_embeddings)."
-        )
-    length = -(-longest // pad_to_multiple) * pad_to_multiple
-    token_ids = np.full((len(prompts), length), pad_id, dtype=np.int32)
-    segments = np.zeros((len(prompts), length), dtype=np.int32)
-    mask = np.zeros((len(prompts), length), dtype=bool)
-    for n, p in enumerate(prompts):
-        token_ids[n, length - len(p):] = p
-        mask[n, length - len(p):] = True
-        if segment_ids is not None:
-            segments[n, length - len(p):] = segment_ids[n]
-    return {"token_ids": token_ids, "segment_ids": segments, "mask": mask}
-
-
-def _id_lists(rows, name: str) -> list[list[int]]:
-    """`rows` as lists of Python ints; TypeError naming `name` for anything that is not a sequence of integers."""
-    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
-        raise TypeError(f"generate: {name} must be a list of lists of token ids, got {type(rows).__name__}.")
-    out = []
-    for n, row in enumerate(rows):
-        if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
-            raise TypeError(f"generate: {name}[{n}] must be a list of integer ids, got {type(row).__name__}.")
-        ids = []
-        for i in row:
-            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-                raise TypeError(f"generate: {name}[{n}] holds {i!r} ({type(i).__name__}); ids must be integers.")
-            ids.append(int(i))
-        out.append(ids)
-    return out

@@ -83,6 +83,8 @@ CASES = {
     "albert_hierarchical": ("albert", "lm", dict(embedding_size=8, hierarchical_position=True, max_position=4)),
     "albert_unilm": ("albert", "unilm", dict(embedding_size=8)),
     "t5.1.0": ("t5.1.0", None, {}),
+    # BERT shares ALBERT's cached step, so its factorised embedding and hierarchical positions decode too.
+    "bert_factorised_hierarchical": ("bert", "lm", dict(embedding_size=8, hierarchical_position=True, max_position=4)),
 }
 # The search is compiled on jax (the subprocess run below) and for gpt2 with XLA on tensorflow; the other tensorflow
 # runs are eager (the same code) because each search setting costs an XLA compilation.

@@ -54,8 +54,16 @@ class RelativePositionEmbedding(keras.layers.Layer):
         return self.between(ops.arange(q_len), ops.arange(k_len))
 
     def between(self, query_positions, key_positions):
-        """The table for queries at int `query_positions` `[q_len]` and keys at `key_positions` `[k_len]`:
-        `[q_len, k_len, output_dim]` in the compute dtype (a cached decoding step: one query against every slot)."""
+        """The table between queries and keys at the given positions (a cached decoding step: one query against
+        every cache slot).
+
+        Args:
+            query_positions: int `[q_len]`.
+            key_positions: int `[k_len]`.
+
+        Returns:
+            `[q_len, k_len, output_dim]` in the layer's compute dtype.
+        """
         limit = self.max_relative_position
         distance = ops.expand_dims(ops.cast(key_positions, "int32"), 0) - ops.expand_dims(
             ops.cast(query_positions, "int32"), 1)

@@ -79,8 +79,13 @@ class CachedDecoding:
         return [], []
 
     def decode_attention_arguments(self, positions, query_slots, slots) -> dict:
-        """Extra self-attention arguments for queries at `positions` (int `[batch, q_len]`, per row) held in cache
-        slots `query_slots` (int `[q_len]`, the same for every row) against `slots` cache slots."""
+        """Extra arguments of every self-attention for the queries being fed (none by default).
+
+        Args:
+            positions: int `[batch, q_len]`: each row's own positions of the queries.
+            query_slots: int `[q_len]`: the cache slots of the queries (the same for every row).
+            slots: how many cache slots the keys span.
+        """
         return {}
 
     def decode_max_positions(self) -> int | None:

@@ -2,7 +2,8 @@
 `decode_start` / `decode_step`): greedy, beam search and sampling over a batch of left-padded prompts of different
 lengths equal, token for token, the same search run on the whole uncached keras model (the pure-Python beam rule of
 test_beam_search.py fed with its log-probabilities); GPT-2's greedy output equals transformers'
-`generate(do_sample=False)` on the same weights. One jax subprocess repeats the compiled runs."""
+`generate(do_sample=False)` on the same weights; NEZHA's cached log-probabilities equal the uncached model's at
+every step. Two jax subprocesses repeat the compiled runs."""
 
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ CASES = {
     "albert_hierarchical": ("albert", "lm", dict(embedding_size=8, hierarchical_position=True, max_position=4)),
     "albert_unilm": ("albert", "unilm", dict(embedding_size=8)),
     "t5.1.0": ("t5.1.0", None, {}),
+    # BERT shares ALBERT's cached step, so its factorised embedding and hierarchical positions decode too.
+    "bert_factorised_hierarchical": ("bert", "lm", dict(embedding_size=8, hierarchical_position=True, max_position=4)),
 }
 # The search is compiled on jax (the subprocess run below) and for gpt2 with XLA on tensorflow; the other tensorflow
 # runs are eager (the same code) because each search setting costs an XLA compilation.
@@ -108,6 +111,38 @@ def test_generator_equals_the_uncached_model(case):
     for f, out in zip(refs, generator.generate(PROMPTS, segments, do_sample=True, top_k=2, top_p=0.9, seed=4,
                                                **common)):
         assert out and all(token in np.argsort(-f(tuple(out[:i])))[:2] for i, token in enumerate(out)), out
+
+
+@pytest.mark.parametrize("application", ["lm", "unilm"])
+def test_nezha_generator_equals_the_uncached_model(application):
+    # Relative distances clipped at 3, below the 12 positions of the longest prompt + output: clipping is exercised.
+    t = build("nezha", application, max_relative_position=3)
+    generator = Generator(t.model, pad_to_multiple=4, jit=keras.backend.backend() == "jax")
+    segments = [[0] * len(p) for p in PROMPTS] if application == "unilm" else None
+    refs = [uncached_logp(t, p, unilm=application == "unilm") for p in PROMPTS]
+    assert generator.generate(PROMPTS, segments, max_len=MAX_LEN, end_id=END) == [
+        ref_bert4keras(f, 1, MAX_LEN, END) for f in refs], "greedy"
+    assert generator.generate(PROMPTS, segments, max_len=MAX_LEN, end_id=END, num_beams=BEAMS) == [
+        ref_bert4keras(f, BEAMS, MAX_LEN, END) for f in refs], "beam"
+
+
+@pytest.mark.parametrize("application", ["lm", "unilm"])
+def test_nezha_cached_logits_equal_the_uncached_model(application):
+    # Every step's log-probabilities, not only the argmax: the relative terms between each new token and the cache
+    # (per row, the prompts being left-padded to different lengths) are those the whole model computes.
+    t = build("nezha", application, max_relative_position=3)
+    steps, forced = 5, [7, 9, 11, 13, 15]
+    logits, cache = t.decode_start(t.decode_prepare(PROMPTS, [[0] * len(p) for p in PROMPTS], 4, steps), steps)
+    cached = [keras.ops.convert_to_numpy(logits)]
+    for i, token in enumerate(forced[:-1]):
+        logits, cache = t.decode_step(np.full((len(PROMPTS),), token, "int32"), cache, i)
+        cached.append(keras.ops.convert_to_numpy(logits))
+    refs = [uncached_logp(t, p, unilm=application == "unilm") for p in PROMPTS]
+    for i, step in enumerate(cached):
+        top = step.max(-1, keepdims=True)
+        logp = step - top - np.log(np.exp(step - top).sum(-1, keepdims=True))
+        for row, ref in enumerate(refs):
+            np.testing.assert_allclose(logp[row], ref(tuple(forced[:i])), atol=1e-4, err_msg=f"step {i} row {row}")
 
 
 def test_decoding_unsupported_says_why():
@@ -152,3 +187,10 @@ def test_zoo_decoding_on_jax_backend():
     # The mixin's compiled loop with every search (ALBERT UniLM) and GPT-2's blocks against transformers; T5 v1.0's
     # greedy loop is compiled on jax by test_zoo_models.py's jax run (against transformers).
     run_pytest_on_backend("jax", "tests/test_zoo_decoding.py", "-k", "gpt2_greedy or albert_unilm")
+
+
+@pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")
+def test_nezha_decoding_on_jax_backend():
+    # NEZHA's relative terms against the cache inside jax's compiled loop (greedy and beam); 'lm' runs the same
+    # step with a causal prompt mask, checked on tensorflow.
+    run_pytest_on_backend("jax", "tests/test_zoo_decoding.py", "-k", "nezha and unilm")

@@ -51,14 +51,29 @@ class RelativePositionEmbedding(keras.layers.Layer):
     def call(self, inputs, key=None):
         q_len = ops.shape(inputs)[1]
         k_len = ops.shape(inputs if key is None else key)[1]
+        return self.between(ops.arange(q_len), ops.arange(k_len))
+
+    def between(self, query_positions, key_positions):
+        """The table between queries and keys at the given positions (a cached decoding step: one query against
+        every cache slot).
+
+        Args:
+            query_positions: int `[q_len]`.
+            key_positions: int `[k_len]`.
+
+        Returns:
+            `[q_len, k_len, output_dim]` in the layer's compute dtype.
+        """
         limit = self.max_relative_position
-        distance = ops.expand_dims(ops.arange(k_len), 0) - ops.expand_dims(ops.arange(q_len), 1)
+        distance = ops.expand_dims(ops.cast(key_positions, "int32"), 0) - ops.expand_dims(
+            ops.cast(query_positions, "int32"), 1)
         index = ops.cast(ops.clip(distance, -limit, limit) + limit, "float32")  # [q_len, k_len]
         # 10000^(-2k/d) for k = 0 .. d/2 - 1; angles in float32 (they reach 2 * max_relative_position radians).
         inv_freq = ops.power(10000.0, -ops.arange(0, self.output_dim, 2, dtype="float32") / self.output_dim)
         angles = ops.expand_dims(index, -1) * inv_freq  # [q_len, k_len, d/2]
         table = ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1)  # interleaved: sin at 2k, cos at 2k+1
-        table = ops.reshape(table, (q_len, k_len, self.output_dim))
+        shape = (ops.shape(query_positions)[0], ops.shape(key_positions)[0], self.output_dim)
+        table = ops.reshape(table, shape)
         return ops.cast(table, self.compute_dtype)
 
     def compute_output_spec(self, inputs, key=None):

@@ -18,7 +18,7 @@ from bert4x.layers import Dropout, FeedForward, LayerNormalization, MultiHeadAtt
 from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.models.base import CheckpointError, register_model, src
 from bert4x.models.bert import BERT, GOOGLE_TABLE
-from bert4x.models.cached_decoding import CachedDecoding, post_norm_block
+from bert4x.models.cached_decoding import post_norm_block
 
 _GOOGLE_SHARED = "bert/encoder/transformer/group_0/inner_group_0/"
 _HF_SHARED = "albert.encoder.albert_layer_groups.0.albert_layers.0."
@@ -86,7 +86,7 @@ _ALBERT_FIXED = {"num_hidden_groups": 1, "inner_group_num": 1, "net_structure_ty
                  "num_memory_blocks": 0, "down_scale_factor": 1, "ln_type": "postln"}
 
 
-class _AlbertBase(CachedDecoding, BERT):
+class _AlbertBase(BERT):
     """What ALBERT and ALBERT-unshared share: config keys, the embedding tables and the Hugging Face heads."""
 
     model_types = ("albert",)
@@ -231,11 +231,3 @@ class ALBERTUnshared(_AlbertBase):
                     "but no longer hold the same values; ALBERT's checkpoint format has one shared layer."
                 )
         return tensors
-
-    def decode_blocks(self):
-        m = self.model
-        return [post_norm_block(m.get_layer(f"Transformer-{i}-MultiHeadSelfAttention"),
-                                m.get_layer(f"Transformer-{i}-MultiHeadSelfAttention-Norm"),
-                                m.get_layer(f"Transformer-{i}-FeedForward"),
-                                m.get_layer(f"Transformer-{i}-FeedForward-Norm"))
-                for i in range(self.num_hidden_layers)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import keras
-from keras import ops
 
 from bert4x.layers import (
     AttentionMask,
@@ -21,7 +20,8 @@ from bert4x.layers import (
 )
 from bert4x.layers.heads import ConditionalLayerNormalization
 from bert4x.layers.hierarchical_position import HierarchicalPositionEmbedding
-from bert4x.models.base import Transformer, left_pad_prompts, register_model, src
+from bert4x.models.base import Transformer, register_model, src
+from bert4x.models.cached_decoding import CachedDecoding, post_norm_block
 
 # Google's BERT variable names, per layer and for the heads.
 _GOOGLE_LAYER = "bert/encoder/layer_{i}/"
@@ -109,7 +109,7 @@ def _head_activation(option, default: str):
 
 
 @register_model("bert", "roberta")
-class BERT(Transformer):
+class BERT(CachedDecoding, Transformer):
     """BERT as Google released it (and Chinese RoBERTa-wwm, which uses BERT's architecture and names).
 
     Inputs are `[token_ids, segment_ids]` (id 0 is padding). Outputs follow bert4keras: the sequence output with no
@@ -523,137 +523,22 @@ class BERT(Transformer):
         config.update(model_type="bert", layer_norm_eps=self.layer_norm_eps, architectures=["BertForPreTraining"])
         return "config.json", config
 
-    # ----------------------------------------------------------------- decoding (bert4x.generation)
+    # ----------------------------------------------------------------- decoding (bert4x.models.cached_decoding)
     # The prompt is segment 0 (a UniLM source, attended bidirectionally as in the model) and generated tokens are
-    # segment 1 for 'unilm', 0 for 'lm'. Prompts are left-padded and each row keeps its own positions; the cached
-    # steps reuse the model's own layer objects, recorded while it was built.
+    # segment 1 for 'unilm', 0 for 'lm'. The cached steps reuse the model's own layer objects, recorded while it was
+    # built; what is BERT's here is the order of a layer's parts and the MLM head around the tied projection.
     def keep_decode_block(self, index: int, attention, attention_norm, feed_forward, feed_forward_norm) -> None:
         """Records the layers of main layer `index` for `decode_step` (post-norm: attention, norm, FFN, norm)."""
         if index == 0:
             self.decode_layers = []
         self.decode_layers.append((attention, attention_norm, feed_forward, feed_forward_norm))
 
-    def decode_head_layers(self) -> tuple:
-        """(dense, norm, bias) of the MLM head around the tied projection; None for a part the head lacks."""
-        return self.mlm_dense, self.mlm_norm, self.mlm_bias
+    def decode_blocks(self) -> list:
+        return [post_norm_block(*layers) for layers in getattr(self, "decode_layers", ())]
 
-    def decode_max_positions(self) -> int | None:
-        """How many positions the model has learned (prompt + generated tokens); None if unbounded."""
-        return self.max_position
-
-    def decoding_unsupported(self):
-        if self.model is None:
-            return f"{type(self).__name__} is not built yet."
-        if self.application not in ("lm", "unilm"):
-            return (f"the model was built with application={self.application!r}; build it with application='lm' "
-                    "or 'unilm' to generate.")
-        if not self.with_mlm:
-            return "the model has no MLM head; build it with with_mlm=True or 'linear' (the default for 'lm'/'unilm')."
-        if self.with_mlm not in (True, "softmax", "linear"):
-            return f"the MLM head activation is {self.with_mlm!r}; generation needs 'softmax' (True) or 'linear'."
-        if self.condition is not None:
-            return "layer_norm_cond: the conditional LayerNorm needs a condition input, which decoding does not feed."
-        if self.embedding_size != self.hidden_size or self.hierarchical_position or self.custom_position_ids:
-            return ("embedding_size, hierarchical_position and custom_position_ids change the embeddings that "
-                    f"{type(self).__name__}'s cached step reproduces; generate with the uncached model instead.")
-        if self.residual_attention_scores:
-            return ("residual_attention_scores: the cached step does not carry each layer's scores to the next; "
-                    "generate with the uncached model instead.")
-        if len(getattr(self, "decode_layers", ())) != self.num_hidden_layers:
-            return (f"{type(self).__name__}'s main layers did not record their layers for decoding "
-                    "(keep_decode_block), so its cached step would not be the model's.")
-        return None
-
-    def decode_prepare(self, prompts, segment_ids, pad_to_multiple, max_len):
-        pad_id = _producer(self.attention_mask).pad_id
-        return left_pad_prompts(
-            prompts, segment_ids, pad_to_multiple, max_len, pad_id=pad_id, vocab_size=self.vocab_size,
-            segment_vocab_size=max(self.segment_vocab_size, 1), max_positions=self.decode_max_positions(),
-        )
-
-    def _decode_embed(self, token_ids, segment_ids, positions):
-        x = self.token_embedding(token_ids)
-        if self.segment_vocab_size > 0:
-            x = x + self.segment_embedding(segment_ids)
-        position_embedding = getattr(self, "position_embedding", None)
-        if position_embedding is not None:
-            x = x + ops.cast(ops.take(position_embedding.embeddings, positions, axis=0), x.dtype)
-        return self.embedding_norm(x)
-
-    def _decode_rotary(self, positions) -> dict:
-        """Extra attention arguments at these positions (RoFormer: the rotary angles)."""
-        return {}
-
-    def _decode_blocks(self, x, attention_mask, positions, caches, slot):
-        rotary, new_caches = self._decode_rotary(positions), []
-        for (attention, attention_norm, feed_forward, feed_forward_norm), cache in zip(self.decode_layers, caches):
-            y, cache = attention(x, attention_mask=attention_mask, cache=cache, cache_update_index=slot, **rotary)
-            x = attention_norm(x + y)
-            x = feed_forward_norm(x + feed_forward(x))
-            new_caches.append(cache)
-        return x, new_caches
-
-    def _decode_logits(self, x):
-        dense, norm, bias = self.decode_head_layers()
-        if dense is not None:
-            x = dense(x)
-        if norm is not None:
-            x = norm(x)
-        x = self.token_embedding(x, mode="dense")  # the tied projection
-        if bias is not None:
-            x = bias(x)
-        return ops.cast(x, "float32")
-
-    def decode_start(self, prompt, max_len):
-        pad_id = _producer(self.attention_mask).pad_id
-        token_ids = ops.convert_to_tensor(prompt["token_ids"], "int32")
-        segment_ids = ops.convert_to_tensor(prompt["segment_ids"], "int32")
-        mask = ops.convert_to_tensor(prompt["mask"], "bool")
-        batch, length = prompt["token_ids"].shape
-        slots = length + max_len
-        positions = ops.maximum(ops.cumsum(ops.cast(mask, "int32"), axis=1) - 1, 0)
-        x = self._decode_embed(token_ids, segment_ids, positions)
-        # As in the model, pad-id tokens are hidden as keys (even inside a prompt).
-        real = ops.logical_and(mask, ops.not_equal(token_ids, pad_id))
-        keys_valid = ops.concatenate([real, ops.zeros((batch, max_len), "bool")], axis=1)
-        query = ops.expand_dims(ops.arange(length), 1)
-        key = ops.expand_dims(ops.arange(slots), 0)
-        if self.application == "lm":
-            allowed = ops.expand_dims(ops.less_equal(key, query), 0)  # [1, length, slots]
-        else:  # UniLM: i sees j iff cumsum(segment)[j] <= cumsum(segment)[i]
-            c = ops.cumsum(segment_ids * ops.cast(mask, "int32"), axis=1)
-            c_keys = ops.concatenate([c, ops.full((batch, max_len), 2**30, "int32")], axis=1)
-            allowed = ops.less_equal(ops.expand_dims(c_keys, 1), ops.expand_dims(c, 2))
-        allowed = ops.logical_and(allowed, ops.expand_dims(keys_valid, 1))
-        # Padding queries see themselves only (their outputs are never used), so no row is fully masked.
-        allowed = ops.logical_or(allowed, ops.expand_dims(ops.equal(query, key), 0))
-        attention = self.decode_layers[0][0]
-        empty = ops.zeros((batch, 2, slots, attention.heads, attention.head_size), attention.compute_dtype)
-        x, caches = self._decode_blocks(x, ops.expand_dims(allowed, 1), positions, [empty] * len(self.decode_layers),
-                                        0)
-        cache = {
-            "layers": caches,
-            "keys_valid": keys_valid,
-            "position": positions[:, -1] + 1,
-            "start": ops.full((batch,), length, "int32"),
-        }
-        return self._decode_logits(x[:, -1:])[:, 0], cache
-
-    def decode_step(self, token_ids, cache, index):
-        pad_id = _producer(self.attention_mask).pad_id
-        slot = cache["start"][0] + index
-        token_ids = ops.expand_dims(ops.cast(token_ids, "int32"), 1)
-        positions = ops.expand_dims(cache["position"], 1)
-        target_segment = 1 if self.application == "unilm" else 0
-        x = self._decode_embed(token_ids, ops.full(ops.shape(token_ids), target_segment, "int32"), positions)
-        batch = ops.shape(token_ids)[0]
-        # The new token sees every earlier visible key and itself; it stays visible later unless it is a pad id.
-        sees = ops.slice_update(cache["keys_valid"], [0, slot], ops.ones((batch, 1), "bool"))
-        keys_valid = ops.slice_update(cache["keys_valid"], [0, slot], ops.not_equal(token_ids, pad_id))
-        attention_mask = ops.expand_dims(ops.expand_dims(sees, 1), 1)
-        x, caches = self._decode_blocks(x, attention_mask, positions, cache["layers"], slot)
-        new_cache = dict(cache, layers=caches, keys_valid=keys_valid, position=cache["position"] + 1)
-        return self._decode_logits(x)[:, 0], new_cache
+    def decode_head_layers(self) -> tuple[list, list]:
+        """The MLM head's dense and norm before the tied projection, its bias after."""
+        return [self.mlm_dense, self.mlm_norm], [self.mlm_bias]
 
 
 @register_model("wobert")

@@ -1,5 +1,5 @@
-"""Model-owned cached decoding for decoder-only models: causal LMs (GPT, GPT-2, GPT2-ML) and the `lm` / `unilm`
-applications of encoder families (ALBERT).
+"""Model-owned cached decoding for the decoder-only models: the `lm` / `unilm` applications of the BERT family (BERT,
+RoBERTa, WoBERT, RoFormer, RoFormerV2, NEZHA, ALBERT) and the causal LMs (GPT, GPT-2, GPT2-ML).
 
 The contract the generator calls (`bert4x.generation`):
 
@@ -14,23 +14,31 @@ The contract the generator calls (`bert4x.generation`):
 The cache is a flat dict of batch-first tensors (beam search reorders rows). Each row keeps its own positions, so
 left padding changes nothing. The functions are keras.ops only, so a generator can compile the whole loop.
 
-A model using this mixin provides `decode_blocks()`: one callable per layer,
-`block(x, attention_mask, cache, slot) -> (x, cache)`, built from the model's own layers (see `post_norm_block`).
+What a model family provides (`CachedDecoding`'s hooks):
+
+- `decode_blocks()`: one callable per layer, `block(x, attention_mask, cache, slot, **attention_arguments) ->
+  (x, cache)`, built from the model's own layers (`post_norm_block`, `pre_norm_block`);
+- `decode_head_layers()`: the layers of the LM head before and after the projection tied to the token embedding;
+- `decode_attention_arguments(positions, query_slots, slots)`: extra arguments of every self-attention at the
+  new tokens (RoFormer's rotary angles, NEZHA's relative positions);
+- `decode_max_positions()`: how many positions the model has learned (None: unbounded).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from keras import ops
+
+from bert4x.layers import MultiHeadAttention
+from bert4x.models.base import left_pad_prompts
 
 
 def post_norm_block(attention, attention_norm, feed_forward, feed_forward_norm):
     """BERT/GPT order: Att -> Add -> LN -> FFN -> Add -> LN."""
 
-    def block(x, attention_mask, cache, slot):
-        y, cache = attention(x, attention_mask=attention_mask, cache=cache, cache_update_index=slot)
+    def block(x, attention_mask, cache, slot, **attention_arguments):
+        y, cache = attention(x, attention_mask=attention_mask, cache=cache, cache_update_index=slot,
+                             **attention_arguments)
         x = attention_norm(x + y)
         return feed_forward_norm(x + feed_forward(x)), cache
 
@@ -40,8 +48,9 @@ def post_norm_block(attention, attention_norm, feed_forward, feed_forward_norm):
 def pre_norm_block(attention_norm, attention, feed_forward_norm, feed_forward):
     """GPT-2 order: LN -> Att -> Add -> LN -> FFN -> Add."""
 
-    def block(x, attention_mask, cache, slot):
-        y, cache = attention(attention_norm(x), attention_mask=attention_mask, cache=cache, cache_update_index=slot)
+    def block(x, attention_mask, cache, slot, **attention_arguments):
+        y, cache = attention(attention_norm(x), attention_mask=attention_mask, cache=cache, cache_update_index=slot,
+                             **attention_arguments)
         x = x + y
         return x + feed_forward(feed_forward_norm(x)), cache
 
@@ -49,10 +58,12 @@ def pre_norm_block(attention_norm, attention, feed_forward_norm, feed_forward):
 
 
 class CachedDecoding:
-    """Mixin for `Transformer` subclasses whose keras model maps `[token_ids(, segment_ids)]` to next-token outputs.
+    """Cached decoding for `Transformer` subclasses whose keras model maps `[token_ids(, segment_ids)]` to
+    next-token outputs through `Embedding-Token` (tied to the LM head), optional `Embedding-Segment`,
+    `Embedding-Position`, `Embedding-Norm` and `Embedding-Mapping`, then per-layer blocks.
 
     Attributes the model sets: `application` ('lm' / 'unilm'; other values are not decodable), and it may override
-    `decode_hides_pad_keys` (whether token id 0 is hidden as a key, as the model's own mask does).
+    `decode_hides_pad_keys` (whether token id `decode_pad_id` is hidden as a key, as the model's own mask does).
     """
 
     decode_hides_pad_keys = True
@@ -60,46 +71,68 @@ class CachedDecoding:
 
     # ------------------------------------------------------------------ hooks
     def decode_blocks(self) -> list:
-        raise NotImplementedError
+        """One callable per layer, in order: `block(x, attention_mask, cache, slot, **attention_arguments)`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define decode_blocks().")
 
-    def decode_mode(self) -> str:
-        return self.application
+    def decode_head_layers(self) -> tuple[list, list]:
+        """(layers applied before the projection tied to the token embedding, layers applied after it)."""
+        return [], []
 
-    def _layer(self, name: str):
+    def decode_attention_arguments(self, positions, query_slots, slots) -> dict:
+        """Extra arguments of every self-attention for the queries being fed (none by default).
+
+        Args:
+            positions: int `[batch, q_len]`: each row's own positions of the queries.
+            query_slots: int `[q_len]`: the cache slots of the queries (the same for every row).
+            slots: how many cache slots the keys span.
+        """
+        return {}
+
+    def decode_max_positions(self) -> int | None:
+        """How many positions the model has learned (prompt + generated tokens); None if unbounded."""
+        layer = self._decode_layer("Embedding-Position")
+        if layer is None:
+            return None
+        return int(getattr(layer, "max_positions", layer.input_dim))
+
+    def decode_cache_shape(self) -> tuple[int, int, str]:
+        """(heads, head_size, dtype) of each layer's key/value cache."""
+        attention = next(layer for layer in self.model.layers if isinstance(layer, MultiHeadAttention))
+        return attention.heads, attention.head_size, attention.compute_dtype
+
+    def _decode_layer(self, name: str):
         try:
             return self.model.get_layer(name)
         except ValueError:
             return None
 
+    # ------------------------------------------------------------------ contract
     def decoding_unsupported(self) -> str | None:
         """None when the model can decode with the cache, else the reason it cannot."""
         if self.model is None:
-            return "the model is not built"
-        if self.decode_mode() not in ("lm", "unilm"):
-            return (f"{type(self).__name__} was built with application={self.application!r}; decoding needs "
-                    "application='lm' or 'unilm'")
+            return f"{type(self).__name__} is not built yet."
+        if self.application not in ("lm", "unilm"):
+            return (f"the model was built with application={self.application!r}; build it with application='lm' "
+                    "or 'unilm' to generate.")
+        with_mlm = getattr(self, "with_mlm", True)
+        if not with_mlm:
+            return "the model has no MLM head; build it with with_mlm=True or 'linear' (the default for 'lm'/'unilm')."
+        if with_mlm not in (True, "softmax", "linear"):
+            return f"the MLM head activation is {with_mlm!r}; generation needs 'softmax' (True) or 'linear'."
         if getattr(self, "condition", None) is not None:
-            return "conditional LayerNorm (layer_norm_cond) needs the condition at every step; not implemented"
+            return "layer_norm_cond: the conditional LayerNorm needs a condition input, which decoding does not feed."
         if getattr(self, "custom_position_ids", False):
-            return "custom_position_ids: the generator cannot know the positions of new tokens"
-        if self._layer("Embedding-Token") is None:
-            return "the model has no Embedding-Token layer"
-        if getattr(self, "with_mlm", True) is False:
-            return "the model has no LM head (build it with with_mlm=True)"
+            return "custom_position_ids: the generator cannot know the positions of new tokens."
+        if getattr(self, "residual_attention_scores", False):
+            return ("residual_attention_scores: the cached step does not carry each layer's scores to the next; "
+                    "generate with the uncached model instead.")
+        if self._decode_layer("Embedding-Token") is None:
+            return "the model has no Embedding-Token layer."
+        if len(self.decode_blocks()) != self.num_hidden_layers:
+            return (f"{type(self).__name__}'s main layers did not record their layers for decoding, so its cached "
+                    "step would not be the model's.")
         return None
 
-    def decode_variables(self) -> list:
-        """The Keras variables the decoding functions read (jax passes their values into the compiled loop)."""
-        return list(self.model.variables)
-
-    @property
-    def decode_max_positions(self) -> int | None:
-        layer = self._layer("Embedding-Position")
-        if layer is None:
-            return None
-        return int(getattr(layer, "max_positions", layer.input_dim))
-
-    # ------------------------------------------------------------------ host side
     def decode_prepare(self, prompts: list[list[int]], segment_ids: list[list[int]] | None = None,
                        pad_to_multiple: int = 8, max_len: int = 0) -> dict[str, np.ndarray]:
         """Host side: the prompts as left-padded int32 arrays `token_ids`, `segment_ids` and a bool `mask`.
@@ -112,81 +145,51 @@ class CachedDecoding:
         """
         reason = self.decoding_unsupported()
         if reason:
-            raise ValueError(f"{type(self).__name__} cannot decode: {reason}.")
-        prompts = [[int(i) for i in p] for p in prompts]
-        if not prompts:
-            raise ValueError("decode_prepare: no prompts given.")
-        vocab = self.vocab_size
-        for n, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"decode_prepare: prompt #{n} is empty; start it with at least one token.")
-            bad = [i for i in p if not 0 <= i < vocab]
-            if bad:
-                raise ValueError(f"decode_prepare: prompt #{n} has ids outside [0, {vocab}): {bad[:5]}.")
-        if segment_ids is not None:
-            segment_ids = [[int(i) for i in s] for s in segment_ids]
-            if len(segment_ids) != len(prompts):
-                raise ValueError(f"decode_prepare: {len(prompts)} prompts but {len(segment_ids)} segment_ids lists.")
-            for n, (p, s) in enumerate(zip(prompts, segment_ids)):
-                if len(p) != len(s):
-                    raise ValueError(f"decode_prepare: prompt #{n} has {len(p)} ids but {len(s)} segment ids.")
-        longest = max(len(p) for p in prompts)
-        limit = self.decode_max_positions
+            raise ValueError(f"{type(self).__name__} cannot decode: {reason}")
+        prompt = left_pad_prompts(
+            prompts, segment_ids, pad_to_multiple, max_len, pad_id=self.decode_pad_id, vocab_size=self.vocab_size,
+            segment_vocab_size=max(getattr(self, "segment_vocab_size", 0), 1), max_positions=None,
+        )
+        limit, longest = self.decode_max_positions(), int(prompt["mask"].sum(axis=1).max())
         if limit is not None and longest + max_len > limit:
-            raise ValueError(f"decode_prepare: a prompt of {longest} tokens plus max_len={max_len} exceeds the "
-                             f"model's {limit} positions.")
-        length = int(math.ceil(longest / max(int(pad_to_multiple), 1)) * max(int(pad_to_multiple), 1))
-        token_ids = np.full((len(prompts), length), self.decode_pad_id, np.int32)
-        segments = np.zeros((len(prompts), length), np.int32)
-        mask = np.zeros((len(prompts), length), bool)
-        for n, p in enumerate(prompts):
-            token_ids[n, length - len(p):] = p
-            mask[n, length - len(p):] = True
-            if segment_ids is not None:
-                segments[n, length - len(p):] = segment_ids[n]
-        return {"token_ids": token_ids, "segment_ids": segments, "mask": mask}
+            raise ValueError(f"generate: a prompt of {longest} tokens plus max_len={max_len} exceeds the model's "
+                             f"{limit} positions: it has {limit} learned positions (max_position_embeddings).")
+        return prompt
 
     # ------------------------------------------------------------------ device side
     def _decode_embed(self, token_ids, segment_ids, positions):
-        token = self._layer("Embedding-Token")
+        token = self._decode_layer("Embedding-Token")
         x = token(token_ids)
         if getattr(self, "segment_vocab_size", 0) > 0:
             if getattr(self, "shared_segment_embeddings", False):
                 x = x + token(segment_ids)
             else:
-                x = x + self._layer("Embedding-Segment")(segment_ids)
-        position = self._layer("Embedding-Position")
+                x = x + self._decode_layer("Embedding-Segment")(segment_ids)
+        position = self._decode_layer("Embedding-Position")
         if position is not None:
             rows = position.rows(positions) if hasattr(position, "rows") else ops.take(
                 position.embeddings, positions, axis=0)
             x = x + ops.cast(rows, x.dtype)
         for name in ("Embedding-Norm", "Embedding-Mapping"):
-            layer = self._layer(name)
+            layer = self._decode_layer(name)
             if layer is not None:
                 x = layer(x)
         return x
 
     def _decode_logits(self, x):
-        for name in ("Output-Norm", "MLM-Dense", "MLM-Norm"):
-            layer = self._layer(name)
-            if layer is not None:
-                x = layer(x)
-        x = self._layer("Embedding-Token")(x, mode="dense")
-        bias = self._layer("MLM-Bias")
-        if bias is not None:
-            x = bias(x)
+        before, after = self.decode_head_layers()
+        for layer in before:
+            x = layer(x)
+        x = self._decode_layer("Embedding-Token")(x, mode="dense")  # the tied projection
+        for layer in after:
+            x = layer(x)
         return ops.cast(x, "float32")
 
-    def _run_blocks(self, x, attention_mask, caches, slot):
+    def _run_blocks(self, x, attention_mask, caches, slot, attention_arguments):
         new = {}
         for i, block in enumerate(self.decode_blocks()):
-            x, new[f"layer_{i}"] = block(x, attention_mask, caches[f"layer_{i}"], slot)
+            x, new[f"layer_{i}"] = block(x, attention_mask, caches[f"layer_{i}"], slot, **attention_arguments)
         return x, new
-
-    def _attention_shape(self):
-        attention = self._layer("Transformer-0-MultiHeadSelfAttention") or self._layer(
-            "Transformer-MultiHeadSelfAttention")
-        return attention.heads, attention.head_size, attention.compute_dtype
 
     def decode_start(self, prompt: dict, max_len: int):
         """Runs the prompts once: (logits of the first new token `[batch, vocab]` float32, cache).
@@ -202,13 +205,14 @@ class CachedDecoding:
         slots = length + max_len
         positions = ops.maximum(ops.cumsum(ops.cast(mask, "int32"), axis=1) - 1, 0)
         x = self._decode_embed(token_ids, segment_ids, positions)
+        # As in the model, pad-id tokens are hidden as keys (even inside a prompt) where its mask hides them.
         real = ops.logical_and(mask, ops.not_equal(token_ids, self.decode_pad_id)) if self.decode_hides_pad_keys \
             else mask
         keys_valid = ops.concatenate([real, ops.zeros((batch, max_len), "bool")], axis=1)
         query = ops.expand_dims(ops.arange(length), 1)
         key = ops.expand_dims(ops.arange(slots), 0)
-        if self.decode_mode() == "lm":
-            allowed = ops.expand_dims(ops.less_equal(key, query), 0)
+        if self.application == "lm":
+            allowed = ops.expand_dims(ops.less_equal(key, query), 0)  # [1, length, slots]
         else:  # UniLM: i sees j iff cumsum(segment)[j] <= cumsum(segment)[i]
             c = ops.cumsum(segment_ids * ops.cast(mask, "int32"), axis=1)
             c_keys = ops.concatenate([c, ops.full((batch, max_len), 2**30, "int32")], axis=1)
@@ -216,10 +220,11 @@ class CachedDecoding:
         allowed = ops.logical_and(allowed, ops.expand_dims(keys_valid, 1))
         # Padding queries see themselves only (their outputs are never read), so no row is fully masked.
         allowed = ops.logical_or(allowed, ops.expand_dims(ops.equal(query, key), 0))
-        heads, head_size, dtype = self._attention_shape()
+        heads, head_size, dtype = self.decode_cache_shape()
         empty = ops.zeros((batch, 2, slots, heads, head_size), dtype)
         caches = {f"layer_{i}": empty for i in range(self.num_hidden_layers)}
-        x, caches = self._run_blocks(x, ops.expand_dims(allowed, 1), caches, 0)
+        extra = self.decode_attention_arguments(positions, ops.arange(length, dtype="int32"), slots)
+        x, caches = self._run_blocks(x, ops.expand_dims(allowed, 1), caches, 0, extra)
         logits = self._decode_logits(x[:, -1:])[:, 0]
         cache = dict(caches, keys_valid=keys_valid, position=positions[:, -1] + 1,
                      start=ops.full((batch,), length, "int32"))
@@ -236,14 +241,18 @@ class CachedDecoding:
         slot = cache["start"][0] + index
         token_ids = ops.expand_dims(ops.cast(token_ids, "int32"), 1)
         positions = ops.expand_dims(cache["position"], 1)
-        segment = 1 if self.decode_mode() == "unilm" else 0
+        segment = 1 if self.application == "unilm" else 0
         x = self._decode_embed(token_ids, ops.full(ops.shape(token_ids), segment, "int32"), positions)
         batch = ops.shape(token_ids)[0]
+        # The new token sees every earlier visible key and itself; it stays visible later unless the model's mask
+        # hides its id.
         sees = ops.slice_update(cache["keys_valid"], [0, slot], ops.ones((batch, 1), "bool"))
         new_key = ops.not_equal(token_ids, self.decode_pad_id) if self.decode_hides_pad_keys else ops.ones(
             (batch, 1), "bool")
         keys_valid = ops.slice_update(cache["keys_valid"], [0, slot], new_key)
         layers = {k: v for k, v in cache.items() if k.startswith("layer_")}
-        x, layers = self._run_blocks(x, ops.expand_dims(ops.expand_dims(sees, 1), 1), layers, slot)
+        slots = ops.shape(cache["keys_valid"])[1]
+        extra = self.decode_attention_arguments(positions, ops.reshape(ops.cast(slot, "int32"), (1,)), slots)
+        x, layers = self._run_blocks(x, ops.expand_dims(ops.expand_dims(sees, 1), 1), layers, slot, extra)
         new_cache = dict(cache, keys_valid=keys_valid, position=cache["position"] + 1, **layers)
         return self._decode_logits(x)[:, 0], new_cache

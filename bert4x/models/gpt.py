@@ -10,7 +10,8 @@ Checkpoints: bert4keras-converted TF checkpoints of GPT / GPT-2 (`gpt/embeddings
 `gpt/output/LayerNorm/...`), GPT2-ML's own (`newslm/embeddings/...`, `newslm/layerNN/...`), and Hugging Face
 `OpenAIGPTLMHeadModel` (CDial-GPT's format) / `GPT2LMHeadModel` folders. GPT2-ML has no Hugging Face format.
 
-Decoding: `decode_prepare` / `decode_start` / `decode_step` (`bert4x.models.cached_decoding`) with a key/value cache.
+Decoding: BERT's `decode_prepare` / `decode_start` / `decode_step` (`bert4x.models.cached_decoding`) with a key/value
+cache; GPT-2 and GPT2-ML give their own layer order (`decode_blocks`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import keras
 from bert4x.layers import AttentionMask, Dropout, FeedForward, MultiHeadAttention
 from bert4x.models.base import register_model, src
 from bert4x.models.bert import BERT, GOOGLE_TABLE, _google_layer_table
-from bert4x.models.cached_decoding import CachedDecoding, post_norm_block, pre_norm_block
+from bert4x.models.cached_decoding import pre_norm_block
 
 _GPT_IGNORED = frozenset({"summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
                           "summary_first_dropout", "embd_pdrop", "n_ctx", "predict_special_tokens",
@@ -53,7 +54,7 @@ def _conv1d_layer(p: str, attention: str, feed_forward: str, norms: tuple[str, s
 
 
 @register_model("gpt")
-class GPT(CachedDecoding, BERT):
+class GPT(BERT):
     """OpenAI GPT: a causal LM with BERT's post-LayerNorm layers and no embedding LayerNorm.
 
     Inputs: `[token_ids]`, plus `segment_ids` when `segment_vocab_size > 0` (with `shared_segment_embeddings=True`,
@@ -158,13 +159,9 @@ class GPT(CachedDecoding, BERT):
     def apply_output_norm(self, x):
         return x
 
-    def decode_blocks(self):
-        m = self.model
-        return [post_norm_block(m.get_layer(f"Transformer-{i}-MultiHeadSelfAttention"),
-                                m.get_layer(f"Transformer-{i}-MultiHeadSelfAttention-Norm"),
-                                m.get_layer(f"Transformer-{i}-FeedForward"),
-                                m.get_layer(f"Transformer-{i}-FeedForward-Norm"))
-                for i in range(self.num_hidden_layers)]
+    def decode_head_layers(self):
+        norm = self._decode_layer("Output-Norm")  # GPT-2's final LayerNorm; the LM head is the tied projection
+        return ([] if norm is None else [norm]), []
 
     # ----------------------------------------------------------------- checkpoints
     def variable_mapping(self, fmt):
@@ -351,8 +348,9 @@ class GPT2ML(GPT):
             feed_forward = m.get_layer(f"Transformer-{i}-FeedForward")
             norm1 = m.get_layer(f"Transformer-{i}-FeedForward-Norm-1")
 
-            def block(x, attention_mask, cache, slot):
-                y, cache = attention(x, attention_mask=attention_mask, cache=cache, cache_update_index=slot)
+            def block(x, attention_mask, cache, slot, **attention_arguments):
+                y, cache = attention(x, attention_mask=attention_mask, cache=cache, cache_update_index=slot,
+                                     **attention_arguments)
                 x = x + y
                 return norm1(x + feed_forward(norm0(x))), cache
 

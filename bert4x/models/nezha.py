@@ -2,7 +2,9 @@
 
 Every self-attention adds `q_i . a[i, j]` to its scores (before the 1/sqrt(d) scale) and `sum_j p_ij a[i, j]` to its
 output, where `a` is `RelativePositionEmbedding`'s fixed sinusoid of the clipped distance `j - i` (one table,
-`Embedding-Relative-Position`, shared by every head and layer; it has no weights).
+`Embedding-Relative-Position`, shared by every head and layer; it has no weights). The cached decoding of
+`application='lm'` / `'unilm'` (`bert4x.generation.Generator`) adds the same terms between each new token and the
+cached keys and values.
 
 Checkpoints: Huawei's release (BERT's Google names, `bert/...`, without `bert/embeddings/position_embeddings`) and
 Hugging Face `NezhaModel` / `NezhaForPreTraining` folders (`nezha.embeddings...`, `nezha.encoder.layer.N...`).
@@ -11,6 +13,8 @@ Hugging Face `NezhaModel` / `NezhaForPreTraining` folders (`nezha.embeddings...`
 from __future__ import annotations
 
 import dataclasses
+
+from keras import ops
 
 from bert4x.layers.relative_position import RelativePositionEmbedding
 from bert4x.models.base import register_model
@@ -76,8 +80,9 @@ class NEZHA(BERT):
 
     def apply_embeddings(self, inputs):
         x = super().apply_embeddings(inputs)
-        self.relative_positions = RelativePositionEmbedding(
-            self.attention_head_size, self.max_relative_position, name="Embedding-Relative-Position")(x)
+        self.relative_position_layer = RelativePositionEmbedding(
+            self.attention_head_size, self.max_relative_position, name="Embedding-Relative-Position")
+        self.relative_positions = self.relative_position_layer(x)
         return x
 
     def attention_kwargs(self) -> dict:
@@ -103,9 +108,10 @@ class NEZHA(BERT):
             config.update(model_type="nezha", architectures=["NezhaForPreTraining"])
         return name, config
 
-    def decoding_unsupported(self):
-        reason = super().decoding_unsupported()
-        if reason is None:
-            reason = ("NEZHA's cached step would need the relative position terms of each new token against the "
-                      "cache, which bert4x's cached decoding does not compute; generate without the cache.")
-        return reason
+    # ----------------------------------------------------------------- decoding (bert4x.models.cached_decoding)
+    def decode_attention_arguments(self, positions, query_slots, slots):
+        # A row's prompt fills consecutive cache slots (left padding only shifts them all), so the distance between
+        # two of its tokens is the distance between their slots: one table serves every row. Padding slots are
+        # masked, so the terms they get do not matter.
+        table = self.relative_position_layer.between(query_slots, ops.arange(slots, dtype="int32"))
+        return {"relative_keys": table, "relative_values": table}

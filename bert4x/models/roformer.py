@@ -185,12 +185,9 @@ class RoFormer(BERT):
             )
         return name, config
 
-    # ----------------------------------------------------------------- decoding (bert4x.generation)
-    def decode_max_positions(self):
-        return None  # RoPE: any length
-
-    def _decode_rotary(self, positions):
-        rotary = _producer(self.rotary)
+    # ----------------------------------------------------------------- decoding (bert4x.models.cached_decoding)
+    def decode_attention_arguments(self, positions, query_slots, slots):
+        rotary = _producer(self.rotary)  # the angles of each row's own positions
         return {"rotary": backend.rotary_cos_sin(positions, rotary.head_size, rotary.base)}
 
 
@@ -307,6 +304,6 @@ class RoFormerV2(RoFormer):
             raise ValueError(f"RoFormerV2 exports Google (bert4keras) format only; got format {fmt!r}.")
         return super().export_config(fmt)
 
-    # ----------------------------------------------------------------- decoding (bert4x.generation)
+    # ----------------------------------------------------------------- decoding (bert4x.models.cached_decoding)
     def decode_head_layers(self):
-        return None, None, None  # the head is the tied projection alone
+        return [], []  # the head is the tied projection alone

@@ -62,6 +62,8 @@ class Source:
     # optional: a bert4x-only weight (attention variants, conditional LayerNorm) that keeps its initial value when
     # the checkpoint lacks it (an original checkpoint) and is read back when present (one bert4x saved).
     optional: bool = False
+    # widths: the last-axis width of each of `names` when they differ (q|k|v with attention_key_size): checked per part.
+    widths: tuple[int, ...] | None = None
 
 
 def src(*names: str, transpose: bool = False, vocab: bool = False, vocab_axis: int = 0) -> Source:
@@ -513,6 +515,10 @@ class Transformer:
         parts = [reader.get(n) for n in names]
         if source.transpose:
             parts = [np.transpose(p) for p in parts]
+        for name, part, width in zip(names, parts, source.widths or ()):
+            if part.shape[-1:] != (width,):
+                layout = " (transposed)" if source.transpose else ""
+                return part, names, f"{name}{layout} {part.shape}, the model's part is {part.shape[:-1] + (width,)}"
         value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
         if source.vocab and apply_vocab:
             axis = source.vocab_axis
@@ -527,7 +533,8 @@ class Transformer:
     @staticmethod
     def _write_source(source: Source, value: np.ndarray) -> dict[str, np.ndarray]:
         """Inverse of `_read_source`: one Keras-layout value -> {checkpoint name: tensor}."""
-        parts = np.split(value, len(source.names), axis=-1) if len(source.names) > 1 else [value]
+        parts = np.split(value, np.cumsum(source.widths)[:-1] if source.widths else len(source.names), axis=-1) \
+            if len(source.names) > 1 else [value]
         return {
             name: np.ascontiguousarray(np.transpose(part) if source.transpose else part)
             for name, part in zip(source.names, parts)

@@ -321,6 +321,10 @@ class BERT(Transformer):
 
     @classmethod
     def validate_config(cls, config, config_path):
+        relative = [key for key in ("use_relative_position", "max_relative_position") if key in config]
+        if relative and "max_relative_position" not in cls.config_aliases and config.get("use_relative_position", True):
+            raise ValueError(f"Config {config_path} has {', '.join(relative)}: this looks like a NEZHA config "
+                             f"(relative positions); use model='nezha' ({cls.__name__} does not read them).")
         kind = config.get("position_embedding_type", "absolute")
         if kind != "absolute":
             raise ValueError(

@@ -230,6 +230,20 @@ def test_checkpoint_round_trips_keep_the_key_size(release, tmp_path, model):
         np.testing.assert_array_equal(run(again, [ids, seg]), expected)
 
 
+def test_roformer_v2_takes_a_key_size_and_round_trips(tmp_path):
+    cfg = dict(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+               hidden_act=["silu", "linear"], attention_key_size=6)
+    t = build_transformer_model(dict(cfg), model="roformer_v2", with_mlm="linear", return_keras_model=False)
+    ids = np.array([[3, 4, 5, 6, 0]], "int32")
+    expected = run(t.model, [ids, 0 * ids])
+    path = t.save_weights_as_checkpoint(str(tmp_path / "model.ckpt"))
+    reader = open_checkpoint(path)
+    assert reader.shape("bert/encoder/layer_0/attention/self/query/kernel") == (8, 12)
+    assert reader.shape("bert/encoder/layer_0/attention/self/value/kernel") == (8, 8)
+    again = build_transformer_model(str(tmp_path / "bert_config.json"), path, model="roformer_v2", with_mlm="linear")
+    np.testing.assert_array_equal(run(again, [ids, 0 * ids]), expected)
+
+
 def test_a_config_and_checkpoint_key_size_mismatch_names_the_variable_and_both_shapes(release):
     _, config, prefix = release["bert"]
     cfg = json.loads(config.read_text())

@@ -251,11 +251,14 @@ class BERT(Transformer):
 
     def _set_attention_key_size(self, attention_key_size) -> None:
         """bert4keras's `attention_key_size`: the per-head width of queries and keys (values keep the head size)."""
-        if attention_key_size is not None and (isinstance(attention_key_size, bool)
-                                               or not isinstance(attention_key_size, int) or attention_key_size <= 0):
+        if attention_key_size is None:
+            # A subclass whose own layers read the option (GAU-α's units) sets it before this __init__ and passes None.
+            self.attention_key_size = getattr(self, "attention_key_size", None) or self.attention_head_size
+            return
+        if isinstance(attention_key_size, bool) or not isinstance(attention_key_size, int) or attention_key_size <= 0:
             raise ValueError(f"attention_key_size must be a positive integer, got {attention_key_size!r}.")
-        self.attention_key_size = attention_key_size or self.attention_head_size
-        if self.attention_key_size == self.attention_head_size:
+        self.attention_key_size = attention_key_size
+        if attention_key_size == self.attention_head_size:
             return
         cls = type(self)
         owners = [next(c for c in cls.__mro__ if method in c.__dict__)

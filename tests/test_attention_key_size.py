@@ -9,6 +9,7 @@ import json
 import keras
 import numpy as np
 import pytest
+from harness import check_model
 from helpers import in_subprocess, run_pytest_on_backend
 
 from bert4x import kernels
@@ -266,6 +267,16 @@ def test_options_that_do_not_combine_with_a_key_size_raise():
         build_transformer_model(dict(cfg), attention_key_size=-1)
     lm = build_transformer_model(dict(cfg), application="lm", attention_key_size=2, return_keras_model=False)
     assert "attention_key_size differs from the head size" in lm.decoding_unsupported()
+
+
+def test_a_key_size_model_passes_the_harness(tmp_path):
+    cfg = dict(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+               max_position=16, attention_key_size=2)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 30, size=(2, 6)).astype("int32")
+    ids[1, 4:] = 0
+    check_model(lambda: build_transformer_model(dict(cfg), model="roformer", with_pool=True),
+                [ids, (ids > 15).astype("int32")], np.zeros((2, 8), "float32"), tmp_path, policies=("float32",))
 
 
 @pytest.mark.skipif(in_subprocess, reason="this test launches the jax run itself")

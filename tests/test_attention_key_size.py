@@ -245,6 +245,25 @@ def test_roformer_v2_takes_a_key_size_and_round_trips(tmp_path):
     np.testing.assert_array_equal(run(again, [ids, 0 * ids]), expected)
 
 
+def test_the_converter_keeps_the_key_size_widths(release, tmp_path):
+    from weights_converters.convert import convert
+
+    w, config, prefix = release["bert"]
+    ids, seg = inputs()
+    expected = run(build_transformer_model(str(config), prefix), [ids, seg])
+    folder = convert("bert", str(config), prefix, str(tmp_path / "hf"), "huggingface")
+    reader = open_checkpoint(folder)
+    np.testing.assert_array_equal(reader.get("bert.encoder.layer.1.attention.self.key.weight"),
+                                  w["bert/encoder/layer_1/attention/self/key/kernel"].T)
+    back = convert("bert", str(tmp_path / "hf" / "config.json"), folder, str(tmp_path / "google" / "model.ckpt"),
+                   "google")
+    np.testing.assert_array_equal(run(build_transformer_model(str(config), back), [ids, seg]), expected)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(dict(CONFIG, attention_key_size=HEAD)))
+    with pytest.raises(CheckpointError, match=r"query/kernel: checkpoint \(12, 6\), config implies \(12, 12\)"):
+        convert("bert", str(wrong), prefix, str(tmp_path / "bad"), "google")
+
+
 def test_a_config_and_checkpoint_key_size_mismatch_names_the_variable_and_both_shapes(release):
     _, config, prefix = release["bert"]
     cfg = json.loads(config.read_text())

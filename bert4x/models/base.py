@@ -650,13 +650,16 @@ class Transformer:
         src_table, dst_table = self._resolve_table(reader.format), self._resolve_table(target_format)
         tensors, used = {}, set()
         for path, source in src_table.items():
-            value, names, problem = self._read_source(reader, source, reader.format, apply_vocab=False)
+            # Fused parts split at the source's own widths: a faithful renaming (the caller checks it against a config).
+            value, names, problem = self._read_source(reader, dataclasses.replace(source, widths=None), reader.format,
+                                                      apply_vocab=False)
             if value is None:
                 continue  # a head this checkpoint does not have
             if problem:
                 raise CheckpointError(f"{path}: {problem}")
             used.update(names)
-            tensors.update(self._write_source(dst_table[path], value))
+            widths = tuple(reader.shape(n)[0 if source.transpose else -1] for n in names) if len(names) > 1 else None
+            tensors.update(self._write_source(dataclasses.replace(dst_table[path], widths=widths), value))
         for copy in self.tied_variables(reader.format):
             name = self._checkpoint_name(reader, copy, reader.format)
             if name is not None:

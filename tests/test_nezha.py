@@ -14,7 +14,7 @@ from harness import check_model
 
 from bert4x.checkpoints import write_google_checkpoint, write_safetensors
 from bert4x.layers import RelativePositionEmbedding
-from bert4x.models import build_transformer_model
+from bert4x.models import CheckpointError, build_transformer_model
 
 VOCAB, D, HEADS, FF, LAYERS, CLIP = 61, 16, 4, 24, 2, 3
 CONFIG = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -240,3 +240,30 @@ def test_nezha_pruned_last_layer_reads_the_relative_terms_of_cls():
     ids[1, 5:] = 0
     np.testing.assert_allclose(run(pruned, [ids, np.zeros_like(ids)]), run(full, [ids, np.zeros_like(ids)]),
                                atol=1e-5)
+
+
+def test_a_nezha_release_given_to_model_bert_names_nezha(release, tmp_path):
+    _, tmp, prefix, _ = release
+    bert_config = {k: v for k, v in CONFIG.items() if k != "max_relative_position"}
+    with pytest.raises(CheckpointError, match="looks like a NEZHA checkpoint; use model='nezha'") as caught:
+        build_transformer_model(dict(bert_config), prefix, model="bert")
+    assert "bert/embeddings/position_embeddings" in str(caught.value)
+    # Huawei's config names NEZHA before any checkpoint is read.
+    with pytest.raises(ValueError, match="max_relative_position: this looks like a NEZHA config.*model='nezha'"):
+        build_transformer_model(str(tmp / "google" / "bert_config.json"), prefix, model="bert")
+    # A BERT checkpoint that lacks a variable is no NEZHA one, with or without its position table.
+    bert_weights = dict(google_weights(np.random.default_rng(1)),
+                        **{"bert/embeddings/position_embeddings": np.zeros((64, D), np.float32)})
+    del bert_weights["bert/encoder/layer_1/attention/self/key/bias"]
+    for name, weights in (("one_missing", bert_weights),
+                          ("two_missing", {k: v for k, v in bert_weights.items() if "position" not in k})):
+        ckpt = write_google_checkpoint(weights, str(tmp_path / name / "model.ckpt"))
+        with pytest.raises(CheckpointError, match="layer_1/attention/self/key/bias") as caught:
+            build_transformer_model(dict(bert_config), ckpt, model="bert")
+        assert "NEZHA" not in str(caught.value)
+    from bert4x.models.families import family_hint
+
+    names = list(google_weights(np.random.default_rng(1)))
+    assert family_hint(names, ["roformer"]) == ""  # RoFormer's Google checkpoints have no position table either
+    assert family_hint(names, ["nezha"]) == ""
+    assert "use model='nezha'" in family_hint(names, ["bert", "roberta"])

@@ -57,7 +57,8 @@ class AttentionSpec:
         q_len: query length (None if unknown).
         k_len: key length (None if unknown).
         heads: number of heads.
-        head_size: size of each head.
+        head_size: size of each head of q and k.
+        value_head_size: size of each head of v when it differs from `head_size` (`attention_key_size`), else None.
         layout: 'padded' (`[batch, len, heads, head_size]`) or 'tokens' (rows without padding, one after another).
         mask: 'none', 'keys' (a key-padding mask, `[batch or 1, 1, 1, k_len]`) or 'full' (one row per query).
         dropout_rate: attention dropout rate.
@@ -84,6 +85,7 @@ class AttentionSpec:
     k_len: int | None
     heads: int
     head_size: int
+    value_head_size: int | None = None
     layout: str = "padded"
     mask: str = "none"
     dropout_rate: float = 0.0
@@ -108,7 +110,8 @@ class AttentionSpec:
         return [words for field, words in named if getattr(self, field)]
 
     def __str__(self) -> str:
-        shape = f"[{self.batch}, {self.q_len}->{self.k_len}, {self.heads}x{self.head_size}]"
+        values = "" if self.value_head_size is None else f", values {self.heads}x{self.value_head_size}"
+        shape = f"[{self.batch}, {self.q_len}->{self.k_len}, {self.heads}x{self.head_size}{values}]"
         parts = [f"{self.backend}/{self.platform}", self.dtype, shape, f"mask={self.mask}"]
         if self.layout != "padded":
             parts.append(f"layout={self.layout}")
@@ -205,6 +208,13 @@ def _no_terms(spec: AttentionSpec) -> str | None:
     return f"cannot add {', '.join(terms)}" if terms else None
 
 
+def _one_head_size(spec: AttentionSpec) -> str | None:
+    if spec.value_head_size is not None and spec.value_head_size != spec.head_size:
+        return (f"takes one head size for q, k and v (q/k heads are {spec.head_size} wide, v heads "
+                f"{spec.value_head_size}: attention_key_size)")
+    return None
+
+
 def _jax_training_kernels(spec: AttentionSpec) -> str | None:
     """Refusals shared by the jax training kernels (Pallas and the recomputing version)."""
     if spec.backend != "jax":
@@ -217,7 +227,7 @@ def _jax_training_kernels(spec: AttentionSpec) -> str | None:
         return "not under a keras.distribution (the kernel call is not sharded)"
     if spec.mask == "full":
         return "the mask has one row per query; takes key-padding masks only"
-    return _quadratic_variant(spec) or _no_terms(spec)
+    return _quadratic_variant(spec) or _no_terms(spec) or _one_head_size(spec)
 
 
 def _pallas_mode(spec: AttentionSpec, any_rate: bool) -> str | None:
@@ -252,7 +262,8 @@ def _supports_pallas_tokens(spec: AttentionSpec) -> str | None:
     if spec.variant != "softmax":
         return f"attention_type={spec.variant!r}"
     if not spec.packed_qkv:
-        return "q, k and v are not the parts of one projection (rotary positions or a cache transform them)"
+        return _one_head_size(spec) or ("q, k and v are not the parts of one projection (rotary positions or a "
+                                        "cache transform them)")
     return _jax_training_kernels(spec) or _pallas_mode(spec, any_rate=True) or _kernel_shapes(spec, "pallas")
 
 
@@ -288,11 +299,13 @@ def _supports_cudnn(spec: AttentionSpec) -> str | None:
         return f"float16/bfloat16 only (dtype is {spec.dtype})"
     if spec.mask == "full":
         return "the mask has one row per query; cuDNN's padding mode takes key-padding masks only"
-    return _dropout_in_training(spec, "cuDNN") or _quadratic_variant(spec) or _no_terms(spec)
+    return (_dropout_in_training(spec, "cuDNN") or _quadratic_variant(spec) or _no_terms(spec)
+            or _one_head_size(spec))
 
 
 def _supports_dot_product_attention(spec: AttentionSpec) -> str | None:
-    refusal = _dropout_in_training(spec, "keras.ops.dot_product_attention") or _quadratic_variant(spec)
+    refusal = (_dropout_in_training(spec, "keras.ops.dot_product_attention") or _quadratic_variant(spec)
+               or _one_head_size(spec))
     if refusal:
         return refusal
     others = [t for t in spec.terms() if t != "an attention bias"]
@@ -563,7 +576,8 @@ def mask_kind(mask_shape) -> str:
 
 
 def make_spec(q_shape, k_shape, dtype, *, mask_shape=None, dropout_rate: float = 0.0, training: bool = False,
-              layout: str = "padded", variant: str = "softmax", **terms) -> AttentionSpec:
+              layout: str = "padded", variant: str = "softmax", value_head_size: int | None = None,
+              **terms) -> AttentionSpec:
     """An `AttentionSpec` for the current backend, device, distribution and `bert4x.config`.
 
     Args:
@@ -571,6 +585,7 @@ def make_spec(q_shape, k_shape, dtype, *, mask_shape=None, dropout_rate: float =
         k_shape: `[batch, k_len, heads, head_size]`.
         dtype: the compute dtype.
         mask_shape: the boolean mask's shape, or None.
+        value_head_size: the head size of v when it differs from q's and k's, else None.
         dropout_rate: attention dropout rate.
         training: whether this is a training call.
         layout: 'padded' or 'tokens'.
@@ -582,6 +597,7 @@ def make_spec(q_shape, k_shape, dtype, *, mask_shape=None, dropout_rate: float =
     return AttentionSpec(
         backend=name, platform=_platform(name), dtype=keras.backend.standardize_dtype(dtype),
         batch=q_shape[0], q_len=q_shape[1], k_len=k_shape[1], heads=q_shape[2], head_size=q_shape[3],
+        value_head_size=value_head_size if value_head_size != q_shape[3] else None,
         layout=layout, mask=mask_kind(mask_shape), dropout_rate=float(dropout_rate), training=bool(training),
         distributed=_distributed(), variant=variant,
         fused_attention=config.fused_attention(), preferred=config.attention_implementation(),
@@ -620,7 +636,7 @@ def attention(
     Args:
         q: `[batch, q_len, heads, head_size]` (`[tokens, heads, head_size]` with `padding`).
         k: `[batch, k_len, heads, head_size]` (likewise).
-        v: as k.
+        v: as k, with its own head size when q and k have another (`attention_key_size`).
         mask: booleans broadcastable to `[batch, heads, q_len, k_len]`, True = may attend; or None.
         bias: float scores bias broadcastable to `[batch, heads, q_len, k_len]` (T5's relative positions).
         scale: score scale; `1 / sqrt(head_size)` when None.
@@ -670,7 +686,7 @@ def attention(
         training=training, layout="tokens" if padding is not None else "padded", variant=variant,
         bias=bias is not None, relative_keys=relative_keys is not None, relative_values=relative_values is not None,
         residual_scores=residual_scores is not None, return_scores=return_scores, packed_qkv=packed_qkv is not None,
-        skip_padded_queries=skip_padded_queries,
+        skip_padded_queries=skip_padded_queries, value_head_size=_static(v.shape)[-1],
     )
     choice = choose(spec)
     inputs = _Inputs(q, k, v, mask, bias, float(scale) if isinstance(scale, (int, float)) else scale, dropout,

@@ -27,10 +27,10 @@ class MultiHeadAttention(keras.layers.Layer):
 
     Args:
         heads: number of heads.
-        head_size: size of each head.
+        head_size: size of each head of the values (and of the queries and keys unless `key_size` is given).
         out_dim: width of the output (the query's width when None).
         use_bias: whether the projections have biases.
-        scaled: scale the scores by `1 / sqrt(head_size)` (T5 does not).
+        scaled: scale the scores by `1 / sqrt(key_size)` (T5 does not).
         attention_dropout: dropout rate on the attention probabilities.
         cross_attention: keys and values come from `key_value` through their own projection `kv`.
         kernel_initializer: initializer of the projections (truncated normal, stddev 0.02, when None).
@@ -39,6 +39,9 @@ class MultiHeadAttention(keras.layers.Layer):
         performer_seed: seed of Performer's random features.
         keynorm_scale: KeyNorm's score scale (its initial value when learnable).
         keynorm_learnable_scale: learn one KeyNorm scale per head.
+        key_size: size of each head of the queries and keys (bert4keras's `attention_key_size`); `head_size` when
+            None. The fused projection then holds `heads * key_size` query and key units and `heads * head_size`
+            value units.
         **kwargs: `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -48,17 +51,18 @@ class MultiHeadAttention(keras.layers.Layer):
             queries (and rotary angles and mask/bias rows) from those positions only.
         attention_mask: boolean, broadcastable to `[batch, heads, q_len, k_len]`; True = may attend.
         attention_bias: float, broadcastable to `[batch, heads, q_len, k_len]` (e.g. T5's relative position bias).
-        rotary: `(cos, sin)`, each `[batch or 1, q_len, head_size // 2]`: RoPE applied to q and the new k.
+        rotary: `(cos, sin)`, each `[batch or 1, q_len, key_size // 2]`: RoPE applied to q and the new k.
         cache: `[batch, 2, cache_len, heads, head_size]` keys/values. With `cache_update_index` the new k/v are
             written at that index and attention runs over the whole cache; without it the cache is used as is
-            (precomputed cross-attention keys/values). The layer then returns `(output, cache)`.
+            (precomputed cross-attention keys/values). The layer then returns `(output, cache)`. Not with a
+            `key_size` other than `head_size` (keys and values are stacked in one tensor).
         padding_index: `(positions, slots)` from `RemovePadding`: `query` then holds only the non-padding tokens,
             `[tokens, dim]`. The projections run on those rows; attention (mask, bias, rotary) runs in the padded
             `[batch, len]` layout, with zero keys/values at padding (the mask hides them); returns `[tokens, out]`.
         skip_padded_queries: a promise that outputs at padded query positions (past each row's last visible key)
             are never read; the attention kernels then skip them (zeros there). Self-attention over a key-padding
             mask on jax GPUs in training; elsewhere ignored.
-        relative_keys: `[q_len, k_len, head_size]`: relative positions on keys, `q_i . a_K[i, j]` added to the
+        relative_keys: `[q_len, k_len, key_size]`: relative positions on keys, `q_i . a_K[i, j]` added to the
             scores before scaling (NEZHA).
         relative_values: `[q_len, k_len, head_size]`: relative positions on values, `sum_j p_ij a_V[i, j]` added to
             the output (NEZHA).
@@ -69,6 +73,9 @@ class MultiHeadAttention(keras.layers.Layer):
     Example:
     >>> mha = MultiHeadAttention(heads=2, head_size=4)
     >>> mha(keras.ops.ones((1, 3, 8))).shape
+    (1, 3, 8)
+    >>> narrow_keys = MultiHeadAttention(heads=2, head_size=4, key_size=2)  # q/k 2x2 wide, v 2x4
+    >>> narrow_keys(keras.ops.ones((1, 3, 8))).shape
     (1, 3, 8)
     """
 
@@ -87,9 +94,12 @@ class MultiHeadAttention(keras.layers.Layer):
         performer_seed: int = 0,
         keynorm_scale: float = 1.0,
         keynorm_learnable_scale: bool = False,
+        key_size: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if key_size is not None and (isinstance(key_size, bool) or not isinstance(key_size, int) or key_size <= 0):
+            raise ValueError(f"key_size must be a positive integer (or None for head_size), got {key_size!r}.")
         _check_attention_type(attention_type, attention_dropout)
         self.attention_type = attention_type
         self.performer_features = performer_features
@@ -98,19 +108,20 @@ class MultiHeadAttention(keras.layers.Layer):
         self.keynorm_learnable_scale = keynorm_learnable_scale
         self.heads = heads
         self.head_size = head_size
+        self.key_size = key_size or head_size
         self.out_dim = out_dim
         self.use_bias = use_bias
         self.scaled = scaled
         self.attention_dropout = attention_dropout
         self.cross_attention = cross_attention
         self.kernel_initializer = initializer(kernel_initializer)
-        inner = heads * head_size
+        key_inner, value_inner = heads * self.key_size, heads * head_size
         dense = dict(use_bias=use_bias, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
         if cross_attention:
-            self.q_dense = keras.layers.Dense(inner, name="q", **dense)
-            self.kv_dense = keras.layers.Dense(2 * inner, name="kv", **dense)
+            self.q_dense = keras.layers.Dense(key_inner, name="q", **dense)
+            self.kv_dense = keras.layers.Dense(key_inner + value_inner, name="kv", **dense)
         else:
-            self.qkv_dense = keras.layers.Dense(3 * inner, name="qkv", **dense)
+            self.qkv_dense = keras.layers.Dense(2 * key_inner + value_inner, name="qkv", **dense)
         self.dropout = Dropout(attention_dropout, dtype=self.dtype_policy)
         self.output_dense = None  # needs the input width unless out_dim is given: made in build()
         self.supports_masking = True
@@ -133,9 +144,9 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def _build_attention_variant(self):
         if self.attention_type == "performer":
-            features = self.performer_features or variants.default_performer_features(self.head_size)
+            features = self.performer_features or variants.default_performer_features(self.key_size)
             self.performer_projection = self.add_weight(
-                name="performer_projection", shape=(features, self.head_size),
+                name="performer_projection", shape=(features, self.key_size),
                 initializer=OrthogonalRandomFeatures(self.performer_seed), trainable=False,
             )
         elif self.attention_type == "keynorm" and self.keynorm_learnable_scale:
@@ -145,9 +156,25 @@ class MultiHeadAttention(keras.layers.Layer):
             )
 
     def _split_heads(self, x, parts: int):
-        """`[..., parts * heads * head_size]` -> `[..., parts, heads, head_size]`."""
+        """`[..., parts * heads * head_size]` -> `[..., parts, heads, head_size]` (one head size for all parts)."""
         shape = ops.shape(x)
         return ops.reshape(x, tuple(shape[:-1]) + (parts, self.heads, self.head_size))
+
+    def _split_projection(self, x, parts: str):
+        """The heads of a fused projection `x` whose last axis holds `parts` ('qkv', 'q' or 'kv') one after another:
+        q and k `[..., heads, key_size]`, v `[..., heads, head_size]`."""
+        shape, out, start = ops.shape(x), [], 0
+        for part in parts:
+            size = self.head_size if part == "v" else self.key_size
+            width = self.heads * size
+            out.append(ops.reshape(x[..., start:start + width], tuple(shape[:-1]) + (self.heads, size)))
+            start += width
+        return out
+
+    @property
+    def equal_head_sizes(self) -> bool:
+        """Whether queries, keys and values share one head size (`key_size == head_size`)."""
+        return self.key_size == self.head_size
 
     def call(
         self,
@@ -172,12 +199,16 @@ class MultiHeadAttention(keras.layers.Layer):
         packed_qkv = None
         query_rotary = rotary
         if self.cross_attention:
-            q = self._split_heads(self.q_dense(query), 1)[:, :, 0]
+            (q,) = self._split_projection(self.q_dense(query), "q")
             if precomputed_kv:
                 k, v = cache[:, 0], cache[:, 1]
             else:
-                kv = self._split_heads(self.kv_dense(query if key_value is None else key_value), 2)
-                k, v = kv[:, :, 0], kv[:, :, 1]
+                k, v = self._split_projection(self.kv_dense(query if key_value is None else key_value), "kv")
+        elif key_value is None and not self.equal_head_sizes:
+            q, k, v = self._split_projection(self.qkv_dense(query), "qkv")
+            if rotary is not None and padding_index is not None:  # rotary angles of each token
+                query_rotary = rotary = tuple(layout.gather_tokens(t, padding_index[0], ops.shape(padding_index[1]))
+                                              for t in rotary)
         elif key_value is None:
             qkv = self._split_heads(self.qkv_dense(query), 3)  # [batch, len, 3, ...] or, without padding, [n, 3, ...]
             q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
@@ -224,12 +255,15 @@ class MultiHeadAttention(keras.layers.Layer):
         if not self.cross_attention and key_value is not None and cache is not None:
             raise ValueError(f"{self.name}: self-attention takes either key_value (queries at its leading "
                              "positions) or a cache, not both.")
+        if cache is not None and not self.equal_head_sizes:
+            raise ValueError(f"{self.name}: a cache stacks keys and values in one tensor, so it needs key_size "
+                             f"({self.key_size}) equal to head_size ({self.head_size}).")
 
     def _skips_padded_queries(self, skip_padded_queries, key_value, cache) -> bool:
         return bool(skip_padded_queries) and not self.cross_attention and key_value is None and cache is None
 
     def _scale(self) -> float:
-        return backend.attention_scale(self.head_size) if self.scaled else 1.0
+        return backend.attention_scale(self.key_size) if self.scaled else 1.0
 
     def _variant_arguments(self) -> dict:
         if self.attention_type == "keynorm":
@@ -269,12 +303,13 @@ class MultiHeadAttention(keras.layers.Layer):
         mask_shape = None if attention_mask is None else tuple(attention_mask.shape)
         if mask_shape is not None and key_value is not None and not self.cross_attention:
             mask_shape = mask_shape[:2] + (min(mask_shape[2] or 1, q_len or 1),) + mask_shape[3:]
-        shape = (known(batch, batch_size), q_len, self.heads, self.head_size)
+        shape = (known(batch, batch_size), q_len, self.heads, self.key_size)
         variant = self._variant_arguments()["variant"]
         packed = (not self.cross_attention and key_value is None and rotary is None and cache is None
-                  and variant == "softmax")
+                  and variant == "softmax" and self.equal_head_sizes)
         return kernels.make_spec(
             shape, shape[:1] + (k_len,) + shape[2:], self.compute_dtype, mask_shape=mask_shape,
+            value_head_size=None if self.equal_head_sizes else self.head_size,
             dropout_rate=self.attention_dropout, training=training,
             layout="tokens" if padding_index is not None else "padded", variant=variant,
             bias=attention_bias is not None, relative_keys=relative_keys is not None,
@@ -286,18 +321,18 @@ class MultiHeadAttention(keras.layers.Layer):
     def _leading_queries_projections(self, query, key_value):
         """q from `query`, k and v from `key_value`, through the slices of the fused `qkv` kernel (so the sequence's
         own queries are never computed)."""
-        dense, inner = self.qkv_dense, self.heads * self.head_size
+        dense, inner = self.qkv_dense, self.heads * self.key_size
         if dense.quantization_mode is not None:  # a quantized kernel cannot be sliced: project both, keep the parts
-            q = self._split_heads(dense(query), 3)[:, :, 0]
-            kv = self._split_heads(dense(key_value), 3)[:, :, 1:]
-        else:
-            kernel = ops.cast(dense.kernel, self.compute_dtype)
-            q, kv = ops.matmul(query, kernel[:, :inner]), ops.matmul(key_value, kernel[:, inner:])
-            if dense.use_bias:
-                bias = ops.cast(dense.bias, self.compute_dtype)
-                q, kv = q + bias[:inner], kv + bias[inner:]
-            q, kv = self._split_heads(q, 1)[:, :, 0], self._split_heads(kv, 2)
-        return q, kv[:, :, 0], kv[:, :, 1]
+            q = self._split_projection(dense(query), "qkv")[0]
+            k, v = self._split_projection(dense(key_value), "qkv")[1:]
+            return q, k, v
+        kernel = ops.cast(dense.kernel, self.compute_dtype)
+        q, kv = ops.matmul(query, kernel[:, :inner]), ops.matmul(key_value, kernel[:, inner:])
+        if dense.use_bias:
+            bias = ops.cast(dense.bias, self.compute_dtype)
+            q, kv = q + bias[:inner], kv + bias[inner:]
+        (q,), (k, v) = self._split_projection(q, "q"), self._split_projection(kv, "kv")
+        return q, k, v
 
     def compute_output_spec(self, query, key_value=None, attention_mask=None, attention_bias=None, rotary=None,
                             cache=None, cache_update_index=None, padding_index=None, skip_padded_queries=False,
@@ -331,6 +366,7 @@ class MultiHeadAttention(keras.layers.Layer):
             attention_dropout=self.attention_dropout,
             cross_attention=self.cross_attention,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            key_size=self.key_size,
         )
         if self.attention_type != "softmax":
             config.update(

@@ -19,6 +19,7 @@ older code import them so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -331,6 +332,10 @@ class Transformer:
         parts = [reader.get(n) for n in names]
         if source.transpose:
             parts = [np.transpose(p) for p in parts]
+        for name, part, width in zip(names, parts, source.widths or ()):
+            if part.shape[-1:] != (width,):
+                layout = " (transposed)" if source.transpose else ""
+                return part, names, f"{name}{layout} {part.shape}, the model's part is {part.shape[:-1] + (width,)}"
         value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
         if source.vocab and apply_vocab:
             axis = source.vocab_axis
@@ -345,7 +350,8 @@ class Transformer:
     @staticmethod
     def _write_source(source: Source, value: np.ndarray) -> dict[str, np.ndarray]:
         """Inverse of `_read_source`: one Keras-layout value -> {checkpoint name: tensor}."""
-        parts = np.split(value, len(source.names), axis=-1) if len(source.names) > 1 else [value]
+        parts = np.split(value, np.cumsum(source.widths)[:-1] if source.widths else len(source.names), axis=-1) \
+            if len(source.names) > 1 else [value]
         return {
             name: np.ascontiguousarray(np.transpose(part) if source.transpose else part)
             for name, part in zip(source.names, parts)
@@ -461,13 +467,16 @@ class Transformer:
         src_table, dst_table = self._resolve_table(reader.format), self._resolve_table(target_format)
         tensors, used = {}, set()
         for path, source in src_table.items():
-            value, names, problem = self._read_source(reader, source, reader.format, apply_vocab=False)
+            # Fused parts split at the source's own widths: a faithful renaming (the caller checks it against a config).
+            value, names, problem = self._read_source(reader, dataclasses.replace(source, widths=None), reader.format,
+                                                      apply_vocab=False)
             if value is None:
                 continue  # a head this checkpoint does not have
             if problem:
                 raise CheckpointError(f"{path}: {problem}")
             used.update(names)
-            tensors.update(self._write_source(dst_table[path], value))
+            widths = tuple(reader.shape(n)[0 if source.transpose else -1] for n in names) if len(names) > 1 else None
+            tensors.update(self._write_source(dataclasses.replace(dst_table[path], widths=widths), value))
         for copy in self.tied_variables(reader.format):
             name = self._checkpoint_name(reader, copy, reader.format)
             if name is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 
 from bert4x.layers import (
@@ -28,11 +30,18 @@ _GOOGLE_LAYER = "bert/encoder/layer_{i}/"
 _HF_LAYER = "bert.encoder.layer.{i}."
 
 
-def _google_layer_table(i: int, attention: str) -> dict:
+def _qkv_widths(source, widths: tuple[int, int, int] | None):
+    """A fused q|k|v entry whose parts are checked (and split on saving) at `widths` (attention_key_size)."""
+    return source if widths is None else dataclasses.replace(source, widths=tuple(widths))
+
+
+def _google_layer_table(i: int, attention: str, widths: tuple[int, int, int] | None = None) -> dict:
     p = _GOOGLE_LAYER.format(i=i)
     return {
-        f"{attention}/qkv/kernel": src(*(p + f"attention/self/{n}/kernel" for n in ("query", "key", "value"))),
-        f"{attention}/qkv/bias": src(*(p + f"attention/self/{n}/bias" for n in ("query", "key", "value"))),
+        f"{attention}/qkv/kernel": _qkv_widths(
+            src(*(p + f"attention/self/{n}/kernel" for n in ("query", "key", "value"))), widths),
+        f"{attention}/qkv/bias": _qkv_widths(
+            src(*(p + f"attention/self/{n}/bias" for n in ("query", "key", "value"))), widths),
         f"{attention}/output/kernel": p + "attention/output/dense/kernel",
         f"{attention}/output/bias": p + "attention/output/dense/bias",
         f"{attention}-Norm/gamma": p + "attention/output/LayerNorm/gamma",
@@ -46,12 +55,13 @@ def _google_layer_table(i: int, attention: str) -> dict:
     }
 
 
-def _hf_layer_table(i: int, attention: str) -> dict:
+def _hf_layer_table(i: int, attention: str, widths: tuple[int, int, int] | None = None) -> dict:
     p = _HF_LAYER.format(i=i)
     qkv = ("query", "key", "value")
     return {
-        f"{attention}/qkv/kernel": src(*(p + f"attention.self.{n}.weight" for n in qkv), transpose=True),
-        f"{attention}/qkv/bias": src(*(p + f"attention.self.{n}.bias" for n in qkv)),
+        f"{attention}/qkv/kernel": _qkv_widths(
+            src(*(p + f"attention.self.{n}.weight" for n in qkv), transpose=True), widths),
+        f"{attention}/qkv/bias": _qkv_widths(src(*(p + f"attention.self.{n}.bias" for n in qkv)), widths),
         f"{attention}/output/kernel": src(p + "attention.output.dense.weight", transpose=True),
         f"{attention}/output/bias": p + "attention.output.dense.bias",
         f"{attention}-Norm/gamma": p + "attention.output.LayerNorm.weight",
@@ -152,6 +162,7 @@ class BERT(CachedDecoding, Transformer):
         "layer_norm_eps": ("layer_norm_eps",),
         "initializer_range": ("initializer_range",),
         "embedding_size": ("embedding_size",),
+        "attention_key_size": ("attention_key_size",),
     }
     required_config = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     model_types = ("bert",)
@@ -162,6 +173,9 @@ class BERT(CachedDecoding, Transformer):
     # Whether a subclass that overrides apply_embeddings still honours embedding_size / hierarchical_position /
     # custom_position_ids / shared_segment_embeddings (through BERT's helpers).
     handles_embedding_options = False
+    # Set on every class whose own apply_main_layers / variable_mapping / attention_kwargs pass `attention_key_size`
+    # on (to MultiHeadAttention's key_size and the q|k|v widths of the tables); other classes refuse the option.
+    handles_attention_key_size = True
 
     def __init__(
         self,
@@ -218,12 +232,7 @@ class BERT(CachedDecoding, Transformer):
         self.hierarchical_position = hierarchical_position
         self.custom_position_ids = bool(custom_position_ids)
         self.shared_segment_embeddings = bool(shared_segment_embeddings)
-        if attention_key_size is not None and attention_key_size != self.attention_head_size:
-            raise ValueError(
-                f"attention_key_size={attention_key_size} differs from the head size {self.attention_head_size}: "
-                "bert4x's attention projects queries/keys and values to one head size; keys of another width are "
-                "not implemented."
-            )
+        self._set_attention_key_size(attention_key_size)
         if not isinstance(segment_vocab_size, int) or segment_vocab_size < 0:
             raise ValueError(f"segment_vocab_size must be a non-negative integer, got {segment_vocab_size!r}.")
         if self.shared_segment_embeddings and segment_vocab_size == 0:
@@ -239,6 +248,26 @@ class BERT(CachedDecoding, Transformer):
                                or hierarchical_position or self.custom_position_ids):
             raise ValueError(f"{cls.__name__} builds its own embeddings: shared_segment_embeddings, embedding_size, "
                              "hierarchical_position and custom_position_ids are not implemented for it.")
+
+    def _set_attention_key_size(self, attention_key_size) -> None:
+        """bert4keras's `attention_key_size`: the per-head width of queries and keys (values keep the head size)."""
+        if attention_key_size is None:
+            # A subclass whose own layers read the option (GAU-α's units) sets it before this __init__ and passes None.
+            self.attention_key_size = getattr(self, "attention_key_size", None) or self.attention_head_size
+            return
+        if isinstance(attention_key_size, bool) or not isinstance(attention_key_size, int) or attention_key_size <= 0:
+            raise ValueError(f"attention_key_size must be a positive integer, got {attention_key_size!r}.")
+        self.attention_key_size = attention_key_size
+        if attention_key_size == self.attention_head_size:
+            return
+        cls = type(self)
+        owners = [next(c for c in cls.__mro__ if method in c.__dict__)
+                  for method in ("apply_main_layers", "variable_mapping", "attention_kwargs")]
+        if not all(owner.__dict__.get("handles_attention_key_size", False) for owner in owners):
+            raise ValueError(
+                f"attention_key_size={attention_key_size} (other than the head size {self.attention_head_size}) is "
+                f"not implemented for {cls.__name__}: its layers or checkpoint tables keep one head size for "
+                "queries, keys and values.")
 
     def _set_residual_attention_scores(self, option: bool, remove_padding: bool | None) -> None:
         """RealFormer (bert4keras's `residual_attention_scores`): each layer's pre-softmax scores are added to the
@@ -295,6 +324,10 @@ class BERT(CachedDecoding, Transformer):
 
     @classmethod
     def validate_config(cls, config, config_path):
+        relative = [key for key in ("use_relative_position", "max_relative_position") if key in config]
+        if relative and "max_relative_position" not in cls.config_aliases and config.get("use_relative_position", True):
+            raise ValueError(f"Config {config_path} has {', '.join(relative)}: this looks like a NEZHA config "
+                             f"(relative positions); use model='nezha' ({cls.__name__} does not read them).")
         kind = config.get("position_embedding_type", "absolute")
         if kind != "absolute":
             raise ValueError(
@@ -429,7 +462,8 @@ class BERT(CachedDecoding, Transformer):
             extra.update(return_scores=True, residual_scores=self.attention_scores if index > 0 else None)
         y = MultiHeadAttention(
             self.num_attention_heads, self.attention_head_size, attention_dropout=self.attention_dropout_rate,
-            kernel_initializer=self.initializer(), name=attention, **self.attention_variant_kwargs(),
+            kernel_initializer=self.initializer(), key_size=self.attention_key_size, name=attention,
+            **self.attention_variant_kwargs(),
         )(x, key_value=sequence, attention_mask=self.attention_mask, **extra)
         if self.residual_attention_scores:
             y, self.attention_scores = y
@@ -491,8 +525,13 @@ class BERT(CachedDecoding, Transformer):
         else:
             raise ValueError(f"Unknown checkpoint format {fmt!r}.")
         for i in range(self.num_hidden_layers):
-            table.update(layer(i, f"Transformer-{i}-MultiHeadSelfAttention"))
+            table.update(layer(i, f"Transformer-{i}-MultiHeadSelfAttention", self.qkv_widths()))
         return table
+
+    def qkv_widths(self) -> tuple[int, int, int]:
+        """The widths of the query, key and value kernels in the fused `qkv` projection."""
+        keys = self.num_attention_heads * self.attention_key_size
+        return keys, keys, self.num_attention_heads * self.attention_head_size
 
     def tied_variables(self, fmt):
         if fmt == "huggingface":
@@ -518,6 +557,8 @@ class BERT(CachedDecoding, Transformer):
         }
         if self.embedding_size != self.hidden_size:
             config["embedding_size"] = self.embedding_size
+        if self.attention_key_size != self.attention_head_size:
+            config["attention_key_size"] = self.attention_key_size  # transformers' BertModel has no such option
         if fmt == "google":
             return "bert_config.json", config
         config.update(model_type="bert", layer_norm_eps=self.layer_norm_eps, architectures=["BertForPreTraining"])

@@ -126,6 +126,9 @@ class CachedDecoding:
         if getattr(self, "residual_attention_scores", False):
             return ("residual_attention_scores: the cached step does not carry each layer's scores to the next; "
                     "generate with the uncached model instead.")
+        if getattr(self, "attention_key_size", None) not in (None, getattr(self, "attention_head_size", None)):
+            return ("attention_key_size differs from the head size: the cache stacks keys and values in one tensor "
+                    "of one head size; generate with the uncached model instead.")
         if self._decode_layer("Embedding-Token") is None:
             return "the model has no Embedding-Token layer."
         if len(self.decode_blocks()) != self.num_hidden_layers:

@@ -25,6 +25,8 @@ class Source:
     # optional: a bert4x-only weight (attention variants, conditional LayerNorm) that keeps its initial value when
     # the checkpoint lacks it (an original checkpoint) and is read back when present (one bert4x saved).
     optional: bool = False
+    # widths: the last-axis width of each of `names` when they differ (q|k|v with attention_key_size): checked per part.
+    widths: tuple[int, ...] | None = None
 
 
 def src(*names: str, transpose: bool = False, vocab: bool = False, vocab_axis: int = 0) -> Source:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 from keras import ops
@@ -98,7 +100,7 @@ def _renamed(table: dict, old: str, new: str) -> dict:
     out = {}
     for path, source in table.items():
         source = source if isinstance(source, Source) else src(source)
-        out[path] = Source(tuple(rename(n) for n in source.names), source.transpose, source.vocab)
+        out[path] = dataclasses.replace(source, names=tuple(rename(n) for n in source.names))
     return out
 
 
@@ -131,6 +133,7 @@ class RoFormer(BERT):
     }
     model_types = ("roformer",)
     hf_prefix = "roformer."
+    handles_attention_key_size = True  # RoPE then turns the queries and keys over attention_key_size
 
     def __init__(self, embedding_size: int | None = None, rotary_value: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -141,13 +144,15 @@ class RoFormer(BERT):
             )
         if rotary_value:
             raise ValueError(f"{type(self).__name__}: rotary_value=True (RoPE on the values too) is not implemented.")
-        if self.attention_head_size % 2:
-            raise ValueError(f"RoPE needs an even head size, got {self.attention_head_size}.")
+        if self.attention_key_size % 2:
+            raise ValueError(f"RoPE needs an even head size of the queries and keys, got {self.attention_key_size}"
+                             + (" (attention_key_size)." if self.attention_key_size != self.attention_head_size
+                                else "."))
 
     # ----------------------------------------------------------------- hooks
     def apply_position_embedding(self, x):
         # No table: positions enter through RoPE in every attention (the angles are computed once, here).
-        self.rotary = RotaryEmbedding(self.attention_head_size, name="Embedding-Rotary-Position")(x)
+        self.rotary = RotaryEmbedding(self.attention_key_size, name="Embedding-Rotary-Position")(x)
         return x
 
     def attention_kwargs(self):
@@ -210,6 +215,7 @@ class RoFormerV2(RoFormer):
     """
 
     supports_padding_removal = False  # its own main layers
+    handles_attention_key_size = True
 
     model_types = ("roformer_v2",)
 
@@ -254,7 +260,7 @@ class RoFormerV2(RoFormer):
         attention = f"Transformer-{index}-MultiHeadSelfAttention"
         feed_forward = f"Transformer-{index}-FeedForward"
         y = MultiHeadAttention(
-            self.num_attention_heads, self.attention_head_size, use_bias=False,
+            self.num_attention_heads, self.attention_head_size, use_bias=False, key_size=self.attention_key_size,
             attention_dropout=self.attention_dropout_rate, kernel_initializer=self.initializer(), name=attention,
         )(x, attention_mask=self.attention_mask, **self.attention_kwargs())
         block = [_producer(y)]  # this block's layers, in the order decode_step applies them
@@ -292,7 +298,7 @@ class RoFormerV2(RoFormer):
             "Embedding-Segment/embeddings": GOOGLE_TABLE["Embedding-Segment/embeddings"],
         }
         for i in range(self.num_hidden_layers):
-            layer = _google_layer_table(i, f"Transformer-{i}-MultiHeadSelfAttention")
+            layer = _google_layer_table(i, f"Transformer-{i}-MultiHeadSelfAttention", self.qkv_widths())
             table.update({path: s for path, s in layer.items() if path.endswith("/kernel")})
             if self.ffn_gated:
                 gate = f"bert/encoder/layer_{i}/intermediate/dense_1/kernel"

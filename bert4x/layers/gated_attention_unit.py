@@ -130,29 +130,14 @@ class GatedAttentionUnit(keras.layers.Layer):
         if attention_mask is None and mask is not None:
             attention_mask = ops.expand_dims(ops.expand_dims(ops.cast(mask, "bool"), 1), 1)
         scale = backend.attention_scale(self.key_size) if self.attention_scale else 1.0
-        if self.normalization == "softmax":
-            out = self._softmax_attention(q, k, v, attention_mask, scale, training)
-        else:  # one head: `[batch, len, 1, size]`
-            out = kernels.attention(
-                q[:, :, None], k[:, :, None], v[:, :, None], mask=attention_mask, scale=scale, dropout=self.dropout,
-                training=bool(training), variant=self.normalization,
-                softmax_plus_min_length=self.softmax_plus_min_length,
-            )[:, :, 0]
+        # One head of q/k `key_size` wide and v `units` wide: the seam runs unequal head sizes (XLA) itself.
+        variant = {} if self.normalization == "softmax" else {
+            "variant": self.normalization, "softmax_plus_min_length": self.softmax_plus_min_length}
+        out = kernels.attention(
+            q[:, :, None], k[:, :, None], v[:, :, None], mask=attention_mask, scale=scale, dropout=self.dropout,
+            training=bool(training), **variant,
+        )[:, :, 0]
         return self.o_dense(u * out)
-
-    def _softmax_attention(self, q, k, v, attention_mask, scale, training):
-        """Plain softmax through the seam's softmax implementations, which take heads of one size: v is cut into
-        `key_size`-wide heads (zero-padded to a multiple) that share the single q and k, which gives exactly A v."""
-        heads = -(-self.units // self.key_size)
-        pad = heads * self.key_size - self.units
-        if pad:
-            v = ops.pad(v, [(0, 0), (0, 0), (0, pad)])
-        shape = ops.shape(v)
-        v = ops.reshape(v, (shape[0], shape[1], heads, self.key_size))
-        q, k = (ops.repeat(t[:, :, None], heads, axis=2) for t in (q, k))
-        out = kernels.attention(q, k, v, mask=attention_mask, scale=scale, dropout=self.dropout,
-                                training=bool(training))
-        return ops.reshape(out, (shape[0], shape[1], heads * self.key_size))[..., :self.units]
 
     def kernel_spec(self, inputs, attention_mask=None, rotary=None, training=False, mask=None,
                     sequence_length: int | None = None, batch_size: int | None = None) -> kernels.AttentionSpec:
@@ -167,14 +152,14 @@ class GatedAttentionUnit(keras.layers.Layer):
         batch, length = inputs.shape[0], inputs.shape[1]
         batch = batch if isinstance(batch, int) else batch_size
         length = length if isinstance(length, int) else sequence_length
-        heads = -(-self.units // self.key_size) if self.normalization == "softmax" else 1
-        shape = (batch, length, heads, self.key_size)
+        shape = (batch, length, 1, self.key_size)
         if attention_mask is not None:
             mask_shape = tuple(attention_mask.shape)
         else:
             mask_shape = None if mask is None else (batch, 1, 1, length)
         return kernels.make_spec(shape, shape, self.compute_dtype, mask_shape=mask_shape,
-                                 dropout_rate=self.attention_dropout, training=training, variant=self.normalization)
+                                 dropout_rate=self.attention_dropout, training=training, variant=self.normalization,
+                                 value_head_size=self.units)
 
     def compute_output_shape(self, input_shape):
         return input_shape

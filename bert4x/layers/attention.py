@@ -204,17 +204,15 @@ class MultiHeadAttention(keras.layers.Layer):
                 k, v = cache[:, 0], cache[:, 1]
             else:
                 k, v = self._split_projection(self.kv_dense(query if key_value is None else key_value), "kv")
-        elif key_value is None and not self.equal_head_sizes:
-            q, k, v = self._split_projection(self.qkv_dense(query), "qkv")
-            if rotary is not None and padding_index is not None:  # rotary angles of each token
-                query_rotary = rotary = tuple(layout.gather_tokens(t, padding_index[0], ops.shape(padding_index[1]))
-                                              for t in rotary)
         elif key_value is None:
-            qkv = self._split_heads(self.qkv_dense(query), 3)  # [batch, len, 3, ...] or, without padding, [n, 3, ...]
-            q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-            if rotary is None and cache is None:  # the fused kernels read q, k, v in place
-                packed_qkv = qkv
-            elif padding_index is not None:  # rotary angles of each token
+            if self.equal_head_sizes:
+                qkv = self._split_heads(self.qkv_dense(query), 3)  # [batch, len, 3, ...] or, unpadded, [n, 3, ...]
+                q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+                if rotary is None and cache is None:  # the fused kernels read q, k, v in place
+                    packed_qkv = qkv
+            else:  # q/k and v heads of different sizes: no packed layout
+                q, k, v = self._split_projection(self.qkv_dense(query), "qkv")
+            if rotary is not None and padding_index is not None:  # rotary angles of each token
                 query_rotary = rotary = tuple(layout.gather_tokens(t, padding_index[0], ops.shape(padding_index[1]))
                                               for t in rotary)
         else:

@@ -173,6 +173,30 @@ def test_a_packing_too_small_or_of_another_batch_gives_nan_not_a_wrong_result():
                                rtol=1e-6, atol=1e-6)  # any capacity that holds the tokens: the same outputs
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the Pallas kernels are jax's; re-run on jax below")
+def test_inference_without_padding_runs_the_token_kernel_without_dropout(monkeypatch):
+    """At inference the varlen kernel reads the rows in place (no gather into the padded layout and back), and a
+    model built with attention dropout applies none outside training."""
+    import bert4x.config
+    from bert4x import kernels
+
+    monkeypatch.setattr(bert4x.config, "_FUSED_ATTENTION", bert4x.config.fused_attention())
+    bert4x.config.set_fused_attention("interpret")  # the Pallas kernels' own code, through the interpreter on CPU
+    config = dict(TINY, hidden_size=32, intermediate_size=32, attention_probs_dropout_prob=0.3)
+    skipping = build_transformer_model(config, remove_padding=True)
+    padded = build_transformer_model(config, remove_padding=False)
+    padded.set_weights(skipping.get_weights())
+    row = kernels.explain(skipping, print_report=False).rows[0]
+    assert row.inference[1].name == "pallas_tokens" and not row.inference[1].gathered
+    ids = np.zeros((3, 16), "int32")
+    for b, n in enumerate((16, 9, 3)):
+        ids[b, :n] = rng.integers(1, 30, size=n)
+    real = ids != 0
+    a = skipping.predict([ids, np.zeros_like(ids), packing_positions(ids)], verbose=0)
+    b = padded.predict([ids, np.zeros_like(ids)], verbose=0)
+    np.testing.assert_allclose(a[real], b[real], rtol=1e-5, atol=1e-5)
+
+
 def test_saved_model_without_padding_reloads(tmp_path):
     skipping, _ = _pair(with_pool=True)
     path = str(tmp_path / "m.keras")

@@ -186,7 +186,8 @@ class _Inputs:
 
     @property
     def rate(self) -> float:
-        return float(self.dropout.rate) if self.dropout is not None else 0.0
+        """The attention dropout rate of this call: 0 at inference."""
+        return float(self.dropout.rate) if self.dropout is not None and self.training else 0.0
 
     def seed(self):
         return self.dropout.draw_seed() if self.rate > 0 else 0
@@ -217,10 +218,15 @@ def _one_head_size(spec: AttentionSpec) -> str | None:
 
 def _jax_training_kernels(spec: AttentionSpec) -> str | None:
     """Refusals shared by the jax training kernels (Pallas and the recomputing version)."""
+    if spec.backend == "jax" and not spec.training:
+        return "training only (at inference nothing is kept for a backward pass)"
+    return _jax_kernels(spec)
+
+
+def _jax_kernels(spec: AttentionSpec) -> str | None:
+    """Refusals shared by bert4x's own jax kernels, in training and at inference."""
     if spec.backend != "jax":
         return f"jax only (backend is {spec.backend})"
-    if not spec.training:
-        return "training only (at inference nothing is kept for a backward pass)"
     if spec.fused_attention == "off":
         return "bert4x.config.fused_attention() is 'off'"
     if spec.distributed:
@@ -264,7 +270,8 @@ def _supports_pallas_tokens(spec: AttentionSpec) -> str | None:
     if not spec.packed_qkv:
         return _one_head_size(spec) or ("q, k and v are not the parts of one projection (rotary positions or a "
                                         "cache transform them)")
-    return _jax_training_kernels(spec) or _pallas_mode(spec, any_rate=True) or _kernel_shapes(spec, "pallas")
+    # At inference too: the alternative gathers q, k and v into the padded layout and scatters the output back.
+    return _jax_kernels(spec) or _pallas_mode(spec, any_rate=True) or _kernel_shapes(spec, "pallas")
 
 
 def _supports_pallas(spec: AttentionSpec) -> str | None:

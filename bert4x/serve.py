@@ -2,7 +2,8 @@
 
 Run it with `python -m bert4x.serve --model PATH --port N [--vocab vocab.txt]`. Standard library only
 (`http.server.ThreadingHTTPServer`): each connection has its thread, and one batching thread runs the model on the
-rows of every request that arrived within `--max-wait-ms` (up to `--max-batch` rows), padded to the longest.
+rows of every request that arrived within `--max-wait-ms` (up to `--max-batch` rows), padded to the longest (on jax,
+where each new input shape compiles, to the next of a few bucketed shapes: powers of two, then multiples of 32).
 
 Routes:
 
@@ -61,11 +62,13 @@ class ModelRunner:
         input_names: the model's input names, in order.
         output_names: the names of its outputs.
         max_length: the longest row it serves (None: unbounded).
+        compiles_per_shape: each new input shape compiles anew (jax): the batcher pads to bucketed shapes.
     """
 
     def __init__(self, call: Callable[[dict], dict], input_names: list[str], output_names: list[str],
-                 max_length: int | None):
+                 max_length: int | None, compiles_per_shape: bool = False):
         self.call, self.input_names, self.output_names, self.max_length = call, input_names, output_names, max_length
+        self.compiles_per_shape = compiles_per_shape
 
     def __call__(self, feeds: dict) -> dict:
         return self.call(feeds)
@@ -99,17 +102,13 @@ def load_runner(path: str) -> ModelRunner:
 
         import bert4x.layers  # noqa: F401 (registers bert4x's layers for loading)
         import bert4x.models  # noqa: F401
-        from bert4x.export import _output_names, max_length, serving_function, serving_inputs
+        from bert4x.export import _output_names, max_length
+        from bert4x.inference import CompiledInference
 
         model = keras.saving.load_model(path, compile=False)
-        fn = serving_function(model)
-        names = [s[0] for s in serving_inputs(model)]
+        infer = CompiledInference(model)
         outputs = _output_names(model) + [f"{layer}-Viterbi" for layer in _crf_names(model)]
-
-        def call(feeds):
-            return {k: np.asarray(keras.ops.convert_to_numpy(v)) for k, v in fn(feeds).items()}
-
-        return ModelRunner(call, names, outputs, max_length(model))
+        return ModelRunner(infer, infer.input_names, outputs, max_length(model), infer.compiles_per_shape)
     raise ValueError(f"--model {path!r} is neither a SavedModel directory nor a .keras file.")
 
 
@@ -190,10 +189,12 @@ class Batcher:
             names = self.runner.input_names
             all_rows = {n: [r for p in group for r in p.rows[n]] for n in names}
             lengths = [len(r) for r in all_rows[names[0]]]
-            longest = max(lengths)
+            longest, batch = max(lengths), len(lengths)
+            if self.runner.compiles_per_shape:  # a few shapes, so that few compilations serve every batch
+                longest, batch = _bucket(longest, self.runner.max_length), min(_bucket(batch), self.max_batch)
             feeds = {}
             for n in names:
-                array = np.full((len(lengths), longest), self.pad_id, dtype=np.int32)
+                array = np.full((batch, longest), self.pad_id, dtype=np.int32)
                 for i, r in enumerate(all_rows[n]):
                     array[i, :len(r)] = r
                 feeds[n] = array
@@ -210,6 +211,12 @@ class Batcher:
                 p.error = e
         for p in group:
             p.done.set()
+
+
+def _bucket(size: int, limit: int | None = None) -> int:
+    """`size` rounded up to the next power of two below 32, else to the next multiple of 32; at most `limit`."""
+    rounded = 1 << (size - 1).bit_length() if size <= 32 else -(-size // 32) * 32
+    return max(size, min(rounded, limit)) if limit else rounded
 
 
 def _unpad(row: np.ndarray, longest: int, length: int) -> np.ndarray:

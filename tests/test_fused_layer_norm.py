@@ -142,6 +142,50 @@ def test_layer_runs_the_kernels(monkeypatch, policy):
         bert4x.config.set_fused_layer_norm("sometimes")
 
 
+def test_one_pass_statistics_stay_below_half_precision_rounding():
+    """Rows around 0, rows whose mean is far from 0 (the shift by the first entry keeps the variance from
+    cancelling) and rows whose first entry is an outlier (z = 50: the worst case the docstring bounds)."""
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((6, 768))
+    rows[2:4] += 1e4
+    rows[4:, 0] = 50.0
+    rows = rows.astype(np.float32).astype(np.float64)  # the float32 input both computations see
+    gamma, beta = rng.standard_normal(768), rng.standard_normal(768)
+    mean, std = rows.mean(-1, keepdims=True), np.sqrt(rows.var(-1, keepdims=True) + 1e-12)
+    expected = (rows - mean) / std * gamma + beta
+    got = keras.ops.convert_to_numpy(fln.layer_norm_one_pass(rows.astype("float32"), gamma.astype("float32"),
+                                                             beta.astype("float32"), 1e-12)).astype(np.float64)
+    error = np.abs(got - expected) / (np.abs(expected) + 1.0)
+    assert error[:2].max() < 1e-5 and error[2:4].max() < 1e-5  # float32 parity where nothing is extreme
+    assert error.max() < 2 ** -9  # below bfloat16's rounding (2^-8 relative) even with the outlier
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the jax paths' choice; re-run on jax below")
+def test_layer_runs_one_pass_statistics_at_half_precision_gpu_inference(monkeypatch):
+    from bert4x.layers import LayerNormalization
+
+    monkeypatch.setattr(bert4x.config, "_FUSED_LAYER_NORM", "auto")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert fln.choose((8, 768), False, "bfloat16") == "one_pass"
+    assert fln.choose((8, 768), False, "float16") == "one_pass"
+    assert fln.choose((8, 768), False, "float32") is None  # float32 keeps Keras's two-pass statistics
+    assert fln.choose((8, 768), True, "bfloat16") == "kernels"
+    calls = []
+    real = fln.layer_norm_one_pass
+    monkeypatch.setattr(fln, "layer_norm_one_pass", lambda *a: calls.append(1) or real(*a))
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 5, 32)) * 4 + 3, jnp.bfloat16)
+    layer = LayerNormalization(epsilon=1e-12, dtype="bfloat16")
+    reference = keras.layers.LayerNormalization(epsilon=1e-12, dtype="bfloat16")
+    reference.build(x.shape)
+    layer.build(x.shape)
+    weights = [np.random.default_rng(7).standard_normal(32).astype("float32") for _ in range(2)]
+    layer.set_weights(weights)
+    reference.set_weights(weights)
+    y = layer(x)
+    assert calls and y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(reference(x), np.float32), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
 def test_fused_layer_norm_layer_on_jax_backend():
     run_pytest_on_backend("jax", "tests/test_fused_layer_norm.py", "-k", "layer_runs")

@@ -8,6 +8,7 @@ import threading
 import keras
 import numpy as np
 import pytest
+from helpers import in_subprocess, run_pytest_on_backend
 
 from bert4x.models import build_transformer_model
 from bert4x.serve import make_server
@@ -163,3 +164,56 @@ def test_serves_an_exported_saved_model(served, tmp_path):
         assert status == 422
     finally:
         _stop(server, thread)
+
+
+def test_batcher_pads_to_bucketed_shapes_where_each_shape_compiles():
+    """A runner that compiles per shape (jax) sees a few bucketed shapes; each row's answer is cut back to its own
+    length, and rows the batcher added are not answered."""
+    from bert4x.serve import Batcher, ModelRunner
+
+    shapes = []
+
+    def call(feeds):
+        ids = feeds["Input-Token"]
+        shapes.append(ids.shape)
+        return {"Double": ids * 2, "Sum": ids.sum(axis=1, keepdims=True)}
+
+    runner = ModelRunner(call, ["Input-Token"], ["Double", "Sum"], max_length=40, compiles_per_shape=True)
+    batcher = Batcher(runner, max_batch=6, max_wait_ms=0)
+    try:
+        for rows in ([[1, 2, 3]], [[1] * 5, [2] * 9, [3]], [[4] * 33, [5] * 2], [[6] * 40] * 5):
+            answers = batcher.submit({"Input-Token": rows})
+            assert len(answers) == len(rows)
+            for row, answer in zip(rows, answers):
+                assert answer == {"Double": [2 * t for t in row], "Sum": [sum(row)]}
+    finally:
+        batcher.close()
+    assert shapes == [(1, 4), (4, 16), (2, 40), (6, 40)]  # batch: powers of 2 up to max_batch; length: capped at 40
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="packing is jax's; re-run on jax below")
+def test_jax_served_model_without_padding_equals_the_padded_model(tmp_path):
+    """On jax a `.keras` model built with remove_padding=True takes Input-Packing; the server computes it."""
+    keras.utils.set_random_seed(0)
+    config = dict(CONFIG, hidden_size=32)
+    skipping = build_transformer_model(config, with_pool=True, remove_padding=True)
+    padded = build_transformer_model(config, with_pool=True, remove_padding=False)
+    padded.set_weights(skipping.get_weights())
+    path = str(tmp_path / "skipping.keras")
+    skipping.save(path)
+    server, thread = _start(path, max_batch=4, max_wait_ms=50)
+    try:
+        status, health = _request(server, "GET", "/health")
+        assert status == 200 and health["inputs"] == ["Input-Token", "Input-Segment"]
+        rows = [[2, 5, 6, 3], [2, 7, 8, 9, 10, 11, 3], [2, 3]]
+        status, body = _request(server, "POST", "/predict", {"token_ids": rows})
+        assert status == 200, body
+        for row, answer in zip(rows, body["outputs"]):
+            np.testing.assert_allclose(answer["Pooler-Dense"], _predict(padded, row), rtol=1e-5, atol=1e-5)
+    finally:
+        _stop(server, thread)
+
+
+@pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
+def test_serve_on_jax_backend():
+    run_pytest_on_backend("jax", "tests/test_serve.py", "-k", "jax_served or bucketed or concurrent")

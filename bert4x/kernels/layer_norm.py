@@ -208,15 +208,17 @@ def layer_norm(x, gamma, beta, epsilon: float, interpret: bool = False, blocks: 
 # ------------------------------------------------------------------ the choice, and the recomputing version (keras.ops)
 
 
-def choose(shape, training: bool) -> str | None:
+def choose(shape, training: bool, dtype: str = "float32") -> str | None:
     """How `bert4x.layers.LayerNormalization` runs an input of `shape` (normalised over its last axis, with gamma
     and beta): 'kernels' (the Pallas kernels: jax, NVIDIA GPU, training), 'interpret' (the kernels through Pallas'
-    interpreter, `bert4x.config.set_fused_layer_norm('interpret')`), 'recompute' (`layer_norm_keeping_only_its_input`,
-    jax on CPU) or None (Keras's LayerNormalization).
+    interpreter, `bert4x.config.set_fused_layer_norm('interpret')`), 'one_pass' (`layer_norm_one_pass`: jax, NVIDIA
+    GPU, inference in float16/bfloat16), 'recompute' (`layer_norm_keeping_only_its_input`, jax on CPU) or None
+    (Keras's LayerNormalization).
 
     Args:
         shape: the input's shape.
         training: whether the call is a training call (the kernels' gain is in the backward pass).
+        dtype: the layer's compute dtype.
     """
     mode = config.fused_layer_norm()
     if keras.backend.backend() != "jax" or mode == "off":
@@ -227,8 +229,31 @@ def choose(shape, training: bool) -> str | None:
     if mode == "interpret":
         return "interpret" if kernels_fit else None
     if jax.default_backend() == "gpu":
+        if not training and keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16"):
+            return "one_pass"
         return "kernels" if kernels_fit else None
     return "recompute" if backend.on_jax_cpu() else None
+
+
+def layer_norm_one_pass(x, gamma, beta, epsilon: float):
+    """`LayerNorm(x) * gamma + beta` in float32 whose mean and variance come from one read of `x`.
+
+    XLA runs Keras's LayerNorm as three passes over `x` (the mean, the variance around it, the normalisation), each
+    re-reading the residual sum that feeds it; here the two sums (of `x - x[..., :1]` and of its square) share one
+    pass. Shifting by each row's first entry keeps `E[d^2] - E[d]^2` from cancelling when the mean is far from 0;
+    what is left (about 1e-7 * (1 + z^2) of the variance, z = that entry's distance from the mean in standard
+    deviations) is far below half-precision rounding, which is where `choose` picks it.
+
+    Args:
+        x: `[..., width]`, any float dtype.
+        gamma, beta: `[width]`.
+        epsilon: added to the variance.
+    """
+    x = ops.cast(x, "float32")
+    shifted = x - x[..., :1]
+    mean = ops.mean(shifted, axis=-1, keepdims=True)
+    variance = ops.maximum(ops.mean(ops.square(shifted), axis=-1, keepdims=True) - ops.square(mean), 0.0)
+    return (shifted - mean) * ops.rsqrt(variance + epsilon) * ops.cast(gamma, "float32") + ops.cast(beta, "float32")
 
 
 @ops.custom_gradient

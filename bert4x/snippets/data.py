@@ -12,7 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
-__all__ = ["sequence_padding", "truncate_sequences", "packing_positions", "DataGenerator"]
+__all__ = ["sequence_padding", "truncate_sequences", "packing_positions", "packing_width", "DataGenerator"]
 
 
 def sequence_padding(
@@ -144,11 +144,24 @@ def packing_positions(token_ids: np.ndarray, pad_id: int = 0, buckets: int = 32)
         raise ValueError(f"packing_positions: buckets must be a positive int, got {buckets!r}")
     batch, length = token_ids.shape
     positions = np.flatnonzero(token_ids != pad_id)
-    per_row = max(1, -(-length // buckets))  # capacity granularity: batch * per_row positions
-    width = min(length, -(-positions.size // (batch * per_row)) * per_row)
+    width = packing_width(positions.size, batch, length, buckets)
     packed = np.full(batch * width, -1, np.int32)
     packed[: positions.size] = positions
     return packed.reshape(batch, width)
+
+
+def packing_width(real_tokens: int, batch: int, length: int, buckets: int = 32) -> int:
+    """The width of `packing_positions`' array for a `[batch, length]` batch holding `real_tokens` non-padding
+    tokens: the smallest multiple of `length / buckets` (rounded up) whose `batch` rows hold them, at most `length`.
+
+    Example:
+        >>> packing_width(13, batch=4, length=7, buckets=7)
+        4
+    """
+    if buckets < 1:
+        raise ValueError(f"packing_width: buckets must be a positive int, got {buckets!r}")
+    per_row = max(1, -(-length // buckets))  # capacity granularity: batch * per_row positions
+    return min(length, -(-int(real_tokens) // (batch * per_row)) * per_row)
 
 
 _END = object()

@@ -10,13 +10,13 @@ CPU peers (float32; `--device cpu`):
   bert4x_predict       bert4x's own `model.predict_on_batch` (tensorflow backend, the default)
   hf_torch             transformers BertForSequenceClassification (sdpa attention), torch eager, inference_mode
 
-GPU peers (bfloat16 compute; `--device gpu`, the shapes 1x128, 32x128, 128x128):
-  bert4x_jax           bert4x on jax: one jitted stateless forward, `np.asarray` of the logits
-  bert4x_jax_packed    the same, built with `remove_padding=True`: `Input-Packing` is computed from the batch's token
-                       ids on the host and sent inside each timed call (`bert4x.snippets.packing_positions`), so the
-                       layers run on the real tokens only (one compilation per capacity bucket, as a server buckets)
-  keras_hub_jax        keras-hub BertBackbone + BertTextClassifier, the same jitted forward
-  hf_compile           transformers BertForSequenceClassification in bfloat16 under torch.compile, `.cpu()` of logits
+GPU peers (bfloat16 compute; `--device gpu`, the shapes 1x128, 32x128, 128x128); each timed call takes the batch as
+host arrays and returns the logits on the host, as a server does:
+  bert4x_jax           bert4x on jax through `bert4x.inference.CompiledInference` (what `bert4x.serve` runs)
+  bert4x_jax_packed    the same, built with `remove_padding=True`: the layers run on the real tokens only
+                       (`Input-Packing` is computed on the device; one compilation per packing width bucket)
+  keras_hub_jax        keras-hub BertBackbone + BertTextClassifier, a jitted stateless forward
+  hf_compile           transformers BertForSequenceClassification in bfloat16 under torch.compile
 The keras peers run under `--dtype-policy` (default `bfloat16`: weights and compute in bfloat16, as transformers'
 `.to(torch.bfloat16)`; `mixed_bfloat16` keeps float32 weights and casts them at every call).
 
@@ -170,12 +170,11 @@ def run_gpu(args, cfg: dict) -> list[dict]:
         compiled = torch.compile(model, dynamic=False)  # one specialised graph per shape, as a server with buckets
 
         def make_call(data):
-            tensors = dict(input_ids=torch.from_numpy(data["token_ids"]).long().cuda(),
-                           token_type_ids=torch.from_numpy(data["segment_ids"]).long().cuda(),
-                           attention_mask=torch.from_numpy(data["padding_mask"]).long().cuda())
+            names = dict(input_ids="token_ids", token_type_ids="segment_ids", attention_mask="padding_mask")
 
             def call():
                 with torch.inference_mode():
+                    tensors = {k: torch.from_numpy(data[v]).long().cuda() for k, v in names.items()}
                     return compiled(**tensors).logits.float().cpu().numpy()
 
             return call
@@ -184,29 +183,29 @@ def run_gpu(args, cfg: dict) -> list[dict]:
         import jax
         import keras
 
-        from bert4x.snippets import packing_positions
-
         keras.config.set_dtype_policy(args.dtype_policy)
         keras.utils.set_random_seed(0)
         if args.peer == "keras_hub_jax":
             model = _keras_hub_classifier(cfg)
+            values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+
+            @jax.jit
+            def forward(values, x):
+                logits, _ = model.stateless_call(values[0], values[1], x, training=False)
+                return logits
+
+            def make_call(data):
+                x = {k: data[k] for k in ("token_ids", "segment_ids", "padding_mask")}
+                return lambda: np.asarray(forward(values, x))  # host arrays in, logits fetched, as a server does
         else:
-            model = _bert4x_classifier(cfg, remove_padding=True if args.peer == "bert4x_jax_packed" else None)
-        values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+            from bert4x.inference import CompiledInference
 
-        @jax.jit
-        def forward(values, x):
-            logits, _ = model.stateless_call(values[0], values[1], x, training=False)
-            return logits
+            infer = CompiledInference(_bert4x_classifier(cfg, remove_padding=True if args.peer ==
+                                                         "bert4x_jax_packed" else None))
 
-        def make_call(data):
-            if args.peer == "keras_hub_jax":
-                x = {k: jax.device_put(data[k]) for k in ("token_ids", "segment_ids", "padding_mask")}
-            else:
-                x = [jax.device_put(data["token_ids"]), jax.device_put(data["segment_ids"])]
-            if args.peer == "bert4x_jax_packed":  # the host finds the real tokens of each request batch
-                return lambda: np.asarray(forward(values, x + [jax.device_put(packing_positions(data["token_ids"]))]))
-            return lambda: np.asarray(forward(values, x))  # fetched to the host, as a server answers
+            def make_call(data):
+                feeds = {"Input-Token": data["token_ids"], "Input-Segment": data["segment_ids"]}
+                return lambda: infer(feeds)["Classifier"]
         extra = {"device_name": str(jax.devices()[0].device_kind), "dtype_policy": args.dtype_policy}
     setup_s = time.perf_counter() - start
     for shape in args.shapes.split(","):

@@ -63,12 +63,16 @@ class ModelRunner:
         output_names: the names of its outputs.
         max_length: the longest row it serves (None: unbounded).
         compiles_per_shape: each new input shape compiles anew (jax): the batcher pads to bucketed shapes.
+        length_axes: for each output, the axes of one row's output that follow the input's length (a sequence
+            output `[len, hidden]`: `(0,)`; a span output `[heads, len, len]`: `(1, 2)`), which the batcher cuts back
+            to each row's length. An output not listed is cut on its leading axes that have the padded length.
     """
 
     def __init__(self, call: Callable[[dict], dict], input_names: list[str], output_names: list[str],
-                 max_length: int | None, compiles_per_shape: bool = False):
+                 max_length: int | None, compiles_per_shape: bool = False,
+                 length_axes: dict[str, tuple[int, ...]] | None = None):
         self.call, self.input_names, self.output_names, self.max_length = call, input_names, output_names, max_length
-        self.compiles_per_shape = compiles_per_shape
+        self.compiles_per_shape, self.length_axes = compiles_per_shape, dict(length_axes or {})
 
     def __call__(self, feeds: dict) -> dict:
         return self.call(feeds)
@@ -89,14 +93,16 @@ def load_runner(path: str) -> ModelRunner:
         # tensorflow's Python view renames 'Input-Token' to 'Input_Token'; the export's own record keeps the names
         # of the SignatureDef (what TF Serving and this server take).
         names = list(signature.input_specs)
-        outputs = list(signature.loaded.signatures["serving_default"].structured_outputs)
+        specs = signature.loaded.signatures["serving_default"].structured_outputs
+        outputs = list(specs)
         info = os.path.join(path, "assets.extra", "bert4x.json")
         limit = None
         if os.path.isfile(info):
             with open(info) as f:
                 record = json.load(f)
             limit, names = record.get("max_length"), record.get("inputs", names)
-        return ModelRunner(lambda feeds: signature(**feeds), names, outputs, limit)
+        axes = {name: _free_axes(spec.shape) for name, spec in specs.items()}
+        return ModelRunner(lambda feeds: signature(**feeds), names, outputs, limit, length_axes=axes)
     if path.endswith(".keras"):
         import keras
 
@@ -107,9 +113,17 @@ def load_runner(path: str) -> ModelRunner:
 
         model = keras.saving.load_model(path, compile=False)
         infer = CompiledInference(model)
-        outputs = _output_names(model) + [f"{layer}-Viterbi" for layer in _crf_names(model)]
-        return ModelRunner(infer, infer.input_names, outputs, max_length(model), infer.compiles_per_shape)
+        crfs = [f"{layer}-Viterbi" for layer in _crf_names(model)]
+        outputs = _output_names(model) + crfs
+        axes = dict(zip(outputs, [_free_axes(t.shape) for t in model.outputs] + [(0,)] * len(crfs)))
+        return ModelRunner(infer, infer.input_names, outputs, max_length(model), infer.compiles_per_shape, axes)
     raise ValueError(f"--model {path!r} is neither a SavedModel directory nor a .keras file.")
+
+
+def _free_axes(shape) -> tuple[int, ...]:
+    """The axes of one row of an output of `shape` (`[batch, ...]`) that the model leaves free: its length axes."""
+    dims = list(shape)[1:]
+    return tuple(axis for axis, size in enumerate(dims) if size is None)
 
 
 def _crf_names(model) -> list[str]:
@@ -199,12 +213,14 @@ class Batcher:
                     array[i, :len(r)] = r
                 feeds[n] = array
             outputs = self.runner(feeds)
+            axes = self.runner.length_axes
             self.batches_run += 1
             start = 0
             for p in group:
                 rows = []
                 for i in range(start, start + p.count):
-                    rows.append({k: _unpad(np.asarray(v)[i], longest, lengths[i]).tolist() for k, v in outputs.items()})
+                    rows.append({k: _unpad(np.asarray(v)[i], longest, lengths[i], axes.get(k)).tolist()
+                                 for k, v in outputs.items()})
                 p.result, start = rows, start + p.count
         except Exception as e:  # the requests of this batch get the error; the server keeps serving
             for p in group:
@@ -219,13 +235,14 @@ def _bucket(size: int, limit: int | None = None) -> int:
     return max(size, min(rounded, limit)) if limit else rounded
 
 
-def _unpad(row: np.ndarray, longest: int, length: int) -> np.ndarray:
-    """One row of an output without the batch's padding: the axes that have the padded length are cut to the row's
-    own (a sequence output `[len, ...]`, a span output `[heads, len, len]`)."""
+def _unpad(row: np.ndarray, longest: int, length: int, axes: tuple[int, ...] | None = None) -> np.ndarray:
+    """One row of an output without the batch's padding: its length `axes` (a sequence output `[len, ...]`: 0; a span
+    output `[heads, len, len]`: 1 and 2) are cut to the row's own length. Without `axes`, the leading axes that have
+    the padded length are."""
     if longest == length:
         return row
-    index = tuple(slice(0, length) if size == longest and axis < 3 else slice(None)
-                  for axis, size in enumerate(row.shape))
+    index = tuple(slice(0, length) if size == longest and (axis in axes if axes is not None else axis < 3)
+                  else slice(None) for axis, size in enumerate(row.shape))
     return row[index]
 
 

@@ -83,6 +83,7 @@ def test_device_packing_equals_the_host_list():
             assert host.shape[1] == packing_width(int((ids != 0).sum()), batch, length, buckets)
             device = device_packing_positions(jnp.asarray(ids), host.shape[1])
             np.testing.assert_array_equal(np.asarray(device), host)
+    assert packing_positions(np.zeros((3, 8), "int32")).tolist() == [[-1]] * 3  # no real token: one slot a row
 
 
 @pytest.mark.skipif(not JAX, reason="the packing input is jax's; re-run on jax below")

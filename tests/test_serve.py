@@ -216,4 +216,24 @@ def test_jax_served_model_without_padding_equals_the_padded_model(tmp_path):
 
 @pytest.mark.skipif(in_subprocess or keras.backend.backend() == "jax", reason="runs from the top-level process only")
 def test_serve_on_jax_backend():
-    run_pytest_on_backend("jax", "tests/test_serve.py", "-k", "jax_served or bucketed or concurrent")
+    run_pytest_on_backend("jax", "tests/test_serve.py", "-k", "jax_served or bucketed or concurrent or width_equal")
+
+
+def test_sequence_outputs_keep_a_width_equal_to_the_padded_length(tmp_path):
+    """A tagger with 8 labels answering a batch padded to 8 tokens: only the length axis is cut per row (the old rule,
+    every leading axis of the padded length, cut the labels too)."""
+    keras.utils.set_random_seed(0)
+    tagger = build_transformer_model(CONFIG)
+    model = keras.Model(tagger.inputs, keras.layers.Dense(8, name="Tags")(tagger.output))
+    path = str(tmp_path / "tagger.keras")
+    model.save(path)
+    server, thread = _start(path, max_batch=4, max_wait_ms=50)
+    try:
+        rows = [[2, 5, 6, 7, 8, 9, 10, 3], [2, 5, 3]]
+        status, body = _request(server, "POST", "/predict", {"token_ids": rows})
+        assert status == 200, body
+        for row, answer in zip(rows, body["outputs"]):
+            assert np.asarray(answer["Tags"]).shape == (len(row), 8)
+            np.testing.assert_allclose(answer["Tags"], _predict(model, row), rtol=1e-5, atol=1e-5)
+    finally:
+        _stop(server, thread)

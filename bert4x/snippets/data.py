@@ -152,7 +152,8 @@ def packing_positions(token_ids: np.ndarray, pad_id: int = 0, buckets: int = 32)
 
 def packing_width(real_tokens: int, batch: int, length: int, buckets: int = 32) -> int:
     """The width of `packing_positions`' array for a `[batch, length]` batch holding `real_tokens` non-padding
-    tokens: the smallest multiple of `length / buckets` (rounded up) whose `batch` rows hold them, at most `length`.
+    tokens: the smallest positive multiple of `length / buckets` (rounded up) whose `batch` rows hold them, at most
+    `length`.
 
     Example:
         >>> packing_width(13, batch=4, length=7, buckets=7)
@@ -161,7 +162,7 @@ def packing_width(real_tokens: int, batch: int, length: int, buckets: int = 32) 
     if buckets < 1:
         raise ValueError(f"packing_width: buckets must be a positive int, got {buckets!r}")
     per_row = max(1, -(-length // buckets))  # capacity granularity: batch * per_row positions
-    return min(length, -(-int(real_tokens) // (batch * per_row)) * per_row)
+    return min(length, max(1, -(-int(real_tokens) // (batch * per_row))) * per_row)  # one slot at least
 
 
 _END = object()

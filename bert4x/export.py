@@ -43,6 +43,8 @@ from collections.abc import Callable
 import keras
 from keras import ops
 
+from bert4x import config
+
 __all__ = [
     "FORMATS",
     "export_model",
@@ -329,7 +331,7 @@ def _write_saved_model(model, fn, specs, path, verbose):
             "polymorphic_constraints": _length_constraints(model, specs),
             "native_serialization": True,
         }
-    with _stablehlo_for_tensorflow():
+    with _stablehlo_for_tensorflow(), _portable_kernels():
         archive.add_endpoint(_SIGNATURE, fn, input_signature=[_tf_specs(specs)], **kwargs)
         import tensorflow as tf
 
@@ -382,6 +384,26 @@ def _stablehlo_for_tensorflow():
         mlir._lowerings[erf_p] = generic
         for platform, rule in specific.items():
             mlir._platform_specific_lowerings[platform][erf_p] = rule
+
+
+@contextlib.contextmanager
+def _portable_kernels():
+    """While tracing on jax for a SavedModel: XLA attention and Keras's LayerNorm, whatever the device. Traced on a
+    GPU, the kernels would otherwise be cuDNN or Pallas (Triton) calls, which tensorflow on another device cannot
+    run. Elsewhere this does nothing."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    saved = (config.attention_implementation(), config.fused_attention(), config.fused_layer_norm())
+    config.set_attention_implementation("xla")
+    config.set_fused_attention("off")
+    config.set_fused_layer_norm("off")
+    try:
+        yield
+    finally:
+        config.set_attention_implementation(saved[0])
+        config.set_fused_attention(saved[1])
+        config.set_fused_layer_norm(saved[2])
 
 
 def _write_info(path, model, specs):

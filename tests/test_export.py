@@ -214,7 +214,14 @@ _JAX_SCRIPT = textwrap.dedent("""
     crf = keras.Model(bert.inputs, ConditionalRandomField(name="CRF")(keras.layers.Dense(4)(bert.output)))
     roformer = build_transformer_model(cfg, model="roformer", with_pool=True)
     out = sys.argv[1]
+    import bert4x.config
+    from bert4x.kernels import dispatch
+    seen, choose = [], dispatch.choose
+    dispatch.choose = lambda spec: seen.append((spec.preferred, spec.fused_attention)) or choose(spec)
     saved = load_saved_model_signature(export_model(crf, out + "/crf"))
+    dispatch.choose = choose
+    assert seen and set(seen) == {("xla", "off")}, seen  # kernels that run anywhere, whatever the device
+    assert bert4x.config.attention_implementation() is None and bert4x.config.fused_attention() == "auto"
     session = onnxruntime.InferenceSession(export_model(roformer, out + "/roformer.onnx", format="onnx"))
     rng = np.random.default_rng(0)
     for batch, length in [(1, 5), (3, 11), (2, 32)]:

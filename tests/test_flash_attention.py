@@ -518,9 +518,9 @@ def test_packed_bert_trains_through_the_token_layout_kernels(monkeypatch):
     from bert4x.snippets import packing_positions
 
     _fused(monkeypatch, attention="interpret")
-    capacities, real_attention = [], fv.flash_varlen_self_attention
+    calls, real_attention = [], fv.flash_varlen_self_attention  # (capacity, dropout rate) of each traced call
     monkeypatch.setattr(fv, "flash_varlen_self_attention",
-                        lambda *a, **k: capacities.append(a[0].shape[0]) or real_attention(*a, **k))
+                        lambda *a, **k: calls.append((a[0].shape[0], a[3])) or real_attention(*a, **k))
     config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
               "intermediate_size": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.1}
     rng = np.random.default_rng(3)
@@ -540,7 +540,10 @@ def test_packed_bert_trains_through_the_token_layout_kernels(monkeypatch):
         m.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
         m.fit([np.concatenate([a, a]) for a in x], np.concatenate([target, target]), batch_size=4, epochs=1,
               shuffle=False, verbose=0)
-    assert capacities == [64, 64], capacities  # layers 0 and 1 on 61 tokens in 64 slots (the last is at [CLS])
+    # Training: layers 0 and 1 on 61 tokens in 64 slots (the last is at [CLS]); Keras's inference traces (rate 0)
+    # run the same kernel.
+    assert [c for c in calls if c[1] > 0] == [(64, 0.1), (64, 0.1)], calls
+    assert {capacity for capacity, _ in calls} == {64}, calls
     for w, a, b in zip(padded.weights, packed.get_weights(), padded.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=w.path)
     assert not np.allclose(padded.get_weights()[0], weights[0])
